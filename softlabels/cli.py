@@ -1,0 +1,92 @@
+"""The ``softlabels`` command line: a thin typed layer over the library.
+
+Exit codes: 0 success, 1 bad usage or bad input (one line, no traceback), 2 verification failure,
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+
+from .errors import UserError, VerificationError
+
+__all__ = ["app", "main", "run"]
+
+app = typer.Typer(
+    name="softlabels",
+    help="Offline knowledge distillation at corpus scale: top-k teacher soft labels in Parquet shards.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.command()
+def generate(
+    corpus: list[str] = typer.Argument(..., help="Parquet files, directories or globs; JSONL files."),
+    teacher: list[str] = typer.Option(..., "--teacher", help="Teacher SPEC; repeat for an ensemble."),
+    out: Path = typer.Option(..., "--out", help="Output directory (resumed if it holds the same run)."),
+    input_column: str = typer.Option("inputs", "--input-column"),
+    id_column: Optional[str] = typer.Option(None, "--id-column", help="Sample id column (default: <file>#<row>)."),
+    label_column: Optional[str] = typer.Option(None, "--label-column", help="Hard-label column to pass through."),
+    top_k: int = typer.Option(20, "--top-k"),
+    ensemble: str = typer.Option("probs", "--ensemble", help="probs (mean of probabilities) or logprobs."),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    rows_per_shard: int = typer.Option(2048, "--rows-per-shard"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16 teacher compute."),
+    on_nonfinite: str = typer.Option("error", "--on-nonfinite", help="error or skip rows with NaN/Inf logits."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Run teacher(s) over a corpus and store top-k log-probabilities in Parquet shards."""
+    from .generate import GenerateConfig, generate as run_generate
+
+    config = GenerateConfig(
+        corpus=corpus, teachers=teacher, out=out, input_column=input_column, id_column=id_column,
+        label_column=label_column, top_k=top_k, ensemble=ensemble, batch_size=batch_size,
+        rows_per_shard=rows_per_shard, device=device, precision=precision, on_nonfinite=on_nonfinite,
+        progress=progress,
+    )
+    typer.echo(run_generate(config).render())
+
+
+@app.command()
+def verify(directory: Path = typer.Argument(..., help="A soft-label directory.")) -> None:
+    """Check completeness, schema, row counts and every shard's sha256 (exit 2 on failure)."""
+    from .verify import verify as run_verify
+
+    typer.echo(run_verify(directory).render())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; maps errors to exit codes without tracebacks."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except VerificationError as exc:
+        print(f"verification failed: {exc}", file=sys.stderr)
+        return 2
+    except click.exceptions.UsageError as exc:
+        print(f"error: {exc.format_message()}" + (f" (see 'softlabels {exc.ctx.info_name} --help')" if exc.ctx else ""), file=sys.stderr)
+        return 1
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        print("interrupted: committed shards are kept; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,308 @@
+"""Reading an unlabeled corpus as deterministic units of rows, streaming.
+
+A corpus is Parquet files (given as files, directories or globs) and JSONL files. Work is cut into
+units: a contiguous row range of one file, ``rows_per_shard`` rows long, numbered in file order, so a
+rerun cuts the same units and unit N always writes shard N. Only one unit's rows are ever in memory:
+Parquet units read just the row groups they overlap, and JSONL units seek to a byte offset recorded
+while counting lines (every ``rows_per_shard``-th line, so the index costs 8 bytes per unit, not per
+row). The only whole-corpus pass is the duplicate-id check, which reads the id column alone.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from .errors import UserError
+from .schema import ID_COLUMN
+
+__all__ = ["CorpusFile", "Unit", "Corpus", "discover_files", "open_corpus"]
+
+CORPUS_SUFFIXES = (".parquet", ".jsonl")
+JSONL_SCHEMA_SAMPLE_BYTES = 1 << 20
+
+
+@dataclass
+class CorpusFile:
+    """One corpus file: where it is, how it is named in sample ids, and its row count."""
+
+    path: Path
+    relpath: str
+    rows: int
+    size: int
+    schema: pa.Schema
+    # JSONL only: byte offset of rows 0, rows_per_shard, 2*rows_per_shard, ..., and the file end.
+    unit_offsets: list[int] = field(default_factory=list)
+
+    @property
+    def is_jsonl(self) -> bool:
+        return self.path.suffix == ".jsonl"
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Rows [start, stop) of corpus file ``file_index``; unit ``index`` writes shard ``index``."""
+
+    index: int
+    file_index: int
+    start: int
+    stop: int
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+def discover_files(arguments: list[str]) -> list[Path]:
+    """Expand CORPUS arguments (files, directories, globs) into a sorted, de-duplicated file list."""
+    found: list[Path] = []
+    for argument in arguments:
+        path = Path(argument)
+        if path.is_dir():
+            matches = sorted(p for p in path.rglob("*") if p.suffix in CORPUS_SUFFIXES and p.is_file())
+            if not matches:
+                raise UserError(f"corpus directory {argument} holds no .parquet or .jsonl files")
+        elif path.is_file():
+            matches = [path]
+        elif glob.has_magic(argument):
+            matches = sorted(Path(p) for p in glob.glob(argument, recursive=True) if Path(p).is_file())
+            if not matches:
+                raise UserError(f"corpus glob {argument} matches no files")
+        else:
+            raise UserError(f"corpus file {argument} does not exist")
+        for match in matches:
+            if match.suffix not in CORPUS_SUFFIXES:
+                raise UserError(f"corpus file {match} is neither .parquet nor .jsonl")
+        found.extend(matches)
+    unique: dict[Path, Path] = {}
+    for path in found:
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
+
+
+def _relative_names(paths: list[Path]) -> list[str]:
+    """Names relative to the files' common folder, so sample ids survive moving the corpus."""
+    resolved = [p.resolve() for p in paths]
+    base = Path(os.path.commonpath([p.parent for p in resolved]))
+    return [p.relative_to(base).as_posix() for p in resolved]
+
+
+def _scan_jsonl(path: Path, rows_per_shard: int) -> tuple[int, list[int]]:
+    """Count non-blank lines, recording the byte offset at which every unit starts."""
+    rows = 0
+    offsets: list[int] = []
+    position = 0
+    with open(path, "rb") as handle:
+        for line in handle:
+            if line.strip():
+                if rows % rows_per_shard == 0:
+                    offsets.append(position)
+                rows += 1
+            position += len(line)
+    offsets.append(position)
+    return rows, offsets
+
+
+def _jsonl_schema(path: Path) -> pa.Schema:
+    with open(path, "rb") as handle:
+        sample = handle.read(JSONL_SCHEMA_SAMPLE_BYTES)
+    cut = sample.rfind(b"\n")
+    if cut >= 0 and len(sample) == JSONL_SCHEMA_SAMPLE_BYTES:
+        sample = sample[: cut + 1]
+    try:
+        return pajson.read_json(io.BytesIO(sample)).schema
+    except pa.ArrowInvalid as exc:
+        raise UserError(f"corpus file {path}: not valid JSONL ({exc})") from None
+
+
+class Corpus:
+    """The corpus files, the units they are cut into, and a reader for one unit's rows."""
+
+    def __init__(
+        self,
+        files: list[CorpusFile],
+        rows_per_shard: int,
+        columns: list[str],
+        id_column: str | None,
+    ) -> None:
+        self.files = files
+        self.rows_per_shard = rows_per_shard
+        self.columns = columns
+        self.id_column = id_column
+        self.units: list[Unit] = []
+        for file_index, corpus_file in enumerate(files):
+            for start in range(0, corpus_file.rows, rows_per_shard):
+                stop = min(start + rows_per_shard, corpus_file.rows)
+                self.units.append(Unit(len(self.units), file_index, start, stop))
+
+    @property
+    def rows(self) -> int:
+        return sum(f.rows for f in self.files)
+
+    def passthrough_schema(self) -> pa.Schema:
+        """Schema of the corpus columns copied into shards (the same in every file)."""
+        schema = self.files[0].schema
+        return pa.schema([schema.field(name) for name in self.columns])
+
+    def read_unit(self, unit: Unit) -> pa.Table:
+        """``sample_id`` then the passthrough columns for the unit's rows."""
+        corpus_file = self.files[unit.file_index]
+        wanted = list(dict.fromkeys(self.columns + ([self.id_column] if self.id_column else [])))
+        if corpus_file.is_jsonl:
+            table = self._read_jsonl_unit(corpus_file, unit, wanted)
+        else:
+            table = _read_parquet_rows(corpus_file.path, unit.start, unit.stop, wanted)
+        if table.num_rows != unit.rows:
+            raise UserError(f"corpus file {corpus_file.path} changed while reading (rows {unit.start}-{unit.stop})")
+        if self.id_column:
+            ids = _ids_as_strings(table.column(self.id_column), corpus_file.path, self.id_column)
+        else:
+            ids = _positional_ids(corpus_file.relpath, unit.start, unit.stop)
+        columns = [table.column(name) for name in self.columns]
+        return pa.Table.from_arrays([ids, *columns], names=[ID_COLUMN, *self.columns])
+
+    def _read_jsonl_unit(self, corpus_file: CorpusFile, unit: Unit, wanted: list[str]) -> pa.Table:
+        slot = unit.start // self.rows_per_shard
+        begin, end = corpus_file.unit_offsets[slot], corpus_file.unit_offsets[slot + 1]
+        with open(corpus_file.path, "rb") as handle:
+            handle.seek(begin)
+            payload = handle.read(end - begin)
+        schema = corpus_file.schema
+        options = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+        try:
+            table = pajson.read_json(io.BytesIO(payload), parse_options=options)
+        except pa.ArrowInvalid as exc:
+            raise UserError(
+                f"corpus file {corpus_file.path}, rows {unit.start}-{unit.stop - 1}: {exc}"
+            ) from None
+        return table.select(wanted)
+
+
+def _read_parquet_rows(path: Path, start: int, stop: int, columns: list[str]) -> pa.Table:
+    parquet = pq.ParquetFile(path)
+    groups, first_row, row = [], None, 0
+    for index in range(parquet.metadata.num_row_groups):
+        count = parquet.metadata.row_group(index).num_rows
+        if row + count > start and row < stop:
+            groups.append(index)
+            if first_row is None:
+                first_row = row
+        row += count
+    table = parquet.read_row_groups(groups, columns=columns)
+    return table.slice(start - (first_row or 0), stop - start)
+
+
+def _positional_ids(relpath: str, start: int, stop: int) -> pa.Array:
+    rows = pc.cast(pa.array(np.arange(start, stop, dtype=np.int64)), pa.string())
+    return pc.binary_join_element_wise(relpath, rows, "#")
+
+
+def _ids_as_strings(column: pa.ChunkedArray, path: Path, name: str) -> pa.Array:
+    if column.null_count:
+        raise UserError(f"corpus file {path}: id column {name!r} has {column.null_count} null values")
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_integer(column.type)):
+        raise UserError(f"corpus file {path}: id column {name!r} must be string or integer, not {column.type}")
+    return pc.cast(column.combine_chunks(), pa.string())
+
+
+def _check_columns(corpus_file: CorpusFile, required: dict[str, str]) -> None:
+    names = corpus_file.schema.names
+    for flag, column in required.items():
+        if column not in names:
+            raise UserError(
+                f"corpus file {corpus_file.path}: no column {column!r} ({flag}); "
+                f"available columns: {', '.join(names)}"
+            )
+
+
+def _check_unique_ids(corpus: Corpus) -> None:
+    """Duplicate ids would make two rows indistinguishable downstream; name a few of them."""
+    if corpus.id_column is None:
+        return  # "<file>#<row>" is unique by construction
+    arrays: list[pa.Array] = []
+    for file_index, corpus_file in enumerate(corpus.files):
+        if corpus_file.is_jsonl:
+            for unit in (u for u in corpus.units if u.file_index == file_index):
+                column = corpus._read_jsonl_unit(corpus_file, unit, [corpus.id_column]).column(0)
+                arrays.append(_ids_as_strings(column, corpus_file.path, corpus.id_column))
+        else:
+            column = pq.read_table(corpus_file.path, columns=[corpus.id_column]).column(0)
+            arrays.append(_ids_as_strings(column, corpus_file.path, corpus.id_column))
+    ids = pa.chunked_array(arrays, type=pa.string())
+    if pc.count_distinct(ids).as_py() == len(ids):
+        return
+    counts = pc.value_counts(ids)
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1)).field("values").to_pylist()
+    shown = ", ".join(repeated[:5]) + (f" (and {len(repeated) - 5} more)" if len(repeated) > 5 else "")
+    raise UserError(f"duplicate sample ids in --id-column {corpus.id_column!r}: {shown}")
+
+
+def open_corpus(
+    arguments: list[str],
+    input_column: str,
+    id_column: str | None,
+    label_column: str | None,
+    rows_per_shard: int,
+) -> Corpus:
+    """Find, check and cut the corpus into units; every check runs before any teacher work.
+
+    Raises:
+        UserError: no files, an empty corpus, a missing column (the message lists those available),
+            unreadable files, inconsistent column types across files, or duplicate ids.
+    """
+    paths = discover_files(arguments)
+    if not paths:
+        raise UserError("no corpus files given")
+    files: list[CorpusFile] = []
+    for path, relpath in zip(paths, _relative_names(paths)):
+        size = path.stat().st_size
+        if path.suffix == ".jsonl":
+            rows, offsets = _scan_jsonl(path, rows_per_shard)
+            schema = _jsonl_schema(path) if rows else pa.schema([])
+            files.append(CorpusFile(path, relpath, rows, size, schema, offsets))
+        else:
+            try:
+                metadata = pq.read_metadata(path)
+                schema = pq.read_schema(path)
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise UserError(f"corpus file {path}: not a readable Parquet file ({exc})") from None
+            files.append(CorpusFile(path, relpath, metadata.num_rows, size, schema))
+    files = [f for f in files if f.rows > 0]
+    if not files:
+        raise UserError(f"empty corpus: {', '.join(str(p) for p in paths)} hold no rows")
+    required = {"--input-column": input_column}
+    if id_column:
+        required["--id-column"] = id_column
+    if label_column:
+        required["--label-column"] = label_column
+    columns = list(dict.fromkeys([input_column] + ([label_column] if label_column else [])))
+    for corpus_file in files:
+        _check_columns(corpus_file, required)
+    reference = files[0]
+    for corpus_file in files[1:]:
+        for name in columns:
+            if corpus_file.schema.field(name).type != reference.schema.field(name).type:
+                raise UserError(
+                    f"corpus file {corpus_file.path}: column {name!r} is {corpus_file.schema.field(name).type}, "
+                    f"but {reference.path} has {reference.schema.field(name).type}"
+                )
+    corpus = Corpus(files, rows_per_shard, columns, id_column)
+    _check_unique_ids(corpus)
+    return corpus
+
+
+def corpus_record(corpus: Corpus) -> list[dict[str, object]]:
+    """What the manifest and the fingerprint say of the corpus: names, rows and sizes."""
+    return [{"path": f.relpath, "rows": f.rows, "bytes": f.size} for f in corpus.files]
+
+
+__all__ += ["corpus_record"]

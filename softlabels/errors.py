@@ -1,0 +1,18 @@
+"""Error types the CLI maps to exit codes.
+
+A ``UserError`` is bad usage or bad input: the CLI prints its one-line message and exits 1, with no
+traceback. A ``VerificationError`` means a dataset on disk is incomplete or corrupt: exit 2. Both
+subclass ``ValueError`` so library callers can treat them as bad data.
+"""
+
+from __future__ import annotations
+
+__all__ = ["UserError", "VerificationError"]
+
+
+class UserError(ValueError):
+    """Bad usage or bad input; the message names the file, column, flag or sample ids."""
+
+
+class VerificationError(ValueError):
+    """A soft-label directory failed verification; the message names the bad file."""

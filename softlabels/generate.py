@@ -1,0 +1,475 @@
+"""``softlabels generate``: run teachers over a corpus and commit top-k soft-label shards.
+
+Three stages overlap so the teacher never waits on disk: a reader thread reads and converts the next
+unit while the main thread runs the teachers and top-k, and a writer thread builds, compresses,
+fsyncs and commits the previous shard. Both queues are one unit deep, so memory is bounded by
+``--rows-per-shard`` and ``--batch-size``, never by the corpus. Units never share a batch, so a unit
+rerun after a crash sees exactly the batches of an uninterrupted run and writes the same values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from .corpus import Corpus, Unit, corpus_record, open_corpus
+from .errors import UserError
+from .inputs import TeacherInputs, check_input_type, to_teacher_inputs
+from .manifest import MANIFEST_NAME, Journal, read_journals, resolve_shard, sha256_file, shard_name, write_manifest
+from .schema import FORMAT
+from .shards import ShardPayload, build_shard, soft_label_bytes, write_shard
+from .teachers import Teacher, load_teacher
+from .topk import soft_labels, valid_positions
+
+__all__ = ["GenerateConfig", "GenerateSummary", "generate"]
+
+ENSEMBLE_MODES = ("probs", "logprobs")
+PRECISIONS = ("fp32", "bf16")
+NONFINITE_MODES = ("error", "skip")
+DEVICES = ("auto", "cpu", "cuda")
+PROBE_ROWS = 2
+
+# Settings that change what is written, with the flag a user changes them by.
+FINGERPRINT_FLAGS = {
+    "top_k": "--top-k",
+    "ensemble": "--ensemble",
+    "teachers": "--teacher",
+    "corpus": "CORPUS",
+    "input_column": "--input-column",
+    "id_column": "--id-column",
+    "label_column": "--label-column",
+    "rows_per_shard": "--rows-per-shard",
+    "precision": "--precision",
+    "on_nonfinite": "--on-nonfinite",
+    "vocab_size": "--teacher (vocabulary size)",
+}
+
+
+@dataclass
+class GenerateConfig:
+    """Settings of one ``generate`` run; validates itself and names the offending flag."""
+
+    corpus: list[str]
+    teachers: list[str]
+    out: Path
+    input_column: str = "inputs"
+    id_column: str | None = None
+    label_column: str | None = None
+    top_k: int = 20
+    ensemble: str = "probs"
+    batch_size: int = 64
+    rows_per_shard: int = 2048
+    device: str = "auto"
+    precision: str = "fp32"
+    on_nonfinite: str = "error"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        if not self.corpus:
+            raise UserError("no CORPUS given")
+        if not self.teachers:
+            raise UserError("--teacher is required (repeat it for an ensemble)")
+        for flag, value in (("--top-k", self.top_k), ("--batch-size", self.batch_size), ("--rows-per-shard", self.rows_per_shard)):
+            if value < 1:
+                raise UserError(f"{flag} must be at least 1, got {value}")
+        for flag, value, allowed in (
+            ("--ensemble", self.ensemble, ENSEMBLE_MODES),
+            ("--precision", self.precision, PRECISIONS),
+            ("--on-nonfinite", self.on_nonfinite, NONFINITE_MODES),
+            ("--device", self.device, DEVICES),
+        ):
+            if value not in allowed:
+                raise UserError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.out.exists() and not self.out.is_dir():
+            raise UserError(f"--out {self.out} exists and is not a directory")
+
+
+@dataclass
+class GenerateSummary:
+    """What a run did; ``render()`` is the paragraph printed at the end."""
+
+    out: str
+    rows: int
+    positions: int
+    shards: int
+    shards_written: int
+    bytes: int
+    soft_label_bytes: int
+    mean_captured_mass: float
+    skipped_nonfinite: int
+    seconds: float
+    already_complete: bool = False
+
+    def render(self) -> str:
+        per_position = self.bytes / max(self.positions, 1)
+        soft_per_position = self.soft_label_bytes / max(self.positions, 1)
+        state = "already complete, nothing to do" if self.already_complete else f"{self.shards_written} written this run"
+        skipped = f", {self.skipped_nonfinite} rows skipped for non-finite teacher outputs" if self.skipped_nonfinite else ""
+        return (
+            f"{self.out}: {self.rows:,} rows, {self.positions:,} positions in {self.shards} shards ({state}){skipped}; "
+            f"{self.bytes:,} bytes on disk, {per_position:.1f} bytes/position "
+            f"({soft_per_position:.1f} for top-k ids and log-probs); "
+            f"mean captured top-k mass {self.mean_captured_mass:.4f}; {self.seconds:.1f} s."
+        )
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def _fingerprint(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _describe_difference(key: str, ours: Any, theirs: Any) -> str:
+    flag = FINGERPRINT_FLAGS.get(key, key)
+    if key == "teachers":
+        return f"{flag}: the teachers differ (sha256 {[t['sha256'][:12] for t in theirs]} in DIR, {[t['sha256'][:12] for t in ours]} now)"
+    if key == "corpus":
+        return f"{flag}: the corpus files differ (DIR has {[c['path'] for c in theirs]} with {sum(c['rows'] for c in theirs)} rows)"
+    return f"{flag}: DIR has {theirs!r}, this run {ours!r}"
+
+
+def _check_same_run(out: Path, settings: dict[str, Any], recorded: dict[str, Any]) -> None:
+    differences = [_describe_difference(k, settings.get(k), recorded.get(k)) for k in sorted(set(settings) | set(recorded)) if settings.get(k) != recorded.get(k)]
+    if differences:
+        raise UserError(
+            f"--out {out} holds a run with different settings ({'; '.join(differences)}); "
+            "use another --out or delete it"
+        )
+
+
+class _Autocast:
+    """bf16 autocast on the teacher's device, or nothing for fp32."""
+
+    def __init__(self, device: torch.device, precision: str) -> None:
+        self.context = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else None
+
+    def __enter__(self) -> None:
+        if self.context is not None:
+            self.context.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.context is not None:
+            self.context.__exit__(*exc)
+
+
+@dataclass
+class _Run:
+    config: GenerateConfig
+    corpus: Corpus
+    teachers: list[Teacher]
+    device: torch.device
+    vocab_size: int
+    settings: dict[str, Any]
+    fingerprint: str
+    header: dict[str, Any] = field(default_factory=dict)
+
+
+def _forward(run: _Run, inputs: TeacherInputs) -> list[torch.Tensor]:
+    with torch.inference_mode(), _Autocast(run.device, run.config.precision):
+        return [teacher.logits(inputs) for teacher in run.teachers]
+
+
+def _probe_vocab(config: GenerateConfig, corpus: Corpus, teachers: list[Teacher], device: torch.device) -> int:
+    """Run every teacher on two rows so vocabulary mismatches and k > V fail before any work."""
+    table = corpus.read_unit(Unit(0, 0, 0, min(PROBE_ROWS, corpus.files[0].rows)))
+    inputs = to_teacher_inputs(table.column(config.input_column), config.input_column, table.column("sample_id")).to(device)
+    vocab_sizes: list[int] = []
+    for teacher in teachers:
+        try:
+            with torch.inference_mode(), _Autocast(device, config.precision):
+                logits = teacher.logits(inputs)
+        except UserError:
+            raise
+        except Exception as exc:  # the user's model rejected our calling convention
+            shape = f"x {tuple(inputs.x.shape)} {inputs.x.dtype}" + ("" if inputs.lengths is None else ", lengths [B]")
+            raise UserError(f"--teacher {teacher.spec}: forward failed on {shape}: {type(exc).__name__}: {exc}") from None
+        vocab_sizes.append(int(logits.shape[-1]))
+    if len(set(vocab_sizes)) > 1:
+        described = ", ".join(f"{t.spec} has {v}" for t, v in zip(teachers, vocab_sizes))
+        raise UserError(f"ensemble vocab mismatch: {described} classes")
+    vocab_size = vocab_sizes[0]
+    if config.top_k > vocab_size:
+        raise UserError(f"--top-k {config.top_k} exceeds the teachers' vocabulary size {vocab_size}")
+    return vocab_size
+
+
+def _prepare(config: GenerateConfig) -> _Run:
+    corpus = open_corpus(config.corpus, config.input_column, config.id_column, config.label_column, config.rows_per_shard)
+    check_input_type(corpus.passthrough_schema().field(config.input_column).type, config.input_column)
+    device = _device(config.device)
+    teachers = [load_teacher(spec, device) for spec in config.teachers]
+    vocab_size = _probe_vocab(config, corpus, teachers, device)
+    settings = {
+        "format": FORMAT,
+        "top_k": config.top_k,
+        "ensemble": config.ensemble if len(teachers) > 1 else "single",
+        "teachers": [{"sha256": t.sha256} for t in teachers],
+        "corpus": corpus_record(corpus),
+        "input_column": config.input_column,
+        "id_column": config.id_column,
+        "label_column": config.label_column,
+        "rows_per_shard": config.rows_per_shard,
+        "precision": config.precision,
+        "on_nonfinite": config.on_nonfinite,
+        "vocab_size": vocab_size,
+    }
+    fingerprint = _fingerprint(settings)
+    run = _Run(config, corpus, teachers, device, vocab_size, settings, fingerprint)
+    run.header = {
+        "format": FORMAT,
+        "fingerprint": fingerprint,
+        "top_k": config.top_k,
+        "vocab_size": vocab_size,
+        "ensemble": settings["ensemble"],
+        "teachers": [{"spec": t.spec, "sha256": t.sha256} for t in teachers],
+        "input_column": config.input_column,
+        "label_column": config.label_column,
+        "softlabels_version": __version__,
+    }
+    return run
+
+
+def _committed_units(run: _Run, journal_shards: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Journalled shards whose bytes still hash to the journal; anything else runs again."""
+    committed: dict[int, dict[str, Any]] = {}
+    out = run.config.out
+    for unit in run.corpus.units:
+        entry = journal_shards.get(shard_name(unit.index))
+        if entry is None:
+            continue
+        path = resolve_shard(out, entry["file"])
+        if path.is_file() and path.stat().st_size == entry.get("bytes") and sha256_file(path) == entry.get("sha256"):
+            committed[unit.index] = entry
+    return committed
+
+
+def _process_unit(run: _Run, unit: Unit, table: pa.Table, on_batch: Callable[[int, int], None]) -> ShardPayload:
+    """Teacher forward and top-k over one unit's rows, batch by batch."""
+    config = run.config
+    ids_parts, logprob_parts, positions_parts, conf_parts, ent_parts, agree_parts = [], [], [], [], [], []
+    keep = np.ones(table.num_rows, dtype=bool)
+    mass = 0.0
+    for begin in range(0, table.num_rows, config.batch_size):
+        batch = table.slice(begin, config.batch_size)
+        sample_ids = batch.column("sample_id").combine_chunks()
+        inputs = to_teacher_inputs(batch.column(config.input_column), config.input_column, sample_ids).to(run.device)
+        member_logits = _forward(run, inputs)
+        flat_members, per_row = [], None
+        for logits in member_logits:
+            flat, per_row = valid_positions(logits, inputs.lengths)
+            flat_members.append(flat)
+        row_of = torch.repeat_interleave(torch.arange(len(per_row), device=per_row.device), per_row)
+        finite = torch.stack([torch.isfinite(flat).all(dim=-1) for flat in flat_members]).all(dim=0)
+        bad_rows = torch.zeros(len(per_row), dtype=torch.bool, device=finite.device).index_put_((row_of,), ~finite, accumulate=True)
+        if bool(bad_rows.any()):
+            bad_ids = sample_ids.filter(pa.array(bad_rows.cpu().numpy())).to_pylist()
+            if config.on_nonfinite == "error":
+                shown = ", ".join(bad_ids[:10]) + (f" and {len(bad_ids) - 10} more" if len(bad_ids) > 10 else "")
+                raise UserError(
+                    f"teacher output is NaN/Inf for sample ids {shown}; use --on-nonfinite skip to drop them"
+                )
+            keep[begin : begin + len(per_row)] = ~bad_rows.cpu().numpy()
+            good_positions = ~bad_rows[row_of]
+            flat_members = [flat[good_positions] for flat in flat_members]
+            per_row = per_row[~bad_rows]
+        if len(per_row):
+            labels = soft_labels(flat_members, per_row, config.top_k, config.ensemble)
+            ids_parts.append(labels.ids.cpu().numpy())
+            logprob_parts.append(labels.logprobs.cpu().numpy())
+            conf_parts.append(labels.confidence.cpu().numpy())
+            ent_parts.append(labels.entropy.cpu().numpy())
+            if labels.agreement is not None:
+                agree_parts.append(labels.agreement.cpu().numpy())
+            positions_parts.append(per_row.cpu().numpy())
+            mass += float(labels.captured_mass.double().sum())
+        on_batch(batch.num_rows, int(per_row.sum()) if len(per_row) else 0)
+
+    def joined(parts: list[np.ndarray], shape: tuple[int, ...], dtype: type) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.zeros(shape, dtype=dtype)
+
+    k = config.top_k
+    return ShardPayload(
+        passthrough=table.filter(pa.array(keep)) if not keep.all() else table,
+        positions=joined(positions_parts, (0,), np.int64),
+        ids=joined(ids_parts, (0, k), np.int64),
+        logprobs=joined(logprob_parts, (0, k), np.float32),
+        confidence=joined(conf_parts, (0,), np.float32),
+        entropy=joined(ent_parts, (0,), np.float32),
+        agreement=joined(agree_parts, (0,), np.float32) if len(run.teachers) > 1 else None,
+        captured_mass_sum=mass,
+    )
+
+
+def _commit_unit(run: _Run, journal: Journal, unit: Unit, payload: ShardPayload, skipped: int) -> dict[str, Any]:
+    """Writer thread: build, write, fsync, rename, then journal the shard."""
+    header = {**run.header, "unit": unit.index}
+    table = build_shard(payload, run.vocab_size, run.config.top_k, len(run.teachers), header)
+    path = run.config.out / shard_name(unit.index)
+    positions = int(payload.positions.sum())
+    size, digest = write_shard(table, path, positions)
+    entry = {
+        "file": path.name,
+        "unit": unit.index,
+        "rows": table.num_rows,
+        "positions": positions,
+        "bytes": size,
+        "soft_label_bytes": soft_label_bytes(pq.read_metadata(path)),
+        "sha256": digest,
+        "captured_mass_sum": payload.captured_mass_sum,
+        "skipped_nonfinite": skipped,
+    }
+    journal.append(entry)
+    return entry
+
+
+def _clean_tmp(out: Path) -> None:
+    for stale in out.glob("*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+def _seal(run: _Run, entries: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    shards = [entries[unit.index] for unit in run.corpus.units]
+    totals = {
+        "rows": sum(e["rows"] for e in shards),
+        "positions": sum(e["positions"] for e in shards),
+        "bytes": sum(e["bytes"] for e in shards),
+        "soft_label_bytes": sum(e["soft_label_bytes"] for e in shards),
+        "shards": len(shards),
+        "skipped_nonfinite": sum(e["skipped_nonfinite"] for e in shards),
+        "captured_mass_mean": sum(e["captured_mass_sum"] for e in shards) / max(sum(e["positions"] for e in shards), 1),
+    }
+    manifest = {
+        **run.header,
+        "complete": True,
+        "settings": run.settings,
+        "id_column": run.config.id_column,
+        "corpus": corpus_record(run.corpus),
+        "shards": [{k: e[k] for k in ("file", "rows", "positions", "bytes", "sha256")} for e in shards],
+        "totals": totals,
+    }
+    write_manifest(run.config.out, manifest)
+    return manifest
+
+
+def _summary(run: _Run, manifest: dict[str, Any], written: int, started: float, already: bool) -> GenerateSummary:
+    totals = manifest["totals"]
+    return GenerateSummary(
+        out=str(run.config.out),
+        rows=totals["rows"],
+        positions=totals["positions"],
+        shards=totals["shards"],
+        shards_written=written,
+        bytes=totals["bytes"],
+        soft_label_bytes=totals["soft_label_bytes"],
+        mean_captured_mass=totals["captured_mass_mean"],
+        skipped_nonfinite=totals["skipped_nonfinite"],
+        seconds=time.perf_counter() - started,
+        already_complete=already,
+    )
+
+
+def generate(config: GenerateConfig) -> GenerateSummary:
+    """Run (or resume) a generation job and seal the directory.
+
+    Every check of the corpus and teachers runs before the output directory is touched. Committed
+    shards of the same fingerprint are kept; missing or damaged ones are regenerated.
+
+    Raises:
+        UserError: bad input or settings that differ from the run already in ``config.out``.
+        KeyboardInterrupt: after committing whole shards only and removing partial files.
+    """
+    started = time.perf_counter()
+    run = _prepare(config)
+    out = config.out
+    manifest_path = out / MANIFEST_NAME
+    recorded_settings = None
+    if manifest_path.is_file():
+        try:
+            recorded_settings = json.loads(manifest_path.read_text(encoding="utf-8")).get("settings", {})
+        except (json.JSONDecodeError, AttributeError):
+            recorded_settings = None  # an unreadable manifest is rewritten once the shards check out
+        if recorded_settings is not None:
+            _check_same_run(out, run.settings, recorded_settings)
+    runs, journal_shards = read_journals(out) if out.is_dir() else ([], {})
+    for recorded in runs:
+        _check_same_run(out, run.settings, recorded.get("settings", {}))
+    out.mkdir(parents=True, exist_ok=True)
+    _clean_tmp(out)
+    journal = Journal(out)
+    if not journal.path.is_file():
+        journal.start({"fingerprint": run.fingerprint, "settings": run.settings})
+    committed = _committed_units(run, journal_shards)
+    pending = [unit for unit in run.corpus.units if unit.index not in committed]
+    if not pending and manifest_path.is_file() and recorded_settings == run.settings:
+        return _summary(run, _seal(run, committed), 0, started, already=True)
+    manifest_path.unlink(missing_ok=True)  # a damaged shard makes the directory unsealed until it is redone
+
+    done_rows = sum(e["rows"] + e["skipped_nonfinite"] for e in committed.values())
+    bar = tqdm(total=run.corpus.rows, initial=done_rows, unit="row", desc="generate", file=sys.stderr, disable=not config.progress, dynamic_ncols=True)
+    position_count = [0, time.perf_counter()]
+
+    def on_batch(rows: int, positions: int) -> None:
+        position_count[0] += positions
+        bar.update(rows)
+        elapsed = max(time.perf_counter() - position_count[1], 1e-9)
+        bar.set_postfix_str(f"{position_count[0] / elapsed:,.0f} pos/s", refresh=False)
+
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="softlabels-read")
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="softlabels-write")
+    reads: deque[tuple[Unit, Future[pa.Table]]] = deque()
+    writes: deque[Future[dict[str, Any]]] = deque()
+    entries = dict(committed)
+    queue = iter(pending)
+    try:
+        for unit in queue:
+            reads.append((unit, reader.submit(run.corpus.read_unit, unit)))
+            if len(reads) >= 2:
+                break
+        while reads:
+            unit, table_future = reads.popleft()
+            next_unit = next(queue, None)
+            if next_unit is not None:
+                reads.append((next_unit, reader.submit(run.corpus.read_unit, next_unit)))
+            table = table_future.result()
+            payload = _process_unit(run, unit, table, on_batch)
+            skipped = table.num_rows - payload.passthrough.num_rows
+            while len(writes) >= 1:
+                entry = writes.popleft().result()
+                entries[entry["unit"]] = entry
+            writes.append(writer.submit(_commit_unit, run, journal, unit, payload, skipped))
+        while writes:
+            entry = writes.popleft().result()
+            entries[entry["unit"]] = entry
+    except BaseException:
+        reader.shutdown(wait=False, cancel_futures=True)
+        writer.shutdown(wait=True, cancel_futures=True)  # a shard already being written completes whole
+        _clean_tmp(out)
+        bar.close()
+        raise
+    reader.shutdown()
+    writer.shutdown()
+    bar.close()
+    manifest = _seal(run, entries)
+    return _summary(run, manifest, len(pending), started, already=False)
+

@@ -1,0 +1,142 @@
+"""Loading teachers (and students) from a SPEC, and calling them by the convention of DESIGN.md.
+
+SPEC forms:
+
+* ``path/model.pt2``: a ``torch.export`` program, self-contained;
+* ``package.module:factory`` or ``package.module:factory@weights.safetensors`` (or ``@weights.pt``,
+  read with ``weights_only=True``): a factory returning an ``nn.Module``;
+* ``hf:DIR``: a local Hugging Face transformers directory (extra ``[hf]``).
+
+A teacher's identity is the sha256 of its weights (the .pt2 file, the weights file, or for a bare
+factory the source file that defines it), so a run's fingerprint changes exactly when the numbers
+the teacher would produce can change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .errors import UserError
+from .inputs import TeacherInputs
+from .manifest import sha256_file
+
+__all__ = ["Teacher", "load_model", "load_teacher", "load_weights"]
+
+
+@dataclass
+class Teacher:
+    """A loaded model ready for inference.
+
+    Attributes:
+        spec: the SPEC string as the user gave it.
+        sha256: identity of the weights (see module docstring).
+        module: the callable model, on its device, in eval mode.
+    """
+
+    spec: str
+    sha256: str
+    module: Callable[..., Any]
+
+    def logits(self, inputs: TeacherInputs) -> torch.Tensor:
+        """Call the model; logits [B, C] or [B, T, C] in the model's dtype."""
+        if inputs.lengths is None:
+            output = self.module(inputs.x)
+        else:
+            output = self.module(inputs.x, inputs.lengths)
+        if hasattr(output, "logits"):
+            output = output.logits
+        elif isinstance(output, (tuple, list)):
+            output = output[0]
+        if not isinstance(output, torch.Tensor) or output.dim() not in (2, 3):
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise UserError(f"--teacher {self.spec}: expected logits [B, C] or [B, T, C], got {shape}")
+        return output
+
+
+def _require_file(path: Path, spec: str, what: str) -> None:
+    if not path.is_file():
+        raise UserError(f"--teacher {spec}: {what} {path} does not exist")
+
+
+def load_weights(module: torch.nn.Module, path: Path, spec: str) -> None:
+    """Load a safetensors file or a ``.pt`` state dict (weights_only) into ``module``, strictly."""
+    _require_file(path, spec, "weights file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        elif path.suffix in (".pt", ".pth", ".bin"):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            raise UserError(f"--teacher {spec}: weights must be .safetensors or .pt, not {path.name}")
+        module.load_state_dict(state, strict=True)
+    except UserError:
+        raise
+    except Exception as exc:  # any reader or shape error is a bad weights file for the user
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"--teacher {spec}: cannot load weights {path}: {first_line}") from None
+
+
+def _build_factory(spec: str) -> tuple[torch.nn.Module, str]:
+    target, _, weights = spec.partition("@")
+    module_name, _, factory_name = target.partition(":")
+    if not module_name or not factory_name:
+        raise UserError(f"--teacher {spec}: expected package.module:factory[@weights]")
+    try:
+        python_module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UserError(f"--teacher {spec}: cannot import {module_name} ({exc})") from None
+    factory = getattr(python_module, factory_name, None)
+    if not callable(factory):
+        raise UserError(f"--teacher {spec}: {module_name} has no callable {factory_name}")
+    model = factory()
+    if not isinstance(model, torch.nn.Module):
+        raise UserError(f"--teacher {spec}: {factory_name}() returned {type(model).__name__}, not an nn.Module")
+    if weights:
+        path = Path(weights)
+        load_weights(model, path, spec)
+        digest = sha256_file(path)
+    else:
+        source = inspect.getsourcefile(python_module)
+        text = Path(source).read_bytes() if source else spec.encode()
+        digest = hashlib.sha256(text + factory_name.encode()).hexdigest()
+    return model, digest
+
+
+def load_model(spec: str) -> tuple[Any, str]:
+    """The model object named by SPEC (on the CPU) and its sha256 identity."""
+    if spec.startswith("hf:"):
+        raise UserError(f"--teacher {spec}: hf: models need the [hf] extra support, not built yet")
+    if spec.endswith(".pt2"):
+        path = Path(spec)
+        _require_file(path, spec, "exported program")
+        try:
+            program = torch.export.load(str(path))
+        except Exception as exc:  # a damaged archive is the user's file, not our bug
+            raise UserError(f"--teacher {spec}: cannot load exported program ({type(exc).__name__}: {exc})") from None
+        return program.module(), sha256_file(path)
+    if ":" in spec:
+        return _build_factory(spec)
+    path = Path(spec)
+    if path.exists():
+        raise UserError(f"--teacher {spec}: unknown model file type; expected .pt2, module:factory[@weights] or hf:DIR")
+    raise UserError(f"--teacher {spec}: no such file, and not of the form module:factory[@weights] or hf:DIR")
+
+
+def load_teacher(spec: str, device: torch.device) -> Teacher:
+    """Load a teacher for inference on ``device``: eval mode, no gradients."""
+    model, digest = load_model(spec)
+    if isinstance(model, torch.nn.Module):
+        if not isinstance(model, torch.fx.GraphModule):
+            model.eval()  # an exported program's module has no train/eval switch; it was exported in eval
+        model.requires_grad_(False)
+        model = model.to(device)
+    return Teacher(spec=spec, sha256=digest, module=model)

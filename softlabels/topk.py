@@ -1,0 +1,129 @@
+"""From teacher logits to stored soft labels: ensemble, top-k and per-row statistics, in fp32.
+
+Everything here works on the valid positions of a batch, flattened to [N, C]. The full
+distribution is needed once per position (for the ensemble, the normalisation over all C classes and
+the entropy), so positions are processed in chunks of at most ``CHUNK_ELEMENTS`` floats per teacher:
+at a 256k vocabulary that is 64 positions (64 MB per teacher) at a time instead of a whole batch of
+sequences, and memory no longer grows with batch size x sequence length x vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["CHUNK_ELEMENTS", "SoftLabels", "ensemble_logprobs", "soft_labels", "valid_positions"]
+
+CHUNK_ELEMENTS = 1 << 24
+FLOAT16_LOWEST = float(np.finfo(np.float16).min)
+
+
+@dataclass
+class SoftLabels:
+    """Soft labels of N positions belonging to B rows.
+
+    Attributes:
+        ids: [N, k] class ids, most probable first (int64).
+        logprobs: [N, k] float32 log-probabilities under the (ensemble) teacher at T=1.
+        confidence: [B] mean top-1 probability of each row's positions.
+        entropy: [B] mean full-distribution entropy (nats) of each row's positions.
+        agreement: [B] mean fraction of teachers agreeing with the ensemble argmax, or None for one teacher.
+        captured_mass: [N] probability mass of the k stored ids.
+    """
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    confidence: torch.Tensor
+    entropy: torch.Tensor
+    agreement: torch.Tensor | None
+    captured_mass: torch.Tensor
+
+
+def valid_positions(logits: torch.Tensor, lengths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flatten a batch's valid positions.
+
+    Args:
+        logits: [B, C] (one position per row) or [B, T, C].
+        lengths: int64 [B] valid positions per row, or None when every position is valid.
+
+    Returns:
+        ([N, C] logits of valid positions in row-major order, int64 [B] positions per row).
+    """
+    batch = logits.shape[0]
+    if logits.dim() == 2:
+        return logits, torch.ones(batch, dtype=torch.int64, device=logits.device)
+    steps = logits.shape[1]
+    if lengths is None:
+        return logits.reshape(batch * steps, -1), torch.full((batch,), steps, dtype=torch.int64, device=logits.device)
+    lengths = lengths.to(logits.device)
+    if int(lengths.max()) > steps:
+        raise ValueError(f"teacher returned {steps} positions but inputs have up to {int(lengths.max())}")
+    mask = torch.arange(steps, device=logits.device)[None, :] < lengths[:, None]
+    return logits[mask], lengths
+
+
+def ensemble_logprobs(member_logits: list[torch.Tensor], mode: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Combine teachers into one log-distribution over the full vocabulary.
+
+    Args:
+        member_logits: one [n, C] tensor per teacher.
+        mode: ``probs`` averages probabilities (log of the mean); ``logprobs`` averages
+            log-probabilities and renormalises (a normalised geometric mean).
+
+    Returns:
+        ([n, C] fp32 ensemble log-probabilities, the members' [n, C] fp32 log-probabilities).
+    """
+    members = [torch.log_softmax(logits.float(), dim=-1) for logits in member_logits]
+    if len(members) == 1:
+        return members[0], members
+    stacked = torch.stack(members)
+    if mode == "probs":
+        return torch.logsumexp(stacked, dim=0) - math.log(len(members)), members
+    if mode == "logprobs":
+        return torch.log_softmax(stacked.mean(dim=0), dim=-1), members
+    raise ValueError(f"unknown ensemble mode {mode!r}")
+
+
+def soft_labels(member_logits: list[torch.Tensor], positions_per_row: torch.Tensor, top_k: int, mode: str) -> SoftLabels:
+    """Top-k soft labels and row statistics for N valid positions.
+
+    Args:
+        member_logits: one [N, C] tensor per teacher (any float dtype; computed in fp32).
+        positions_per_row: int64 [B], summing to N.
+        top_k: k.
+        mode: ensemble mode, see ``ensemble_logprobs``.
+    """
+    total, classes = member_logits[0].shape
+    chunk = max(1, CHUNK_ELEMENTS // max(classes, 1))
+    ids, logprobs, top1, entropy, agree = [], [], [], [], []
+    for begin in range(0, total, chunk):
+        pieces = [logits[begin : begin + chunk] for logits in member_logits]
+        log_p, members = ensemble_logprobs(pieces, mode)
+        values, indices = torch.topk(log_p, top_k, dim=-1, sorted=True)
+        ids.append(indices)
+        logprobs.append(values)
+        top1.append(values[:, 0].exp())
+        entropy.append(-torch.special.xlogy(log_p.exp(), log_p.exp()).sum(dim=-1))
+        if len(members) > 1:
+            best = indices[:, 0]
+            votes = torch.stack([m.argmax(dim=-1) == best for m in members]).float().mean(dim=0)
+            agree.append(votes)
+    all_logprobs = torch.cat(logprobs) if logprobs else torch.empty(0, top_k)
+    row_of = torch.repeat_interleave(torch.arange(len(positions_per_row), device=positions_per_row.device), positions_per_row)
+    counts = positions_per_row.clamp(min=1).float()
+
+    def row_mean(values: list[torch.Tensor]) -> torch.Tensor:
+        flat = torch.cat(values).float()
+        return torch.zeros(len(counts), device=flat.device).index_add_(0, row_of.to(flat.device), flat) / counts.to(flat.device)
+
+    return SoftLabels(
+        ids=torch.cat(ids),
+        logprobs=all_logprobs,
+        confidence=row_mean(top1),
+        entropy=row_mean(entropy),
+        agreement=row_mean(agree) if agree else None,
+        captured_mass=all_logprobs.exp().sum(dim=-1),
+    )
