@@ -34,7 +34,7 @@ def generate(
     input_column: str = typer.Option("inputs", "--input-column"),
     id_column: Optional[str] = typer.Option(None, "--id-column", help="Sample id column (default: <file>#<row>)."),
     label_column: Optional[str] = typer.Option(None, "--label-column", help="Hard-label column to pass through."),
-    top_k: int = typer.Option(20, "--top-k"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Classes stored per position [default: 20, or V if smaller]."),
     ensemble: str = typer.Option("probs", "--ensemble", help="probs (mean of probabilities) or logprobs."),
     batch_size: int = typer.Option(64, "--batch-size"),
     rows_per_shard: int = typer.Option(2048, "--rows-per-shard"),

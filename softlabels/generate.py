@@ -42,6 +42,7 @@ PRECISIONS = ("fp32", "bf16")
 NONFINITE_MODES = ("error", "skip")
 DEVICES = ("auto", "cpu", "cuda")
 PROBE_ROWS = 2
+DEFAULT_TOP_K = 20
 
 # Settings that change what is written, with the flag a user changes them by.
 FINGERPRINT_FLAGS = {
@@ -69,7 +70,7 @@ class GenerateConfig:
     input_column: str = "inputs"
     id_column: str | None = None
     label_column: str | None = None
-    top_k: int = 20
+    top_k: int | None = None
     ensemble: str = "probs"
     batch_size: int = 64
     rows_per_shard: int = 2048
@@ -84,7 +85,7 @@ class GenerateConfig:
             raise UserError("no CORPUS given")
         if not self.teachers:
             raise UserError("--teacher is required (repeat it for an ensemble)")
-        for flag, value in (("--top-k", self.top_k), ("--batch-size", self.batch_size), ("--rows-per-shard", self.rows_per_shard)):
+        for flag, value in (("--top-k", self.top_k or 1), ("--batch-size", self.batch_size), ("--rows-per-shard", self.rows_per_shard)):
             if value < 1:
                 raise UserError(f"{flag} must be at least 1, got {value}")
         for flag, value, allowed in (
@@ -209,7 +210,9 @@ def _probe_vocab(config: GenerateConfig, corpus: Corpus, teachers: list[Teacher]
         described = ", ".join(f"{t.spec} has {v}" for t, v in zip(teachers, vocab_sizes))
         raise UserError(f"ensemble vocab mismatch: {described} classes")
     vocab_size = vocab_sizes[0]
-    if config.top_k > vocab_size:
+    if config.top_k is None:
+        config.top_k = min(DEFAULT_TOP_K, vocab_size)
+    elif config.top_k > vocab_size:
         raise UserError(f"--top-k {config.top_k} exceeds the teachers' vocabulary size {vocab_size}")
     return vocab_size
 

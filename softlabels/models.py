@@ -17,9 +17,21 @@ Use it as a teacher or student SPEC: ``softlabels.models:digits_mlp@weights.safe
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-__all__ = ["digits_mlp", "DIGITS_FEATURES", "DIGITS_CLASSES"]
+__all__ = [
+    "digits_mlp",
+    "DIGITS_FEATURES",
+    "DIGITS_CLASSES",
+    "TokenGRU",
+    "FrameTagger",
+    "token_gru",
+    "frame_tagger",
+    "TOKEN_VOCAB",
+    "FRAME_FEATURES",
+    "FRAME_CLASSES",
+]
 
 DIGITS_FEATURES: int = 64
 """Input width: the 8x8 pixels of a digits image, flattened row-major, scaled to [0, 1] (/16)."""
@@ -47,3 +59,60 @@ def digits_mlp() -> nn.Module:
         nn.GELU(),
         nn.Linear(_DIGITS_HIDDEN, DIGITS_CLASSES),
     )
+
+
+TOKEN_VOCAB: int = 97
+"""Vocabulary of the tiny causal token model (odd on purpose, so off-by-one bugs show)."""
+
+FRAME_FEATURES: int = 13
+"""Features per frame of the tiny acoustic-style frame tagger (MFCC-sized)."""
+
+FRAME_CLASSES: int = 37
+"""Classes (senones) per frame of the frame tagger."""
+
+
+class TokenGRU(nn.Module):
+    """A causal token model: embedding, one GRU layer, a projection to the vocabulary.
+
+    Called as ``model(x, lengths)`` with x int64 [B, T] (zero-padded) and lengths int64 [B];
+    returns logits float32 [B, T, V]. Being causal, position j depends on tokens 0..j only, so
+    padding after a row's length never changes its valid positions.
+    """
+
+    def __init__(self, vocab: int = TOKEN_VOCAB, width: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.rnn = nn.GRU(width, width, batch_first=True)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        hidden, _ = self.rnn(self.embed(x))
+        return self.head(hidden)
+
+
+class FrameTagger(nn.Module):
+    """A per-frame classifier over feature frames, like an acoustic model's senone posteriors.
+
+    Called as ``model(x, lengths)`` with x float32 [B, T, F] and lengths int64 [B]; returns
+    logits float32 [B, T, C]. Each frame sees itself and its left neighbour (a causal width-2
+    convolution), so padding on the right never leaks into valid frames.
+    """
+
+    def __init__(self, features: int = FRAME_FEATURES, classes: int = FRAME_CLASSES, width: int = 48) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(features, width, kernel_size=2)
+        self.head = nn.Sequential(nn.GELU(), nn.Linear(width, classes))
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        left_padded = nn.functional.pad(x.transpose(1, 2), (1, 0))
+        return self.head(self.conv(left_padded).transpose(1, 2))
+
+
+def token_gru() -> nn.Module:
+    """Factory for ``TokenGRU`` with the default sizes (vocabulary ``TOKEN_VOCAB``)."""
+    return TokenGRU()
+
+
+def frame_tagger() -> nn.Module:
+    """Factory for ``FrameTagger`` with the default sizes."""
+    return FrameTagger()

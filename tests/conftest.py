@@ -1,0 +1,126 @@
+"""Shared fixtures: small corpora of awkward sizes, saved teachers, and an in-process CLI runner."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS_TEACHERS = [
+    f"softlabels.models:digits_mlp@{REPO}/data/teachers/digits_mlp_{i}.safetensors" for i in range(3)
+]
+DIGITS_UNLABELED = REPO / "data" / "digits" / "unlabeled.parquet"
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+def run_cli(*args: object) -> CliResult:
+    """Run ``softlabels ARGS`` in this process, capturing stdout and stderr."""
+    from softlabels.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def run_cli_subprocess(*args: object, **popen: object) -> subprocess.CompletedProcess[str]:
+    """Run the real console entry point in a child process (for exit codes and tracebacks)."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
+    return subprocess.run(
+        [sys.executable, "-m", "softlabels.cli", *[str(a) for a in args]],
+        capture_output=True, text=True, env=env, timeout=600, **popen,
+    )
+
+
+def save_teacher(factory: str, seed: int, path: Path) -> str:
+    """Initialise ``module:factory`` with ``seed``, save it as safetensors, return its SPEC."""
+    from safetensors.torch import save_file
+
+    from softlabels.teachers import load_model
+
+    torch.manual_seed(seed)
+    model, _ = load_model(factory)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return f"{factory}@{path}"
+
+
+def classifier_table(rows: int, seed: int = 0, features: int = 64, first_id: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    values = rng.random((rows, features), dtype=np.float32)
+    return pa.table({
+        "id": [f"s-{i:05d}" for i in range(first_id, first_id + rows)],
+        "inputs": pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), features),
+        "label": rng.integers(0, 10, rows),
+    })
+
+
+def ragged_lengths(rows: int, seed: int, low: int = 1, high: int = 23) -> np.ndarray:
+    return np.random.default_rng(seed + 1000).integers(low, high + 1, rows)
+
+
+def token_table(rows: int, seed: int = 0, vocab: int = 97) -> pa.Table:
+    """Ragged token sequences, list<int64>, lengths 1..23."""
+    rng = np.random.default_rng(seed)
+    lengths = ragged_lengths(rows, seed)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    tokens = rng.integers(0, vocab, int(lengths.sum()))
+    return pa.table({
+        "id": [f"t-{i:05d}" for i in range(rows)],
+        "inputs": pa.ListArray.from_arrays(pa.array(offsets), pa.array(tokens)),
+    })
+
+
+def frame_table(rows: int, seed: int = 0, features: int = 13) -> pa.Table:
+    """Ragged frame sequences, list<fixed_size_list<float32>[13]>, lengths 1..23."""
+    rng = np.random.default_rng(seed)
+    lengths = ragged_lengths(rows, seed)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    frames = rng.standard_normal((int(lengths.sum()), features), dtype=np.float32)
+    per_frame = pa.FixedSizeListArray.from_arrays(pa.array(frames.reshape(-1)), features)
+    return pa.table({
+        "id": [f"f-{i:05d}" for i in range(rows)],
+        "inputs": pa.ListArray.from_arrays(pa.array(offsets), per_frame),
+    })
+
+
+def write_parquet(table: pa.Table, path: Path, row_group_size: int | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+def write_jsonl(table: pa.Table, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in table.to_pylist():
+            handle.write(json.dumps(row) + "\n")
+    return path
+
+
+def read_output(out: Path) -> pa.Table:
+    """Every committed shard's rows, sorted by sample_id (ignores .tmp files)."""
+    tables = [pq.read_table(p) for p in sorted(out.glob("shard-*.parquet"))]
+    return pa.concat_tables(tables).sort_by("sample_id")
+
+
+@pytest.fixture
+def digits_teachers() -> list[str]:
+    return list(DIGITS_TEACHERS)
