@@ -17,6 +17,14 @@ from .errors import UserError, VerificationError
 
 __all__ = ["app", "main", "run"]
 
+try:  # typer >= 0.20 vendors click as typer._click: its usage errors are not click's classes
+    from typer._click.exceptions import UsageError as _TyperUsageError
+except ImportError:  # pragma: no cover - older typer raises click's own exceptions
+    _TyperUsageError = click.exceptions.UsageError
+USAGE_ERRORS = (click.exceptions.UsageError, _TyperUsageError)
+
+INTERRUPTED = 130
+
 app = typer.Typer(
     name="softlabels",
     help="Offline knowledge distillation at corpus scale: top-k teacher soft labels in Parquet shards.",
@@ -66,22 +74,24 @@ def verify(directory: Path = typer.Argument(..., help="A soft-label directory.")
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; maps errors to exit codes without tracebacks."""
     try:
-        app(args=argv, standalone_mode=False)
+        # typer turns Ctrl-C into exit code 130 and, outside standalone mode, returns exit codes
+        status = app(args=argv, standalone_mode=False)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except VerificationError as exc:
         print(f"verification failed: {exc}", file=sys.stderr)
         return 2
-    except click.exceptions.UsageError as exc:
+    except USAGE_ERRORS as exc:
         print(f"error: {exc.format_message()}" + (f" (see 'softlabels {exc.ctx.info_name} --help')" if exc.ctx else ""), file=sys.stderr)
         return 1
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except (KeyboardInterrupt, click.exceptions.Abort):
+        status = INTERRUPTED
+    if status == INTERRUPTED:
         print("interrupted: committed shards are kept; rerun the same command to resume", file=sys.stderr)
-        return 130
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 def run() -> None:

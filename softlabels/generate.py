@@ -85,7 +85,7 @@ class GenerateConfig:
             raise UserError("no CORPUS given")
         if not self.teachers:
             raise UserError("--teacher is required (repeat it for an ensemble)")
-        for flag, value in (("--top-k", self.top_k or 1), ("--batch-size", self.batch_size), ("--rows-per-shard", self.rows_per_shard)):
+        for flag, value in (("--top-k", 1 if self.top_k is None else self.top_k), ("--batch-size", self.batch_size), ("--rows-per-shard", self.rows_per_shard)):
             if value < 1:
                 raise UserError(f"{flag} must be at least 1, got {value}")
         for flag, value, allowed in (

@@ -1,0 +1,115 @@
+"""Resumed equals uninterrupted: SIGKILL or SIGINT a real ``generate`` process, rerun, compare."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, read_output, save_teacher, token_table, classifier_table, write_parquet
+
+
+def _journal_shards(out: Path) -> int:
+    journal = out / "journal-00000.jsonl"
+    if not journal.is_file():
+        return 0
+    return sum('"kind": "shard"' in line for line in journal.read_text().splitlines())
+
+
+def _generate_command(corpus: Path, teachers: list[str], out: Path) -> list[str]:
+    command = [sys.executable, "-m", "softlabels.cli", "generate", str(corpus), "--out", str(out),
+               "--id-column", "id", "--rows-per-shard", "25", "--batch-size", "7", "--no-progress"]
+    for spec in teachers:
+        command += ["--teacher", spec]
+    return command
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
+
+
+def _interrupt_after(command: list[str], out: Path, shards: int, sig: int) -> subprocess.CompletedProcess[str]:
+    process = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while _journal_shards(out) < shards:
+        if process.poll() is not None or time.monotonic() > deadline:
+            out_text, err_text = process.communicate()
+            pytest.fail(f"generate ended before it could be interrupted: {process.returncode} {err_text}")
+        time.sleep(0.005)
+    process.send_signal(sig)
+    out_text, err_text = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(command, process.returncode, out_text, err_text)
+
+
+def _shard_hashes(out: Path) -> list[tuple[str, str]]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    return [(s["file"], s["sha256"]) for s in manifest["shards"]]
+
+
+@pytest.fixture(scope="module")
+def setups(tmp_path_factory) -> dict[str, tuple[Path, list[str]]]:
+    root = tmp_path_factory.mktemp("resume")
+    digits = write_parquet(classifier_table(117, seed=3), root / "digits.parquet")
+    teachers = [save_teacher("slow_teachers:slow_digits", seed, root / f"slow{seed}.safetensors") for seed in (0, 1)]
+    tokens = write_parquet(token_table(117, seed=4), root / "tokens.parquet")
+    token_teacher = [save_teacher("slow_teachers:slow_tokens", 5, root / "slow_tokens.safetensors")]
+    return {"ensemble": (digits, teachers), "tokens": (tokens, token_teacher)}
+
+
+@pytest.mark.parametrize("setup", ["ensemble", "tokens"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["sigkill", "sigint"])
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, setups, setup, sig):
+    corpus, teachers = setups[setup]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    first = subprocess.run(_generate_command(corpus, teachers, straight), env=_env(), capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+
+    interrupted = _interrupt_after(_generate_command(corpus, teachers, resumed), resumed, 2, sig)
+    assert not (resumed / "manifest.json").exists(), "an interrupted run must not be sealed"
+    if sig == signal.SIGINT:
+        assert interrupted.returncode == 130
+        assert "Traceback" not in interrupted.stderr
+        assert "rerun" in interrupted.stderr
+        assert not list(resumed.glob("*.tmp")), "Ctrl-C must not leave partial shards"
+    else:
+        assert interrupted.returncode == -signal.SIGKILL
+    committed_before = _journal_shards(resumed)
+    assert 2 <= committed_before < 5
+
+    rerun = subprocess.run(_generate_command(corpus, teachers, resumed), env=_env(), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{5 - committed_before} written this run" in rerun.stdout
+    assert read_output(resumed).equals(read_output(straight))
+    assert _shard_hashes(resumed) == _shard_hashes(straight)
+    assert not list(resumed.glob("*.tmp"))
+
+
+def test_rerun_of_a_complete_directory_does_nothing(tmp_path, setups):
+    corpus, teachers = setups["ensemble"]
+    out = tmp_path / "out"
+    command = _generate_command(corpus, teachers, out)
+    assert subprocess.run(command, env=_env(), capture_output=True).returncode == 0
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet")}
+    again = subprocess.run(command, env=_env(), capture_output=True, text=True)
+    assert again.returncode == 0 and "already complete" in again.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet")} == mtimes
+
+
+def test_different_settings_in_the_same_directory_are_refused(tmp_path, setups):
+    corpus, teachers = setups["ensemble"]
+    out = tmp_path / "out"
+    assert subprocess.run(_generate_command(corpus, teachers, out), env=_env(), capture_output=True).returncode == 0
+    changed = _generate_command(corpus, teachers, out) + ["--top-k", "3"]
+    result = subprocess.run(changed, env=_env(), capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "--top-k" in result.stderr and "10" in result.stderr and "3" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    fewer = _generate_command(corpus, teachers[:1], out)
+    result = subprocess.run(fewer, env=_env(), capture_output=True, text=True)
+    assert result.returncode == 1 and "--teacher" in result.stderr
