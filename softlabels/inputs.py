@@ -23,7 +23,7 @@ import torch
 
 from .errors import UserError
 
-__all__ = ["TeacherInputs", "check_input_type", "to_teacher_inputs"]
+__all__ = ["TeacherInputs", "check_input_type", "to_teacher_inputs", "pad_ragged"]
 
 
 @dataclass
@@ -117,10 +117,26 @@ def to_teacher_inputs(column: pa.Array | pa.ChunkedArray, name: str, sample_ids:
         frame_values = _numpy_values(positions.flatten()).reshape(len(positions), int(widths[0]))
     else:
         frame_values = _numpy_values(positions)
+    return TeacherInputs(torch.from_numpy(pad_ragged(frame_values, lengths)), torch.from_numpy(lengths))
+
+
+def pad_ragged(values: np.ndarray, lengths: np.ndarray, fill: float | int = 0) -> np.ndarray:
+    """Scatter row-major ragged values into a padded block.
+
+    Args:
+        values: [N, ...] the positions of all rows, row after row.
+        lengths: int [B] positions per row, summing to N.
+        fill: value of the padding.
+
+    Returns:
+        [B, max(lengths), ...] with row b's positions first and ``fill`` after them.
+    """
+    rows = len(lengths)
     total = int(lengths.sum())
     starts = np.cumsum(lengths) - lengths
     row_of = np.repeat(np.arange(rows), lengths)
     step_of = np.arange(total) - np.repeat(starts, lengths)
-    padded = np.zeros((rows, int(lengths.max()), *frame_values.shape[1:]), dtype=frame_values.dtype)
-    padded[row_of, step_of] = frame_values
-    return TeacherInputs(torch.from_numpy(padded), torch.from_numpy(lengths))
+    longest = int(lengths.max()) if rows else 0
+    padded = np.full((rows, longest, *values.shape[1:]), fill, dtype=values.dtype)
+    padded[row_of, step_of] = values
+    return padded

@@ -1,0 +1,347 @@
+"""``SoftLabelDataset``: stream a sealed soft-label directory into student training.
+
+The unit of work is a *piece*: a row range of one Parquet row group. Each epoch the pieces are
+permuted from (seed, epoch), dealt round-robin to DDP ranks and then to DataLoader workers; a worker
+reads ``shuffle_buffer`` pieces at a time, permutes their rows and cuts batches from the resulting
+stream. Batches are whole tensors built from the column buffers (one scatter per column), so the
+Python cost is per batch, not per position: at 64 rows a batch the per-batch overhead is amortised
+over 64 classifier rows or 64 x 512 tokens.
+
+The order is a pure function of (seed, epoch, rank, world size, number of workers). A DataLoader
+takes batches from its workers round-robin, so the position of every batch in what the trainer sees
+is known in advance, and resuming after n consumed batches skips exactly those n, reading only the
+one buffer the cut falls into. Resume is exact with the same number of workers.
+
+Corruption: every shard's size and header are checked against the manifest when the dataset is
+built, page checksums are verified on every read, and each process hashes a shard (sha256) the first
+time it touches it, unless ``verify_sha256=False``. Errors name the file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .errors import UserError, VerificationError
+from .inputs import pad_ragged, to_teacher_inputs
+from .losses import IGNORE_INDEX
+from .manifest import read_journals, read_manifest, resolve_shard, sha256_file
+from .schema import ID_COLUMN, decode_header
+
+__all__ = ["SoftLabelDataset", "collate", "Piece"]
+
+MIN_PIECES = 64
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows [start, stop) of row group ``row_group`` of shard ``shard``."""
+
+    shard: int
+    row_group: int
+    start: int
+    stop: int
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+def _ragged_block(column: pa.Array, dtype: np.dtype, fill: float | int) -> tuple[np.ndarray, np.ndarray]:
+    """list<fixed_size_list<x>[k]> -> ([B, T_max, k] padded array, int64 [B] lengths)."""
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+    per_position = column.flatten()
+    k = per_position.type.list_size
+    values = per_position.flatten().to_numpy(zero_copy_only=False).astype(dtype).reshape(-1, k)
+    return pad_ragged(values, lengths, fill), lengths
+
+
+def _labels(column: pa.Array) -> torch.Tensor:
+    """Hard labels: [B] for one label per row, [B, T] (padded with IGNORE_INDEX) for per-position labels."""
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        lengths = pc.list_value_length(column).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        values = column.flatten().fill_null(IGNORE_INDEX).to_numpy(zero_copy_only=False).astype(np.int64)
+        return torch.from_numpy(pad_ragged(values, lengths, IGNORE_INDEX))
+    return torch.from_numpy(column.fill_null(IGNORE_INDEX).to_numpy(zero_copy_only=False).astype(np.int64))
+
+
+def collate(table: pa.Table, input_column: str | None, label_column: str | None) -> dict[str, Any]:
+    """Turn a batch of shard rows into tensors.
+
+    Returns:
+        ``sample_id`` (list of str); ``inputs`` ([B, ...] float32/int64) and ``lengths`` (int64 [B],
+        sequences only) when ``input_column`` is given; ``topk_ids`` int64 [B, T, k];
+        ``topk_logprobs`` float32 [B, T, k]; ``mask`` bool [B, T] (valid positions); ``labels``
+        int64 [B] or [B, T] with IGNORE_INDEX for missing labels, when ``label_column`` is given.
+    """
+    ids_block, lengths = _ragged_block(table.column("topk_ids").combine_chunks(), np.int64, 0)
+    logprobs_block, _ = _ragged_block(table.column("topk_logprobs").combine_chunks(), np.float32, 0.0)
+    steps = ids_block.shape[1]
+    batch: dict[str, Any] = {
+        "sample_id": table.column(ID_COLUMN).to_pylist(),
+        "topk_ids": torch.from_numpy(ids_block),
+        "topk_logprobs": torch.from_numpy(logprobs_block),
+        "mask": torch.from_numpy(np.arange(steps)[None, :] < lengths[:, None]),
+    }
+    if input_column is not None:
+        ids = table.column(ID_COLUMN).combine_chunks()
+        inputs = to_teacher_inputs(table.column(input_column), input_column, ids)
+        batch["inputs"] = inputs.x
+        if inputs.lengths is not None:
+            batch["lengths"] = inputs.lengths
+    if label_column is not None:
+        batch["labels"] = _labels(table.column(label_column).combine_chunks())
+    return batch
+
+
+def _distributed_position() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _round_robin_counts(counts: list[int], consumed: int) -> list[int]:
+    """How many batches each worker has produced when a round-robin consumer has taken ``consumed``."""
+    taken = [0] * len(counts)
+    remaining = consumed
+    full_rounds = min(min((c for c in counts if c > 0), default=0), remaining // max(sum(c > 0 for c in counts), 1))
+    # whole rounds first (cheap), then one batch at a time through the last partial rounds
+    for worker, count in enumerate(counts):
+        if count > 0:
+            taken[worker] = full_rounds
+    remaining -= full_rounds * sum(c > 0 for c in counts)
+    while remaining > 0:
+        progressed = False
+        for worker, count in enumerate(counts):
+            if remaining and taken[worker] < count:
+                taken[worker] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:
+            break
+    return taken
+
+
+class SoftLabelDataset(IterableDataset):
+    """A torch IterableDataset of collated batches over a sealed ``softlabels.v1`` directory.
+
+    Use it with ``DataLoader(dataset, batch_size=None, num_workers=N)``: batching happens here.
+
+    Args:
+        directory: the output directory of ``softlabels generate``.
+        batch_size: rows per batch.
+        shuffle: permute pieces and rows each epoch (deterministic from ``seed`` and the epoch).
+        seed: shuffle seed.
+        shuffle_buffer: pieces whose rows are permuted together by one worker.
+        drop_last: drop each worker's final short batch.
+        allow_partial: read a directory without a complete manifest (committed shards only).
+        verify_sha256: hash each shard once per process before reading it.
+        rank, world_size: DDP position; default from torch.distributed or RANK / WORLD_SIZE.
+        with_inputs: include the passed-through input column (``inputs``/``lengths``).
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        batch_size: int = 32,
+        shuffle: bool = True,
+        seed: int = 0,
+        shuffle_buffer: int = 8,
+        drop_last: bool = False,
+        allow_partial: bool = False,
+        verify_sha256: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
+        with_inputs: bool = True,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise UserError(f"{self.directory}: no such directory")
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.shuffle_buffer = max(1, shuffle_buffer)
+        self.drop_last = drop_last
+        self.verify_sha256 = verify_sha256
+        default_rank, default_world = _distributed_position()
+        self.rank = default_rank if rank is None else rank
+        self.world_size = default_world if world_size is None else world_size
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
+        self.manifest = self._load_manifest(allow_partial)
+        self.input_column = self.manifest.get("input_column") if with_inputs else None
+        self.label_column = self.manifest.get("label_column")
+        self.shards = [resolve_shard(self.directory, entry["file"]) for entry in self.manifest["shards"]]
+        self.pieces = self._plan_pieces()
+        self.epoch = 0
+        self._skip_batches = 0
+        self._consumed = 0
+        self._hashed: set[int] = set()
+
+    # -- construction -----------------------------------------------------------------------
+    def _load_manifest(self, allow_partial: bool) -> dict[str, Any]:
+        try:
+            manifest = read_manifest(self.directory)
+            complete = manifest.get("complete") is True
+        except VerificationError:
+            if not allow_partial:
+                raise
+            manifest, complete = {}, False
+        if complete:
+            return manifest
+        if not allow_partial:
+            raise VerificationError(f"{self.directory}: the run is not complete (no sealed manifest); pass allow_partial=True to read committed shards")
+        runs, journal = read_journals(self.directory)
+        if not runs:
+            raise VerificationError(f"{self.directory}: no manifest and no journal; not a soft-label directory")
+        settings = runs[0]["settings"]
+        entries = sorted(journal.values(), key=lambda e: e["file"])
+        first = pq.read_schema(resolve_shard(self.directory, entries[0]["file"])) if entries else None
+        header = decode_header(first.metadata) if first is not None else {}
+        return {**(header or {}), "fingerprint": runs[0]["fingerprint"], "top_k": settings["top_k"],
+                "vocab_size": settings["vocab_size"], "shards": entries, "complete": False}
+
+    def _plan_pieces(self) -> list[Piece]:
+        groups: list[tuple[int, int, int]] = []
+        for index, (path, entry) in enumerate(zip(self.shards, self.manifest["shards"])):
+            if not path.is_file():
+                raise VerificationError(f"{path.name}: missing")
+            if path.stat().st_size != entry["bytes"]:
+                raise VerificationError(f"{path.name}: {path.stat().st_size} bytes on disk, manifest says {entry['bytes']}")
+            try:
+                metadata = pq.read_metadata(path)
+                header = decode_header(pq.read_schema(path).metadata)
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise VerificationError(f"{path.name}: not a readable Parquet file ({exc})") from None
+            if header is None or header.get("fingerprint") != self.manifest["fingerprint"]:
+                raise VerificationError(f"{path.name}: header belongs to another run (fingerprint differs)")
+            if metadata.num_rows != entry["rows"]:
+                raise VerificationError(f"{path.name}: {metadata.num_rows} rows, manifest says {entry['rows']}")
+            for group in range(metadata.num_row_groups):
+                groups.append((index, group, metadata.row_group(group).num_rows))
+        total = sum(rows for _, _, rows in groups)
+        # small datasets are cut finer than their row groups so every rank and worker gets work
+        piece_rows = max(1, -(-total // MIN_PIECES)) if len(groups) < MIN_PIECES else None
+        pieces: list[Piece] = []
+        for shard, group, rows in groups:
+            step = rows if piece_rows is None else piece_rows
+            for start in range(0, rows, max(step, 1)):
+                pieces.append(Piece(shard, group, start, min(start + step, rows)))
+        return pieces
+
+    # -- the plan ---------------------------------------------------------------------------
+    def _epoch_pieces(self, epoch: int) -> list[Piece]:
+        if not self.shuffle:
+            return list(self.pieces)
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.pieces))
+        return [self.pieces[i] for i in order]
+
+    def _worker_pieces(self, epoch: int, rank: int, worker: int, workers: int) -> list[Piece]:
+        return self._epoch_pieces(epoch)[rank :: self.world_size][worker::workers]
+
+    def _worker_batches(self, pieces: list[Piece]) -> int:
+        rows = sum(p.rows for p in pieces)
+        return rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
+
+    def num_batches(self, num_workers: int = 0, rank: int | None = None, epoch: int | None = None) -> int:
+        """Batches one epoch yields on ``rank`` with ``num_workers`` DataLoader workers."""
+        rank = self.rank if rank is None else rank
+        epoch = self.epoch if epoch is None else epoch
+        workers = max(num_workers, 1)
+        return sum(self._worker_batches(self._worker_pieces(epoch, rank, w, workers)) for w in range(workers))
+
+    # -- state --------------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order the next iteration follows (a resume point is kept only for its own epoch)."""
+        if epoch != self.epoch:
+            self._skip_batches = 0
+            self._consumed = 0
+        self.epoch = epoch
+
+    def mark_consumed(self, batch: dict[str, Any]) -> None:
+        """Record that the trainer has used ``batch`` (needed when DataLoader workers do the iterating)."""
+        self._consumed = int(batch["batch_index"]) + 1
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches": self._consumed, "seed": self.seed, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("seed", self.seed) != self.seed or state.get("world_size", self.world_size) != self.world_size:
+            raise ValueError("the loader state was saved with another seed or world size; resume with the same ones")
+        self.epoch = int(state["epoch"])
+        self._skip_batches = int(state["batches"])
+        self._consumed = self._skip_batches
+
+    # -- reading --------------------------------------------------------------------------------
+    def _read_piece(self, piece: Piece, columns: list[str]) -> pa.Table:
+        path = self.shards[piece.shard]
+        try:
+            if self.verify_sha256 and piece.shard not in self._hashed:
+                if sha256_file(path) != self.manifest["shards"][piece.shard]["sha256"]:
+                    raise VerificationError(f"{path.name}: sha256 differs from the manifest (corrupt)")
+                self._hashed.add(piece.shard)
+            parquet = pq.ParquetFile(path, page_checksum_verification=True)
+            table = parquet.read_row_group(piece.row_group, columns=columns)
+        except (pa.ArrowException, OSError) as exc:
+            raise VerificationError(f"{path.name}: unreadable ({type(exc).__name__}: {exc})") from None
+        return table.slice(piece.start, piece.rows)
+
+    def _columns(self) -> list[str]:
+        columns = [ID_COLUMN, "topk_ids", "topk_logprobs"]
+        columns += [c for c in (self.input_column, self.label_column) if c]
+        return list(dict.fromkeys(columns))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch = self.epoch
+        counts = [self._worker_batches(self._worker_pieces(epoch, self.rank, w, workers)) for w in range(workers)]
+        skip = _round_robin_counts(counts, self._skip_batches)[worker]
+        pieces = self._worker_pieces(epoch, self.rank, worker, workers)
+        columns = self._columns()
+        skip_rows = skip * self.batch_size
+        produced = skip
+        carry: pa.Table | None = None
+        for window_index, begin in enumerate(range(0, len(pieces), self.shuffle_buffer)):
+            window = pieces[begin : begin + self.shuffle_buffer]
+            window_rows = sum(p.rows for p in window)
+            if skip_rows >= window_rows:
+                skip_rows -= window_rows
+                continue
+            table = pa.concat_tables([self._read_piece(p, columns) for p in window])
+            if self.shuffle:
+                rng = np.random.default_rng([self.seed, epoch, self.rank, worker, window_index])
+                table = table.take(pa.array(rng.permutation(table.num_rows)))
+            if skip_rows:
+                table = table.slice(skip_rows)
+                skip_rows = 0
+            carry = table if carry is None else pa.concat_tables([carry, table])
+            while carry.num_rows >= self.batch_size:
+                yield self._batch(carry.slice(0, self.batch_size), produced, counts, worker)
+                produced += 1
+                carry = carry.slice(self.batch_size)
+        if carry is not None and carry.num_rows and not self.drop_last:
+            yield self._batch(carry, produced, counts, worker)
+        if info is None:
+            self._skip_batches = 0
+
+    def _batch(self, table: pa.Table, local_index: int, counts: list[int], worker: int) -> dict[str, Any]:
+        batch = collate(table.combine_chunks(), self.input_column, self.label_column)
+        # where this batch stands in the round-robin stream the consumer sees
+        before = sum(min(count, local_index) for count in counts) + sum(1 for w in range(worker) if counts[w] > local_index)
+        batch["batch_index"] = before
+        if get_worker_info() is None:
+            self._consumed = before + 1
+        return batch
