@@ -2,10 +2,28 @@
 
 Teachers run once over a corpus; their top-k log-probabilities are stored in Parquet shards
 (format ``softlabels.v1``) that students read many times. Importing this package does not import
-torch, so ``verify`` and ``inspect`` stay light.
+torch (the model-side names below load on first use), so ``verify`` and ``inspect`` stay light.
 """
 
 from __future__ import annotations
 
-__all__ = ["__version__"]
+from typing import Any
+
+__all__ = ["__version__", "SoftLabelDataset", "collate", "kd_loss", "dense_kd_loss", "hard_label_loss"]
 __version__ = "0.1.0"
+
+_LAZY = {
+    "SoftLabelDataset": "softlabels.data",
+    "collate": "softlabels.data",
+    "kd_loss": "softlabels.losses",
+    "dense_kd_loss": "softlabels.losses",
+    "hard_label_loss": "softlabels.losses",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'softlabels' has no attribute {name!r}")

@@ -63,6 +63,56 @@ def generate(
     typer.echo(run_generate(config).render())
 
 
+@app.command("train-student")
+def train_student(
+    data_dir: Optional[list[Path]] = typer.Argument(None, help="Sealed soft-label directories (or use --data)."),
+    student: str = typer.Option(..., "--student", help="Student SPEC: module:factory[@init.safetensors]."),
+    out: Path = typer.Option(..., "--out", help="Output directory: checkpoint, metrics.jsonl, student.safetensors."),
+    data: Optional[list[Path]] = typer.Option(None, "--data", help="Another soft-label directory to mix in; repeatable."),
+    mix: Optional[str] = typer.Option(None, "--mix", help="Sampling weights of the data directories, e.g. 0.7,0.3."),
+    epochs: int = typer.Option(1, "--epochs"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Overrides --epochs."),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    lr: float = typer.Option(1e-3, "--lr"),
+    weight_decay: float = typer.Option(0.01, "--weight-decay"),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="[default: 5% of the steps]"),
+    temperature: float = typer.Option(2.0, "--temperature"),
+    alpha: float = typer.Option(0.5, "--alpha", help="Weight of the KD loss; 1 - alpha weighs hard-label CE."),
+    tail: str = typer.Option("bucket", "--tail", help="bucket, renorm or uniform."),
+    label_column: Optional[str] = typer.Option(None, "--label-column", help="[default: the one passed through by generate]"),
+    eval_dir: Optional[Path] = typer.Option(None, "--eval", help="A soft-label directory to evaluate on."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every"),
+    seed: int = typer.Option(0, "--seed"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.pt."),
+    checkpoint_every: int = typer.Option(100, "--checkpoint-every"),
+    log_every: int = typer.Option(10, "--log-every"),
+    num_workers: int = typer.Option(0, "--num-workers", help="DataLoader worker processes."),
+    grad_clip: float = typer.Option(1.0, "--grad-clip", help="Max gradient norm; 0 disables."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16 autocast."),
+    device: str = typer.Option("auto", "--device"),
+    halt_after: Optional[int] = typer.Option(None, "--halt-after", help="Checkpoint and stop after this step (preemption)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Distil a student from soft-label shards (KD + hard-label CE), resumable, DDP under torchrun."""
+    from .train import TrainConfig, train_student as run_train
+
+    weights = None
+    if mix is not None:
+        try:
+            weights = [float(w) for w in mix.split(",")]
+        except ValueError:
+            raise UserError(f"--mix must be comma-separated numbers, got {mix!r}") from None
+    config = TrainConfig(
+        data=list(data_dir or []) + list(data or []), student=student, out=out, mix=weights, epochs=epochs,
+        max_steps=max_steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+        temperature=temperature, alpha=alpha, tail=tail, label_column=label_column, eval=eval_dir,
+        eval_every=eval_every, seed=seed, resume=resume, checkpoint_every=checkpoint_every, log_every=log_every,
+        num_workers=num_workers, grad_clip=grad_clip, precision=precision, device=device, halt_after=halt_after,
+        progress=progress,
+    )
+    typer.echo(run_train(config).render())
+
+
 @app.command()
 def verify(directory: Path = typer.Argument(..., help="A soft-label directory.")) -> None:
     """Check completeness, schema, row counts and every shard's sha256 (exit 2 on failure)."""

@@ -284,6 +284,14 @@ class SoftLabelDataset(IterableDataset):
         self._skip_batches = int(state["batches"])
         self._consumed = self._skip_batches
 
+    def first_batch(self) -> dict[str, Any]:
+        """One batch of the current epoch, leaving the iteration state untouched (for shape probes)."""
+        saved = (self._skip_batches, self._consumed)
+        try:
+            return next(iter(self))
+        finally:
+            self._skip_batches, self._consumed = saved
+
     # -- reading --------------------------------------------------------------------------------
     def _read_piece(self, piece: Piece, columns: list[str]) -> pa.Table:
         path = self.shards[piece.shard]

@@ -1,0 +1,526 @@
+"""``softlabels train-student``: distil a student from stored soft labels, resumably.
+
+Thin orchestration over tested parts: ``SoftLabelDataset`` streams batches, ``kd_loss`` and
+``hard_label_loss`` make the objective ``alpha * KD + (1 - alpha) * CE``, AdamW with linear warmup and
+cosine decay, gradient clipping, optional bf16 autocast, DDP under torchrun (gloo on CPU, nccl on
+GPU).
+
+Exact resume without saving RNG streams: the random state is re-seeded at every step from
+(seed, step, rank), the loaders resume at the batch after the last one consumed, and the source
+of each step's batch (when mixing several directories) is drawn from (seed, step) alone. A
+checkpoint is then just model, optimizer, scheduler, step and loader positions; training N steps
+straight and N/2 + resume + N/2 give the same losses, which the tests check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .data import SoftLabelDataset
+from .errors import UserError, VerificationError
+from .inputs import TeacherInputs
+from .losses import IGNORE_INDEX, TAIL_MODES, hard_label_loss, kd_loss_per_position
+from .manifest import atomic_write_text
+from .teachers import load_model
+
+__all__ = ["TrainConfig", "TrainSummary", "train_student", "evaluate", "student_logits", "batch_losses"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+PRECISIONS = ("fp32", "bf16")
+
+# settings a resumed run must share with the checkpoint, with the flag that sets each
+RESUME_FLAGS = {
+    "data": "--data/DATA_DIR", "mix": "--mix", "student": "--student", "epochs": "--epochs",
+    "max_steps": "--max-steps", "batch_size": "--batch-size", "lr": "--lr", "weight_decay": "--weight-decay",
+    "warmup_steps": "--warmup-steps", "temperature": "--temperature", "alpha": "--alpha", "tail": "--tail",
+    "label_column": "--label-column", "seed": "--seed", "num_workers": "--num-workers",
+    "grad_clip": "--grad-clip", "precision": "--precision", "world_size": "torchrun --nproc-per-node",
+}
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one ``train-student`` run; validates itself and names the offending flag."""
+
+    data: list[Path]
+    student: str
+    out: Path
+    mix: list[float] | None = None
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int | None = None
+    temperature: float = 2.0
+    alpha: float = 0.5
+    tail: str = "bucket"
+    label_column: str | None = None
+    eval: Path | None = None
+    eval_every: int | None = None
+    seed: int = 0
+    resume: bool = False
+    checkpoint_every: int = 100
+    log_every: int = 10
+    num_workers: int = 0
+    grad_clip: float = 1.0
+    precision: str = "fp32"
+    device: str = "auto"
+    halt_after: int | None = None
+    progress: bool = True
+    world_size: int = field(default=1, init=False)
+
+    def __post_init__(self) -> None:
+        self.data = [Path(d) for d in self.data]
+        self.out = Path(self.out)
+        self.eval = Path(self.eval) if self.eval is not None else None
+        if not self.data:
+            raise UserError("no DATA_DIR given")
+        for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--checkpoint-every", self.checkpoint_every), ("--log-every", self.log_every)):
+            if value < 1:
+                raise UserError(f"{flag} must be at least 1, got {value}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UserError(f"--max-steps must be at least 1, got {self.max_steps}")
+        if not self.lr > 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        if not self.temperature > 0:
+            raise UserError(f"--temperature must be positive, got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise UserError(f"--alpha must be between 0 and 1, got {self.alpha}")
+        if self.tail not in TAIL_MODES:
+            raise UserError(f"--tail must be one of {', '.join(TAIL_MODES)}, got {self.tail!r}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.num_workers < 0:
+            raise UserError(f"--num-workers must be at least 0, got {self.num_workers}")
+        if self.mix is None:
+            self.mix = [1.0 / len(self.data)] * len(self.data)
+        if len(self.mix) != len(self.data):
+            raise UserError(f"--mix has {len(self.mix)} weights for {len(self.data)} data directories")
+        if any(w < 0 for w in self.mix) or sum(self.mix) <= 0:
+            raise UserError(f"--mix weights must be non-negative and not all zero, got {self.mix}")
+        total = sum(self.mix)
+        self.mix = [w / total for w in self.mix]
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+
+    def resume_settings(self) -> dict[str, Any]:
+        settings = asdict(self)
+        settings["data"] = [str(d) for d in self.data]
+        return {k: settings[k] for k in RESUME_FLAGS}
+
+
+@dataclass
+class TrainSummary:
+    out: str
+    steps: int
+    positions: int
+    final_loss: float
+    eval: dict[str, float] | None
+    seconds: float
+    halted: bool = False
+
+    def render(self) -> str:
+        if self.halted:
+            return f"{self.out}: halted after step {self.steps} (--halt-after) with a checkpoint; rerun with --resume to continue."
+        evaluated = ""
+        if self.eval:
+            evaluated = "; eval " + ", ".join(f"{k} {v:.4f}" for k, v in self.eval.items())
+        return (
+            f"{self.out}: {self.steps} steps, {self.positions:,} positions, final loss {self.final_loss:.4f}{evaluated}; "
+            f"{self.seconds:.1f} s. Student: {self.out}/student.safetensors (spec in student.json)."
+        )
+
+
+# -- model calls and losses --------------------------------------------------------------------
+
+
+def student_logits(model: torch.nn.Module, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
+    """Call the student by the teacher convention; logits [B, T, V] aligned with the soft labels."""
+    inputs = TeacherInputs(batch["inputs"].to(device), batch["lengths"].to(device) if "lengths" in batch else None)
+    output = model(inputs.x) if inputs.lengths is None else model(inputs.x, inputs.lengths)
+    if hasattr(output, "logits"):
+        output = output.logits
+    elif isinstance(output, (tuple, list)):
+        output = output[0]
+    if output.dim() == 2:
+        output = output.unsqueeze(1)
+    steps = batch["topk_ids"].shape[1]
+    if output.shape[1] < steps:
+        raise UserError(f"--student returns {output.shape[1]} positions but the soft labels have {steps}")
+    return output[:, :steps]
+
+
+def hard_labels(batch: dict[str, Any], next_token: bool, steps: int) -> torch.Tensor | None:
+    """Hard labels [B, T] aligned with the positions, or None when the data has none."""
+    if "labels" in batch:
+        labels = batch["labels"]
+        if labels.dim() == 1:
+            padded = torch.full((labels.shape[0], steps), IGNORE_INDEX, dtype=torch.int64)
+            padded[:, 0] = labels
+            return padded
+        return labels[:, :steps]
+    if next_token and "lengths" in batch:
+        tokens = batch["inputs"]
+        labels = torch.full(tokens.shape[:2], IGNORE_INDEX, dtype=torch.int64)
+        labels[:, :-1] = tokens[:, 1:]
+        last = (batch["lengths"] - 1).clamp(min=0)
+        labels[torch.arange(len(labels)), last] = IGNORE_INDEX  # the last token has no successor
+        return labels[:, :steps]
+    return None
+
+
+def batch_losses(logits: torch.Tensor, batch: dict[str, Any], config: TrainConfig, next_token: bool) -> dict[str, torch.Tensor]:
+    """Loss terms of one batch: ``loss`` (to minimise), ``kd``, ``ce`` and counts."""
+    device = logits.device
+    mask = batch["mask"].to(device)
+    per_position = kd_loss_per_position(logits, batch["topk_ids"].to(device), batch["topk_logprobs"].to(device), config.temperature, config.tail)
+    valid = mask.sum()
+    kd = (per_position * mask).sum() / valid.clamp(min=1) * config.temperature**2
+    labels = hard_labels(batch, next_token, logits.shape[1])
+    if labels is not None:
+        labels = labels.to(device).masked_fill(~mask, IGNORE_INDEX)
+        ce = hard_label_loss(logits, labels)
+        labelled = (labels != IGNORE_INDEX).sum()
+    else:
+        ce = logits.sum() * 0.0
+        labelled = torch.zeros((), dtype=torch.int64, device=device)
+    loss = config.alpha * kd + (1.0 - config.alpha) * ce
+    return {"loss": loss, "kd": kd, "ce": ce, "positions": valid, "labelled": labelled}
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+
+def _open_sources(config: TrainConfig, rank: int, world: int) -> list[SoftLabelDataset]:
+    sources = []
+    for index, directory in enumerate(config.data):
+        try:
+            sources.append(SoftLabelDataset(directory, batch_size=config.batch_size, shuffle=True, seed=config.seed + index, rank=rank, world_size=world))
+        except VerificationError as exc:
+            raise UserError(f"data directory {directory}: {exc}") from None
+    reference = sources[0].manifest
+    for source, directory in zip(sources[1:], config.data[1:]):
+        _check_same_teachers(reference, config.data[0], source.manifest, directory, "--data")
+    return sources
+
+
+def _check_same_teachers(reference: dict[str, Any], ref_dir: Path, other: dict[str, Any], other_dir: Path, flag: str) -> None:
+    ours = [t["sha256"] for t in reference["teachers"]]
+    theirs = [t["sha256"] for t in other["teachers"]]
+    if ours != theirs or reference["vocab_size"] != other["vocab_size"]:
+        raise UserError(
+            f"{flag} {other_dir} was generated by different teachers than {ref_dir} "
+            f"(sha256 {[s[:12] for s in theirs]} vs {[s[:12] for s in ours]}, vocab {other['vocab_size']} vs {reference['vocab_size']})"
+        )
+
+
+class _Stream:
+    """An endless, resumable stream of batches from one source, epoch after epoch."""
+
+    def __init__(self, dataset: SoftLabelDataset, num_workers: int) -> None:
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.iterator: Iterator[dict[str, Any]] | None = None
+
+    def _loader(self) -> Iterator[dict[str, Any]]:
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
+        return iter(loader)
+
+    def next(self) -> dict[str, Any]:
+        for _ in range(2):
+            if self.iterator is None:
+                self.iterator = self._loader()
+            try:
+                batch = next(self.iterator)
+                self.dataset.mark_consumed(batch)
+                return batch
+            except StopIteration:
+                self.iterator = None
+                self.dataset.set_epoch(self.dataset.epoch + 1)
+        raise UserError(f"{self.dataset.directory}: this rank's share of the data is empty")
+
+
+def _source_of_step(seed: int, step: int, mix: list[float]) -> int:
+    if len(mix) == 1:
+        return 0
+    return int(np.random.default_rng([seed, step, 7]).choice(len(mix), p=mix))
+
+
+# -- the loop ------------------------------------------------------------------------------------
+
+
+def _device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available")
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def _schedule(total_steps: int, warmup: int) -> Any:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(total_steps - warmup, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def _seed_step(seed: int, step: int, rank: int) -> None:
+    digest = hashlib.sha256(f"{seed}:{step}:{rank}".encode()).digest()
+    torch.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def _autocast(device: torch.device, precision: str) -> Any:
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def _build_student(spec: str) -> tuple[torch.nn.Module, str]:
+    model, _ = load_model(spec)
+    if not isinstance(model, torch.nn.Module) or isinstance(model, torch.fx.GraphModule):
+        raise UserError(f"--student {spec}: a student must be a trainable module (module:factory or hf:CONFIG)")
+    return model, spec.partition("@")[0]
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset: SoftLabelDataset, config: TrainConfig, device: torch.device, next_token: bool) -> dict[str, float]:
+    """KD loss, top-1 agreement with the teacher, and accuracy / CE against hard labels when present."""
+    was_training = model.training
+    model.eval()
+    kd_sum = agree = positions = correct = labelled = 0.0
+    ce_sum = 0.0
+    dataset.set_epoch(0)
+    for batch in dataset:
+        with _autocast(device, config.precision):
+            logits = student_logits(model, batch, device)
+        logits = logits.float()
+        mask = batch["mask"].to(device)
+        per_position = kd_loss_per_position(logits, batch["topk_ids"].to(device), batch["topk_logprobs"].to(device), config.temperature, config.tail)
+        kd_sum += float((per_position * mask).sum())
+        prediction = logits.argmax(dim=-1)
+        agree += float(((prediction == batch["topk_ids"][..., 0].to(device)) & mask).sum())
+        positions += float(mask.sum())
+        labels = hard_labels(batch, next_token, logits.shape[1])
+        if labels is not None:
+            labels = labels.to(device).masked_fill(~mask, IGNORE_INDEX)
+            has = labels != IGNORE_INDEX
+            correct += float(((prediction == labels) & has).sum())
+            labelled += float(has.sum())
+            ce_sum += float(torch.nn.functional.cross_entropy(logits[has], labels[has], reduction="sum")) if bool(has.any()) else 0.0
+    model.train(was_training)
+    metrics = {"eval_kd": kd_sum / max(positions, 1) * config.temperature**2, "eval_top1_agreement": agree / max(positions, 1)}
+    if labelled:
+        metrics["eval_accuracy"] = correct / labelled
+        metrics["eval_ce"] = ce_sum / labelled
+        metrics["eval_perplexity"] = math.exp(min(ce_sum / labelled, 50.0))
+    return metrics
+
+
+def _write_metrics(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records past the checkpoint, so a resumed run's metrics read as one run."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged checkpoint is the user's file
+        raise UserError(f"--resume: cannot read {path} ({type(exc).__name__}: {exc})") from None
+
+
+def _check_resume(config: TrainConfig, recorded: dict[str, Any]) -> None:
+    ours = config.resume_settings()
+    differences = [f"{RESUME_FLAGS[k]}: checkpoint has {recorded.get(k)!r}, this run {ours[k]!r}" for k in RESUME_FLAGS if recorded.get(k) != ours[k]]
+    if differences:
+        raise UserError(f"--resume: {config.out} was trained with different settings ({'; '.join(differences)})")
+
+
+def _save_student(model: torch.nn.Module, out: Path, spec: str, manifest: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = out / "student.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"spec": spec})
+    os.replace(tmp, out / "student.safetensors")
+    record = {"spec": f"{spec}@{(out / 'student.safetensors').as_posix()}", "factory": spec,
+              "teachers": manifest["teachers"], "vocab_size": manifest["vocab_size"]}
+    atomic_write_text(out / "student.json", json.dumps(record, indent=2) + "\n")
+
+
+def train_student(config: TrainConfig) -> TrainSummary:
+    """Train (or resume) a student from soft-label directories.
+
+    Raises:
+        UserError: bad settings, unusable data, a student/teacher vocabulary mismatch, or a
+            ``--resume`` whose checkpoint was made with other settings.
+    """
+    started = time.perf_counter()
+    rank, world, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    device = _device(config.device, local_rank)
+    sources = _open_sources(config, rank, world)
+    manifest = sources[0].manifest
+    eval_set = None
+    if config.eval is not None:
+        try:
+            eval_set = SoftLabelDataset(config.eval, batch_size=config.batch_size, shuffle=False, rank=0, world_size=1)
+        except VerificationError as exc:
+            raise UserError(f"--eval {config.eval}: {exc}") from None
+        _check_same_teachers(manifest, config.data[0], eval_set.manifest, config.eval, "--eval")
+    if config.label_column is not None:
+        for source in sources:
+            source.label_column = config.label_column
+        if eval_set is not None:
+            eval_set.label_column = config.label_column
+
+    torch.manual_seed(config.seed)
+    model, factory_spec = _build_student(config.student)
+    model = model.to(device)
+    probe = sources[0].first_batch()
+    next_token = "labels" not in probe and "lengths" in probe and not torch.is_floating_point(probe["inputs"])
+    with torch.no_grad():
+        vocab = student_logits(model, probe, device).shape[-1]
+    if vocab != manifest["vocab_size"]:
+        raise UserError(f"--student {config.student} has {vocab} output classes but the teachers of {config.data[0]} have {manifest['vocab_size']}")
+
+    distributed = world > 1
+    if distributed:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else model
+
+    steps_per_epoch = math.ceil(min(sources[0].num_batches(config.num_workers, rank=r, epoch=0) for r in range(world)) / config.mix[0])
+    total_steps = config.max_steps if config.max_steps is not None else config.epochs * steps_per_epoch
+    warmup = config.warmup_steps if config.warmup_steps is not None else max(1, total_steps // 20)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total_steps, warmup))
+
+    out = config.out
+    checkpoint_path = out / CHECKPOINT_NAME
+    metrics_path = out / METRICS_NAME
+    step = 0
+    if checkpoint_path.is_file() and not config.resume:
+        raise UserError(f"--out {out} already holds a checkpoint; pass --resume to continue it or choose another --out")
+    if config.resume and checkpoint_path.is_file():
+        state = _load_checkpoint(checkpoint_path)
+        _check_resume(config, json.loads(state["settings"]))
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = int(state["step"])
+        for source, loader_state in zip(sources, json.loads(state["loaders"])):
+            source.load_state_dict(loader_state)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(metrics_path, step)
+    streams = [_Stream(source, config.num_workers) for source in sources]
+
+    def checkpoint() -> None:
+        if rank != 0:
+            return
+        _save_checkpoint(checkpoint_path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "step": step, "loaders": json.dumps([s.state_dict() for s in sources]),
+            "settings": json.dumps(config.resume_settings()),
+        })
+
+    halted = {"signal": None}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        halted["signal"] = signum
+
+    # a signal stops the run at the next step boundary, after a checkpoint
+    previous_term = signal.signal(signal.SIGTERM, on_signal)
+    previous_int = signal.signal(signal.SIGINT, on_signal)
+    bar = tqdm(total=total_steps, initial=step, desc="train-student", unit="step", file=sys.stderr, disable=not config.progress or rank != 0, dynamic_ncols=True)
+    positions_seen, window_start, window_positions = 0, time.perf_counter(), 0
+    last_loss = float("nan")
+    trained.train()
+    try:
+        while step < total_steps:
+            _seed_step(config.seed, step, rank)
+            batch = streams[_source_of_step(config.seed, step, config.mix)].next()
+            with _autocast(device, config.precision):
+                logits = student_logits(trained, batch, device)
+            terms = batch_losses(logits.float(), batch, config, next_token)
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            positions = int(terms["positions"])
+            positions_seen += positions
+            window_positions += positions
+            last_loss = float(terms["loss"].detach())
+            if distributed:
+                reduced = torch.tensor([last_loss], device=device)
+                torch.distributed.all_reduce(reduced)
+                last_loss = float(reduced) / world
+            if rank == 0 and (step % config.log_every == 0 or step == total_steps):
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                _write_metrics(metrics_path, {"step": step, "loss": last_loss, "kd": float(terms["kd"]), "ce": float(terms["ce"]),
+                                              "lr": scheduler.get_last_lr()[0], "positions_per_s": window_positions / elapsed})
+                bar.set_postfix_str(f"loss {last_loss:.4f}, {window_positions / elapsed:,.0f} pos/s", refresh=False)
+                window_start, window_positions = time.perf_counter(), 0
+            bar.update(1)
+            if eval_set is not None and config.eval_every and step % config.eval_every == 0 and rank == 0:
+                _write_metrics(metrics_path, {"step": step, **evaluate(model, eval_set, config, device, next_token)})
+            if step % config.checkpoint_every == 0 or step == total_steps:
+                checkpoint()
+            if halted["signal"] is not None or (config.halt_after is not None and step >= config.halt_after and step < total_steps):
+                checkpoint()
+                break
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGINT, previous_int)
+        bar.close()
+    if halted["signal"] is not None:
+        raise KeyboardInterrupt
+    if step < total_steps:
+        if distributed:
+            torch.distributed.destroy_process_group()
+        return TrainSummary(str(out), step, positions_seen, last_loss, None, time.perf_counter() - started, halted=True)
+    eval_metrics = None
+    if rank == 0:
+        if eval_set is not None:
+            eval_metrics = evaluate(model, eval_set, config, device, next_token)
+            _write_metrics(metrics_path, {"step": step, **eval_metrics})
+        _save_student(model, out, factory_spec, manifest)
+    if distributed:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return TrainSummary(str(out), step, positions_seen, last_loss, eval_metrics, time.perf_counter() - started)
