@@ -184,7 +184,8 @@ class Corpus:
             raise UserError(
                 f"corpus file {corpus_file.path}, rows {unit.start}-{unit.stop - 1}: {exc}"
             ) from None
-        return table.select(wanted)
+        # a unit may be a sub-range of its slot (the vocabulary probe reads the first rows only)
+        return table.slice(unit.start - slot * self.rows_per_shard, unit.rows).select(wanted)
 
 
 def _read_parquet_rows(path: Path, start: int, stop: int, columns: list[str]) -> pa.Table:

@@ -313,10 +313,16 @@ class SoftLabelDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        loader_worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch = self.epoch
         counts = [self._worker_batches(self._worker_pieces(epoch, self.rank, w, workers)) for w in range(workers)]
-        skip = _round_robin_counts(counts, self._skip_batches)[worker]
+        taken = _round_robin_counts(counts, self._skip_batches)
+        # A new DataLoader starts its round-robin at worker 0; the stream must go on with the worker
+        # whose batch was next, so loader worker i plays the part of worker (next + i) mod W.
+        waiting = [(taken[w], w) for w in range(workers) if taken[w] < counts[w]]
+        next_worker = min(waiting)[1] if waiting else 0
+        worker = (next_worker + loader_worker) % workers
+        skip = taken[worker]
         pieces = self._worker_pieces(epoch, self.rank, worker, workers)
         columns = self._columns()
         skip_rows = skip * self.batch_size

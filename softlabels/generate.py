@@ -267,6 +267,15 @@ def _committed_units(run: _Run, journal_shards: dict[str, dict[str, Any]]) -> di
     return committed
 
 
+def _usable_positions(logits: torch.Tensor) -> torch.Tensor:
+    """[N] True where a position's logits define a distribution: no NaN or +Inf, and not all -Inf.
+
+    -Inf alone is a legitimate logit (a masked class, a padded vocabulary entry).
+    """
+    bad = torch.isnan(logits).any(dim=-1) | torch.isposinf(logits).any(dim=-1) | torch.isneginf(logits).all(dim=-1)
+    return ~bad
+
+
 def _process_unit(run: _Run, unit: Unit, table: pa.Table, on_batch: Callable[[int, int], None]) -> ShardPayload:
     """Teacher forward and top-k over one unit's rows, batch by batch."""
     config = run.config
@@ -283,7 +292,7 @@ def _process_unit(run: _Run, unit: Unit, table: pa.Table, on_batch: Callable[[in
             flat, per_row = valid_positions(logits, inputs.lengths)
             flat_members.append(flat)
         row_of = torch.repeat_interleave(torch.arange(len(per_row), device=per_row.device), per_row)
-        finite = torch.stack([torch.isfinite(flat).all(dim=-1) for flat in flat_members]).all(dim=0)
+        finite = torch.stack([_usable_positions(flat) for flat in flat_members]).all(dim=0)
         bad_rows = torch.zeros(len(per_row), dtype=torch.bool, device=finite.device).index_put_((row_of,), ~finite, accumulate=True)
         if bool(bad_rows.any()):
             bad_ids = sample_ids.filter(pa.array(bad_rows.cpu().numpy())).to_pylist()
@@ -468,6 +477,7 @@ def generate(config: GenerateConfig) -> GenerateSummary:
         reader.shutdown(wait=False, cancel_futures=True)
         writer.shutdown(wait=True, cancel_futures=True)  # a shard already being written completes whole
         _clean_tmp(out)
+        bar.leave = False  # the error line should stand alone, not under a frozen bar
         bar.close()
         raise
     reader.shutdown()

@@ -411,8 +411,14 @@ def train_student(config: TrainConfig) -> TrainSummary:
     model = model.to(device)
     probe = sources[0].first_batch()
     next_token = "labels" not in probe and "lengths" in probe and not torch.is_floating_point(probe["inputs"])
-    with torch.no_grad():
-        vocab = student_logits(model, probe, device).shape[-1]
+    try:
+        with torch.no_grad():
+            vocab = student_logits(model, probe, device).shape[-1]
+    except UserError:
+        raise
+    except Exception as exc:  # the user's student rejected the calling convention of the data
+        shape = f"inputs {tuple(probe['inputs'].shape)}" + (", lengths [B]" if "lengths" in probe else "")
+        raise UserError(f"--student {config.student}: forward failed on {shape}: {type(exc).__name__}: {exc}") from None
     if vocab != manifest["vocab_size"]:
         raise UserError(f"--student {config.student} has {vocab} output classes but the teachers of {config.data[0]} have {manifest['vocab_size']}")
 
@@ -492,7 +498,7 @@ def train_student(config: TrainConfig) -> TrainSummary:
                 last_loss = float(reduced) / world
             if rank == 0 and (step % config.log_every == 0 or step == total_steps):
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
-                _write_metrics(metrics_path, {"step": step, "loss": last_loss, "kd": float(terms["kd"]), "ce": float(terms["ce"]),
+                _write_metrics(metrics_path, {"step": step, "loss": last_loss, "kd": float(terms["kd"].detach()), "ce": float(terms["ce"].detach()),
                                               "lr": scheduler.get_last_lr()[0], "positions_per_s": window_positions / elapsed})
                 bar.set_postfix_str(f"loss {last_loss:.4f}, {window_positions / elapsed:,.0f} pos/s", refresh=False)
                 window_start, window_positions = time.perf_counter(), 0

@@ -79,3 +79,21 @@ def classifier_vocab7() -> nn.Module:
 
 def not_a_module() -> str:
     return "I am not a model"
+
+
+class MaskedClassifier(torch.nn.Module):
+    """digits-shaped classifier whose classes 1 and 6 are masked with -inf, as a padded vocabulary is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.linear(x)
+        masked = torch.zeros(10, dtype=torch.bool, device=x.device)
+        masked[[1, 6]] = True
+        return logits.masked_fill(masked, float("-inf"))
+
+
+def masked_classifier() -> torch.nn.Module:
+    return MaskedClassifier()

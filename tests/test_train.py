@@ -1,0 +1,149 @@
+"""train-student: golden resume, torchrun DDP, eval, mixing, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, classifier_table, run_cli, save_teacher, write_parquet
+from softlabels.data import SoftLabelDataset
+
+
+def _generate(corpus: Path, teachers: list[str], out: Path, *extra: object) -> Path:
+    args = ["generate", corpus, "--out", out, "--id-column", "id", "--rows-per-shard", 25, "--no-progress", *extra]
+    for spec in teachers:
+        args += ["--teacher", spec]
+    result = run_cli(*args)
+    assert result.code == 0, result.err
+    return out
+
+
+@pytest.fixture(scope="module")
+def soft(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("train")
+    teachers = [save_teacher("softlabels.models:digits_mlp", seed, root / f"t{seed}.safetensors") for seed in (0, 1)]
+    other = [save_teacher("softlabels.models:digits_mlp", 9, root / "other.safetensors")]
+    unlabeled = write_parquet(classifier_table(117, seed=1).drop_columns(["label"]), root / "unlabeled.parquet")
+    labeled = write_parquet(classifier_table(41, seed=2, first_id=500), root / "labeled.parquet")
+    held_out = write_parquet(classifier_table(33, seed=3, first_id=900), root / "eval.parquet")
+    return {
+        "unlabeled": _generate(unlabeled, teachers, root / "soft_unlabeled"),
+        "labeled": _generate(labeled, teachers, root / "soft_labeled", "--label-column", "label"),
+        "eval": _generate(held_out, teachers, root / "soft_eval", "--label-column", "label"),
+        "other_teacher": _generate(held_out, other, root / "soft_other"),
+        "root": root,
+    }
+
+
+def _losses(out: Path) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if "loss" in r]
+
+
+def _train(*args: object) -> None:
+    result = run_cli("train-student", "--student", "softlabels.models:digits_mlp", "--no-progress", *args)
+    assert result.code == 0, result.err
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumed_training_equals_uninterrupted(tmp_path, soft, workers):
+    common = [soft["unlabeled"], "--data", soft["labeled"], "--mix", "0.6,0.4", "--max-steps", 14,
+              "--batch-size", 9, "--log-every", 1, "--num-workers", workers, "--lr", 3e-3, "--seed", 5]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _train(*common, "--out", straight)
+    halted = run_cli("train-student", "--student", "softlabels.models:digits_mlp", "--no-progress", *common,
+                     "--out", resumed, "--halt-after", 6)
+    assert halted.code == 0 and "halted after step 6" in halted.out
+    assert [s for s, _ in _losses(resumed)] == list(range(1, 7))
+    _train(*common, "--out", resumed, "--resume")
+    assert _losses(resumed) == _losses(straight)
+    assert len(_losses(straight)) == 14
+    ours, theirs = load_file(str(resumed / "student.safetensors")), load_file(str(straight / "student.safetensors"))
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, soft):
+    out = tmp_path / "run"
+    _train(soft["unlabeled"], "--max-steps", 4, "--out", out, "--halt-after", 2)
+    result = run_cli("train-student", soft["unlabeled"], "--student", "softlabels.models:digits_mlp", "--max-steps", 4,
+                     "--out", out, "--resume", "--lr", 0.5, "--no-progress")
+    assert result.code == 1 and "--lr" in result.err and len(result.err.strip().splitlines()) == 1
+    again = run_cli("train-student", soft["unlabeled"], "--student", "softlabels.models:digits_mlp", "--max-steps", 4,
+                    "--out", out, "--no-progress")
+    assert again.code == 1 and "--resume" in again.err
+
+
+def test_eval_reports_agreement_and_accuracy(tmp_path, soft):
+    out = tmp_path / "run"
+    _train(soft["labeled"], "--epochs", 2, "--batch-size", 8, "--out", out, "--eval", soft["eval"], "--eval-every", 3)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval_kd" in r]
+    assert [r["step"] for r in evals][:2] == [3, 6]
+    final = evals[-1]
+    # recompute the eval metrics independently from the saved student
+    from softlabels.models import digits_mlp
+
+    model = digits_mlp()
+    model.load_state_dict(load_file(str(out / "student.safetensors")))
+    model.eval()
+    dataset = SoftLabelDataset(soft["eval"], batch_size=100, shuffle=False)
+    batch = next(iter(dataset))
+    with torch.no_grad():
+        logits = model(batch["inputs"])
+    agreement = (logits.argmax(-1) == batch["topk_ids"][:, 0, 0]).float().mean().item()
+    accuracy = (logits.argmax(-1) == batch["labels"]).float().mean().item()
+    assert final["eval_top1_agreement"] == pytest.approx(agreement, abs=1e-6)
+    assert final["eval_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    spec = json.loads((out / "student.json").read_text())["spec"]
+    assert spec == f"softlabels.models:digits_mlp@{(out / 'student.safetensors').as_posix()}"
+
+
+def test_eval_directory_from_another_teacher_is_reported(tmp_path, soft):
+    result = run_cli("train-student", soft["unlabeled"], "--student", "softlabels.models:digits_mlp", "--max-steps", 2,
+                     "--out", tmp_path / "run", "--eval", soft["other_teacher"], "--no-progress")
+    assert result.code == 1
+    assert "--eval" in result.err and str(soft["other_teacher"]) in result.err and "different teachers" in result.err
+
+
+def test_corrupted_shard_fails_naming_the_file(tmp_path, soft):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(soft["unlabeled"], copy)
+    victim = sorted(copy.glob("shard-*.parquet"))[2]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    result = run_cli("train-student", copy, "--student", "softlabels.models:digits_mlp", "--epochs", 1,
+                     "--out", tmp_path / "run", "--no-progress")
+    assert result.code in (1, 2) and victim.name in result.err and "Traceback" not in result.err
+
+
+def test_student_vocabulary_mismatch_is_an_error_before_training(tmp_path, soft):
+    result = run_cli("train-student", soft["unlabeled"], "--student", "softlabels.models:frame_tagger", "--max-steps", 2,
+                     "--out", tmp_path / "run", "--no-progress")
+    assert result.code == 1 and "--student" in result.err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path, soft):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "softlabels.cli", "train-student", str(soft["unlabeled"]), "--student", "softlabels.models:digits_mlp",
+               "--out", str(out), "--epochs", "2", "--batch-size", "8", "--log-every", "1", "--no-progress"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    per_rank = [SoftLabelDataset(soft["unlabeled"], batch_size=8, rank=r, world_size=2).num_batches(0) for r in range(2)]
+    expected = 2 * min(per_rank)
+    assert [s for s, _ in _losses(out)] == list(range(1, expected + 1))
+    assert all(math.isfinite(loss) for _, loss in _losses(out))
+    assert (out / "student.safetensors").is_file()
