@@ -11,14 +11,15 @@ Writes under --out (default ``data``):
     digits/unlabeled.parquet          id, inputs             (the rest)
     digits/unlabeled_labels.parquet   id, label              (held out)
     digits/test.parquet               id, inputs, label      (--test rows)
-    teachers/digits_mlp_{0,1,2}.safetensors   state_dict of softlabels.models.digits_mlp()
+    teachers/digits_cnn_{0,1,2}.safetensors   state_dict of softlabels.models.digits_cnn()
     README.md
 
 ``id`` is ``digits-NNNN`` with the original scikit-learn row index, ``inputs`` is
 ``fixed_size_list<float32>[64]`` (values / 16, so in [0, 1]), ``label`` is int64.
 
-Each teacher trains on its own bootstrap resample of the labeled set with its own init seed
-(full-batch AdamW, fp32, CPU), so the ensemble members genuinely differ.
+Each teacher (a small CNN) trains on the labeled set with random 1-pixel shifts and its own init
+and augmentation seed (full-batch AdamW, fp32, CPU), so the ensemble members genuinely differ, and
+together they beat an MLP trained on the same labels: the knowledge distillation has to carry.
 
 scikit-learn is a dev-only dependency, needed only here.
 
@@ -41,7 +42,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout, package not installed
     sys.path.insert(0, str(REPO_ROOT))
 
-from softlabels.models import DIGITS_CLASSES, DIGITS_FEATURES, digits_mlp  # noqa: E402
+from softlabels.models import DIGITS_CLASSES, DIGITS_FEATURES, digits_cnn  # noqa: E402
 
 N_TEACHERS = 3
 
@@ -75,20 +76,32 @@ def _write(table: pa.Table, path: Path) -> None:
     print(f"wrote {path} ({table.num_rows} rows, {path.stat().st_size:,} bytes)")
 
 
+def _shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Each image moved by -1, 0 or +1 pixel along each axis (zero fill): [N, 64] -> [N, 64]."""
+    images = torch.nn.functional.pad(x.view(-1, 8, 8), (1, 1, 1, 1))
+    dy, dx = torch.randint(0, 3, (2, x.shape[0]), generator=gen)
+    rows = (torch.arange(8)[None, :] + dy[:, None])[:, :, None].expand(-1, 8, 8)
+    cols = (torch.arange(8)[None, :] + dx[:, None])[:, None, :].expand(-1, 8, 8)
+    picked = images[torch.arange(x.shape[0])[:, None, None], rows, cols]
+    return picked.reshape(-1, 64)
+
+
 def _train_teacher(
     x: torch.Tensor, y: torch.Tensor, seed: int, steps: int, lr: float, weight_decay: float
 ) -> torch.nn.Module:
-    """Train digits_mlp() full-batch on a bootstrap resample of (x [N, 64], y [N])."""
-    gen = np.random.default_rng(seed)
-    boot = torch.from_numpy(gen.integers(0, x.shape[0], size=x.shape[0]))
-    xb, yb = x[boot], y[boot]
+    """Train digits_cnn() full-batch on (x [N, 64], y [N]) with random 1-pixel shifts.
+
+    The augmentation is the teachers' advantage over a student that sees the same 150 labels
+    plainly: it is the knowledge the soft labels carry to the unlabeled rows.
+    """
     torch.manual_seed(seed)
-    model = digits_mlp()
+    gen = torch.Generator().manual_seed(seed)
+    model = digits_cnn()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     model.train()
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(model(xb), yb)
+        loss = torch.nn.functional.cross_entropy(model(_shift(x, gen)), y)
         loss.backward()
         opt.step()
     return model.eval()
@@ -100,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="split and training seed (default: 0)")
     ap.add_argument("--labeled", type=int, default=150, help="labeled rows (default: 150)")
     ap.add_argument("--test", type=int, default=400, help="test rows (default: 400)")
-    ap.add_argument("--steps", type=int, default=300, help="full-batch steps per teacher (default: 300)")
+    ap.add_argument("--steps", type=int, default=400, help="full-batch steps per teacher (default: 400)")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--weight-decay", type=float, default=1e-2)
     args = ap.parse_args(argv)
@@ -127,10 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     for t in range(N_TEACHERS):
         seed = args.seed * 1000 + t
         model = _train_teacher(x_lab, y_lab, seed, args.steps, args.lr, args.weight_decay)
-        path = out / "teachers" / f"digits_mlp_{t}.safetensors"
+        path = out / "teachers" / f"digits_cnn_{t}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(path), metadata={"factory": "softlabels.models:digits_mlp"})
+        save_file(state, str(path), metadata={"factory": "softlabels.models:digits_cnn"})
         with torch.no_grad():
             p = torch.softmax(model(x_tst), dim=-1)  # [N_test, 10]
         probs.append(p)
@@ -171,14 +184,15 @@ Semi-supervised split (stratified by class, seed {args.seed}):
 | `digits/unlabeled.parquet` | {n_unl} | id, inputs | the corpus soft labels are computed on |
 | `digits/unlabeled_labels.parquet` | {n_unl} | id, label | held-out labels of the corpus, for measuring students |
 | `digits/test.parquet` | {n_tst} | id, inputs, label | held-out test split |
-| `teachers/digits_mlp_{{0,1,2}}.safetensors` | | | state_dicts of `softlabels.models:digits_mlp` |
+| `teachers/digits_cnn_{{0,1,2}}.safetensors` | | | state_dicts of `softlabels.models:digits_cnn` |
 
 `id` is `digits-NNNN` (the scikit-learn row index), `inputs` is `fixed_size_list<float32>[64]`
 (values / 16, in [0, 1]), `label` is int64. Each teacher trained full-batch with AdamW
-({args.steps} steps, lr {args.lr}, weight decay {args.weight_decay}, fp32, CPU) on its own bootstrap
-resample of `labeled.parquet`, with its own init seed. Test accuracy: teachers {accs_txt};
+({args.steps} steps, lr {args.lr}, weight decay {args.weight_decay}, fp32, CPU) on `labeled.parquet`
+with random 1-pixel shifts, with its own init and augmentation seed. Test accuracy: teachers {accs_txt};
 ensemble (mean of probabilities) {ens_acc:.2%}. Teacher spec:
-`softlabels.models:digits_mlp@data/teachers/digits_mlp_0.safetensors`.
+`softlabels.models:digits_cnn@data/teachers/digits_cnn_0.safetensors`. The student architecture
+is `softlabels.models:digits_mlp`.
 """
     path = out / "README.md"
     path.write_text(text)

@@ -22,6 +22,8 @@ from torch import nn
 
 __all__ = [
     "digits_mlp",
+    "digits_cnn",
+    "DigitsCNN",
     "DIGITS_FEATURES",
     "DIGITS_CLASSES",
     "TokenGRU",
@@ -59,6 +61,33 @@ def digits_mlp() -> nn.Module:
         nn.GELU(),
         nn.Linear(_DIGITS_HIDDEN, DIGITS_CLASSES),
     )
+
+
+class DigitsCNN(nn.Module):
+    """The digits teacher: two 3x3 convolutions and a max-pool over the 8x8 image.
+
+    Its inductive bias is worth about 4 points on 150 labels (96.5% for an ensemble of three,
+    with 1-pixel shift augmentation, against 92% for ``digits_mlp`` on the same labels): the gap
+    that distilling into the MLP over the unlabeled rows can close. Called as ``model(x)`` with
+    x float32 [B, 64]; returns logits [B, 10].
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.GELU(),
+            nn.Conv2d(16, 32, 3, padding=1), nn.GELU(),
+            nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(32 * 4 * 4, DIGITS_CLASSES),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x.reshape(-1, 1, 8, 8))
+
+
+def digits_cnn() -> nn.Module:
+    """Factory for ``DigitsCNN`` (9,930 parameters, 40 KB as fp32 safetensors)."""
+    return DigitsCNN()
 
 
 TOKEN_VOCAB: int = 97

@@ -19,7 +19,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS_TEACHERS = [
-    f"softlabels.models:digits_mlp@{REPO}/data/teachers/digits_mlp_{i}.safetensors" for i in range(3)
+    f"softlabels.models:digits_cnn@{REPO}/data/teachers/digits_cnn_{i}.safetensors" for i in range(3)
 ]
 DIGITS_UNLABELED = REPO / "data" / "digits" / "unlabeled.parquet"
 

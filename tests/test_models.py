@@ -1,4 +1,4 @@
-"""The committed digits teachers load strictly into digits_mlp() and are good, distinct teachers."""
+"""The committed digits teachers load strictly into digits_cnn() and are good, distinct teachers."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from softlabels.models import DIGITS_CLASSES, DIGITS_FEATURES, digits_mlp
+from softlabels.models import DIGITS_CLASSES, DIGITS_FEATURES, digits_cnn, digits_mlp
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEST_PARQUET = REPO_ROOT / "data" / "digits" / "test.parquet"
-TEACHERS = [REPO_ROOT / "data" / "teachers" / f"digits_mlp_{i}.safetensors" for i in range(3)]
+TEACHERS = [REPO_ROOT / "data" / "teachers" / f"digits_cnn_{i}.safetensors" for i in range(3)]
 
 
 def _test_split() -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,14 +27,15 @@ def _test_split() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _load_teacher(path: Path) -> torch.nn.Module:
-    model = digits_mlp()
+    model = digits_cnn()
     model.load_state_dict(load_file(str(path)), strict=True)
     return model.eval()
 
 
-def test_digits_mlp_shape_and_dtype() -> None:
+@pytest.mark.parametrize("factory", [digits_mlp, digits_cnn])
+def test_digits_models_shape_and_dtype(factory) -> None:
     torch.manual_seed(0)
-    out = digits_mlp()(torch.rand(5, DIGITS_FEATURES))
+    out = factory()(torch.rand(5, DIGITS_FEATURES))
     assert out.shape == (5, DIGITS_CLASSES)
     assert out.dtype == torch.float32
 
@@ -52,15 +53,9 @@ def test_committed_teachers_accurate_and_distinct() -> None:
         assert torch.isfinite(logits).all()
         pred = logits.argmax(dim=-1)
         acc = (pred == y).float().mean().item()
-        assert acc > 0.8, f"{path.name}: test accuracy {acc:.4f}"
+        assert acc > 0.9, f"{path.name}: test accuracy {acc:.4f}"
         preds.append(pred)
     stacked = torch.stack(preds)  # [3, N]
     disagree = (stacked != stacked[0]).any(dim=0)
     assert disagree.any(), "the three teachers predict identically on every test row"
 
-
-def test_teacher_state_dict_mismatch_is_rejected() -> None:
-    state = load_file(str(TEACHERS[0]))
-    state.pop("2.bias")
-    with pytest.raises(RuntimeError):
-        digits_mlp().load_state_dict(state, strict=True)
