@@ -11,7 +11,7 @@ and learning rate in each arm:
 
 Test accuracy is measured on the 400 held-out rows of data/digits/test.parquet, over several seeds.
 
-    python pipelines/bench_digits.py [--steps 600] [--seeds 0,1,2] [--out runs/bench_digits]
+    python pipelines/bench_digits.py [--steps 1000] [--seeds 0,1,2] [--out runs/bench_digits]
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def final_eval(out: Path) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_digits")
     args = parser.parse_args()

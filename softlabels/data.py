@@ -32,14 +32,14 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .errors import UserError, VerificationError
-from .inputs import pad_ragged, to_teacher_inputs
+from .inputs import ColumnBlock
 from .losses import IGNORE_INDEX
 from .manifest import read_journals, read_manifest, resolve_shard, sha256_file
 from .schema import ID_COLUMN, decode_header
 
 __all__ = ["SoftLabelDataset", "collate", "Piece"]
 
-MIN_PIECES = 64
+PIECES_PER_RANK = 16
 
 
 @dataclass(frozen=True)
@@ -56,26 +56,49 @@ class Piece:
         return self.stop - self.start
 
 
-def _ragged_block(column: pa.Array, dtype: np.dtype, fill: float | int) -> tuple[np.ndarray, np.ndarray]:
-    """list<fixed_size_list<x>[k]> -> ([B, T_max, k] padded array, int64 [B] lengths)."""
-    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
-    per_position = column.flatten()
-    k = per_position.type.list_size
-    values = per_position.flatten().to_numpy(zero_copy_only=False).astype(dtype).reshape(-1, k)
-    return pad_ragged(values, lengths, fill), lengths
+class _Window:
+    """A table of shard rows held as numpy column blocks; any subset of rows becomes a batch."""
 
+    def __init__(self, table: pa.Table, input_column: str | None, label_column: str | None) -> None:
+        self.sample_ids = table.column(ID_COLUMN).to_numpy(zero_copy_only=False)
+        self.topk_ids = ColumnBlock.from_arrow(table.column("topk_ids"), "topk_ids")
+        self.topk_logprobs = ColumnBlock.from_arrow(table.column("topk_logprobs"), "topk_logprobs")
+        self.input_column = input_column
+        self.inputs = ColumnBlock.from_arrow(table.column(input_column), input_column) if input_column else None
+        self.labels: ColumnBlock | None = None
+        if label_column:
+            labels = table.column(label_column).combine_chunks()
+            if pa.types.is_list(labels.type) or pa.types.is_large_list(labels.type):
+                labels = labels.fill_null(pa.scalar([], labels.type))
+                flat = labels.values.fill_null(IGNORE_INDEX)
+                labels = type(labels).from_arrays(labels.offsets, flat)
+            else:
+                labels = labels.fill_null(IGNORE_INDEX)
+            self.labels = ColumnBlock.from_arrow(labels, label_column)
 
-def _labels(column: pa.Array) -> torch.Tensor:
-    """Hard labels: [B] for one label per row, [B, T] (padded with IGNORE_INDEX) for per-position labels."""
-    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
-        lengths = pc.list_value_length(column).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-        values = column.flatten().fill_null(IGNORE_INDEX).to_numpy(zero_copy_only=False).astype(np.int64)
-        return torch.from_numpy(pad_ragged(values, lengths, IGNORE_INDEX))
-    return torch.from_numpy(column.fill_null(IGNORE_INDEX).to_numpy(zero_copy_only=False).astype(np.int64))
+    def batch(self, rows: np.ndarray) -> dict[str, Any]:
+        ids, lengths = self.topk_ids.gather(rows, 0, np.int64)
+        logprobs, _ = self.topk_logprobs.gather(rows, 0.0, np.float32)
+        steps = ids.shape[1]
+        batch: dict[str, Any] = {
+            "sample_id": self.sample_ids[rows].tolist(),
+            "topk_ids": torch.from_numpy(ids),
+            "topk_logprobs": torch.from_numpy(logprobs),
+            "mask": torch.from_numpy(np.arange(steps)[None, :] < lengths[:, None]),
+        }
+        if self.inputs is not None:
+            inputs, input_lengths = self.inputs.gather(rows)
+            batch["inputs"] = torch.from_numpy(inputs)
+            if input_lengths is not None:
+                batch["lengths"] = torch.from_numpy(input_lengths)
+        if self.labels is not None:
+            labels, _ = self.labels.gather(rows, IGNORE_INDEX, np.int64)
+            batch["labels"] = torch.from_numpy(labels)
+        return batch
 
 
 def collate(table: pa.Table, input_column: str | None, label_column: str | None) -> dict[str, Any]:
-    """Turn a batch of shard rows into tensors.
+    """Turn shard rows into a batch of tensors.
 
     Returns:
         ``sample_id`` (list of str); ``inputs`` ([B, ...] float32/int64) and ``lengths`` (int64 [B],
@@ -83,24 +106,7 @@ def collate(table: pa.Table, input_column: str | None, label_column: str | None)
         ``topk_logprobs`` float32 [B, T, k]; ``mask`` bool [B, T] (valid positions); ``labels``
         int64 [B] or [B, T] with IGNORE_INDEX for missing labels, when ``label_column`` is given.
     """
-    ids_block, lengths = _ragged_block(table.column("topk_ids").combine_chunks(), np.int64, 0)
-    logprobs_block, _ = _ragged_block(table.column("topk_logprobs").combine_chunks(), np.float32, 0.0)
-    steps = ids_block.shape[1]
-    batch: dict[str, Any] = {
-        "sample_id": table.column(ID_COLUMN).to_pylist(),
-        "topk_ids": torch.from_numpy(ids_block),
-        "topk_logprobs": torch.from_numpy(logprobs_block),
-        "mask": torch.from_numpy(np.arange(steps)[None, :] < lengths[:, None]),
-    }
-    if input_column is not None:
-        ids = table.column(ID_COLUMN).combine_chunks()
-        inputs = to_teacher_inputs(table.column(input_column), input_column, ids)
-        batch["inputs"] = inputs.x
-        if inputs.lengths is not None:
-            batch["lengths"] = inputs.lengths
-    if label_column is not None:
-        batch["labels"] = _labels(table.column(label_column).combine_chunks())
-    return batch
+    return _Window(table, input_column, label_column).batch(np.arange(table.num_rows))
 
 
 def _distributed_position() -> tuple[int, int]:
@@ -189,6 +195,7 @@ class SoftLabelDataset(IterableDataset):
         self._skip_batches = 0
         self._consumed = 0
         self._hashed: set[int] = set()
+        self._cached: tuple[tuple[int, int], pa.Table] | None = None
 
     # -- construction -----------------------------------------------------------------------
     def _load_manifest(self, allow_partial: bool) -> dict[str, Any]:
@@ -231,22 +238,20 @@ class SoftLabelDataset(IterableDataset):
                 raise VerificationError(f"{path.name}: {metadata.num_rows} rows, manifest says {entry['rows']}")
             for group in range(metadata.num_row_groups):
                 groups.append((index, group, metadata.row_group(group).num_rows))
-        total = sum(rows for _, _, rows in groups)
-        # small datasets are cut finer than their row groups so every rank and worker gets work
-        piece_rows = max(1, -(-total // MIN_PIECES)) if len(groups) < MIN_PIECES else None
-        pieces: list[Piece] = []
+        # Too few row groups to go round every rank and worker: cut each into a few pieces. The
+        # pieces of one row group stay next to each other, so a worker reads the group once.
+        split = max(1, -(-PIECES_PER_RANK * self.world_size // max(len(groups), 1)))
+        self.row_groups: list[list[Piece]] = []
         for shard, group, rows in groups:
-            step = rows if piece_rows is None else piece_rows
-            for start in range(0, rows, max(step, 1)):
-                pieces.append(Piece(shard, group, start, min(start + step, rows)))
-        return pieces
+            step = max(1, -(-rows // split))
+            self.row_groups.append([Piece(shard, group, start, min(start + step, rows)) for start in range(0, rows, step)])
+        return [piece for pieces in self.row_groups for piece in pieces]
 
-    # -- the plan ---------------------------------------------------------------------------
     def _epoch_pieces(self, epoch: int) -> list[Piece]:
         if not self.shuffle:
             return list(self.pieces)
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.pieces))
-        return [self.pieces[i] for i in order]
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.row_groups))
+        return [piece for index in order for piece in self.row_groups[index]]
 
     def _worker_pieces(self, epoch: int, rank: int, worker: int, workers: int) -> list[Piece]:
         return self._epoch_pieces(epoch)[rank :: self.world_size][worker::workers]
@@ -294,6 +299,12 @@ class SoftLabelDataset(IterableDataset):
 
     # -- reading --------------------------------------------------------------------------------
     def _read_piece(self, piece: Piece, columns: list[str]) -> pa.Table:
+        key = (piece.shard, piece.row_group)
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, self._read_row_group(piece, columns))
+        return self._cached[1].slice(piece.start, piece.rows)
+
+    def _read_row_group(self, piece: Piece, columns: list[str]) -> pa.Table:
         path = self.shards[piece.shard]
         try:
             if self.verify_sha256 and piece.shard not in self._hashed:
@@ -301,10 +312,9 @@ class SoftLabelDataset(IterableDataset):
                     raise VerificationError(f"{path.name}: sha256 differs from the manifest (corrupt)")
                 self._hashed.add(piece.shard)
             parquet = pq.ParquetFile(path, page_checksum_verification=True)
-            table = parquet.read_row_group(piece.row_group, columns=columns)
+            return parquet.read_row_group(piece.row_group, columns=columns)
         except (pa.ArrowException, OSError) as exc:
             raise VerificationError(f"{path.name}: unreadable ({type(exc).__name__}: {exc})") from None
-        return table.slice(piece.start, piece.rows)
 
     def _columns(self) -> list[str]:
         columns = [ID_COLUMN, "topk_ids", "topk_logprobs"]
@@ -322,6 +332,7 @@ class SoftLabelDataset(IterableDataset):
         waiting = [(taken[w], w) for w in range(workers) if taken[w] < counts[w]]
         next_worker = min(waiting)[1] if waiting else 0
         worker = (next_worker + loader_worker) % workers
+        self._worker = worker
         skip = taken[worker]
         pieces = self._worker_pieces(epoch, self.rank, worker, workers)
         columns = self._columns()
@@ -335,25 +346,31 @@ class SoftLabelDataset(IterableDataset):
                 skip_rows -= window_rows
                 continue
             table = pa.concat_tables([self._read_piece(p, columns) for p in window])
+            order = np.arange(table.num_rows)
             if self.shuffle:
-                rng = np.random.default_rng([self.seed, epoch, self.rank, worker, window_index])
-                table = table.take(pa.array(rng.permutation(table.num_rows)))
-            if skip_rows:
-                table = table.slice(skip_rows)
-                skip_rows = 0
-            carry = table if carry is None else pa.concat_tables([carry, table])
-            while carry.num_rows >= self.batch_size:
-                yield self._batch(carry.slice(0, self.batch_size), produced, counts, worker)
+                order = np.random.default_rng([self.seed, epoch, self.rank, worker, window_index]).permutation(table.num_rows)
+            order = order[skip_rows:]
+            skip_rows = 0
+            if carry is not None:  # the previous window's last rows lead this window's stream
+                order = np.concatenate([np.arange(carry.num_rows), carry.num_rows + order])
+                table = pa.concat_tables([carry, table])
+            rows = _Window(table.combine_chunks(), self.input_column, self.label_column)
+            full = len(order) // self.batch_size
+            for index in range(full):
+                yield self._batch(rows, order[index * self.batch_size : (index + 1) * self.batch_size], produced, counts)
                 produced += 1
-                carry = carry.slice(self.batch_size)
-        if carry is not None and carry.num_rows and not self.drop_last:
-            yield self._batch(carry, produced, counts, worker)
+            rest = order[full * self.batch_size :]
+            carry = table.take(pa.array(rest)) if len(rest) else None
+        if carry is not None and not self.drop_last:
+            rows = _Window(carry.combine_chunks(), self.input_column, self.label_column)
+            yield self._batch(rows, np.arange(carry.num_rows), produced, counts)
         if info is None:
             self._skip_batches = 0
 
-    def _batch(self, table: pa.Table, local_index: int, counts: list[int], worker: int) -> dict[str, Any]:
-        batch = collate(table.combine_chunks(), self.input_column, self.label_column)
+    def _batch(self, window: _Window, rows: np.ndarray, local_index: int, counts: list[int]) -> dict[str, Any]:
+        batch = window.batch(rows)
         # where this batch stands in the round-robin stream the consumer sees
+        worker = self._worker
         before = sum(min(count, local_index) for count in counts) + sum(1 for w in range(worker) if counts[w] > local_index)
         batch["batch_index"] = before
         if get_worker_info() is None:

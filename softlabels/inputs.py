@@ -23,7 +23,7 @@ import torch
 
 from .errors import UserError
 
-__all__ = ["TeacherInputs", "check_input_type", "to_teacher_inputs", "pad_ragged"]
+__all__ = ["TeacherInputs", "ColumnBlock", "check_input_type", "to_teacher_inputs"]
 
 
 @dataclass
@@ -76,11 +76,77 @@ def check_input_type(data_type: pa.DataType, column: str) -> None:
     )
 
 
-def _numpy_values(values: pa.Array) -> np.ndarray:
-    data = values.to_numpy(zero_copy_only=False)
-    dtype = np.int64 if data.dtype.kind in "iub" else np.float32
-    # torch wants writable memory; Arrow buffers are read-only, so a copy happens at most once here
-    return data.astype(dtype, copy=not data.flags.writeable or data.dtype != dtype)
+def _number_dtype(data: np.ndarray) -> type:
+    return np.int64 if data.dtype.kind in "iub" else np.float32
+
+
+@dataclass
+class ColumnBlock:
+    """One Arrow column as numpy views, so any rows gather into a (padded) block in two numpy calls.
+
+    Built once per Arrow table (zero-copy where Arrow allows), then ``gather`` serves every batch:
+    the per-batch cost is one fancy-index gather and one scatter, never a Python loop per position.
+
+    Attributes:
+        values: fixed-size columns [R, *shape]; list columns [N, *inner] (all positions, unsliced).
+        offsets: list columns only, int64 [R + 1] indexing ``values``.
+    """
+
+    values: np.ndarray
+    offsets: np.ndarray | None = None
+
+    @classmethod
+    def from_arrow(cls, column: pa.Array | pa.ChunkedArray, name: str) -> "ColumnBlock":
+        """Wrap a number, (nested) fixed_size_list, list<number> or list<list-of-equal-width> column."""
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()
+        fixed = _fixed_shape(column.type)
+        if fixed is not None:
+            values = column
+            for _ in fixed[0]:
+                values = values.flatten()
+            return cls(values.to_numpy(zero_copy_only=False).reshape(len(column), *fixed[0]))
+        if not _is_list(column.type):
+            raise UserError(f"column {name!r} has type {column.type}, which has no tensor form")
+        offsets = column.offsets.to_numpy().astype(np.int64)
+        child = column.values
+        if pa.types.is_fixed_size_list(child.type) or _is_list(child.type):
+            widths = pc.list_value_length(child).to_numpy(zero_copy_only=False)
+            if len(widths) and (child.null_count or widths.min() != widths.max()):
+                raise UserError(f"column {name!r}: frames have unequal feature sizes")
+            width = int(widths[0]) if len(widths) else 0
+            return cls(child.flatten().to_numpy(zero_copy_only=False).reshape(len(child), width), offsets)
+        return cls(child.to_numpy(zero_copy_only=False), offsets)
+
+    @property
+    def ragged(self) -> bool:
+        return self.offsets is not None
+
+    def lengths(self, rows: np.ndarray) -> np.ndarray:
+        """int64 [B] positions of each of ``rows`` (list columns only)."""
+        return self.offsets[rows + 1] - self.offsets[rows]
+
+    def gather(self, rows: np.ndarray, fill: float | int = 0, dtype: type | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """The given rows as [B, *shape], or padded [B, T_max, *inner] with their lengths.
+
+        Args:
+            rows: int [B] row numbers.
+            fill: padding value for list columns.
+            dtype: result dtype; default int64 for integers, float32 otherwise.
+        """
+        dtype = dtype or _number_dtype(self.values)
+        if not self.ragged:
+            return self.values[rows].astype(dtype), None
+        starts = self.offsets[rows]
+        lengths = self.offsets[rows + 1] - starts
+        total = int(lengths.sum())
+        first_position = np.cumsum(lengths) - lengths
+        row_of = np.repeat(np.arange(len(rows)), lengths)
+        step_of = np.arange(total) - np.repeat(first_position, lengths)
+        longest = int(lengths.max()) if len(rows) else 0
+        padded = np.full((len(rows), longest, *self.values.shape[1:]), fill, dtype=dtype)
+        padded[row_of, step_of] = self.values[np.repeat(starts, lengths) + step_of]
+        return padded, lengths
 
 
 def to_teacher_inputs(column: pa.Array | pa.ChunkedArray, name: str, sample_ids: pa.Array) -> TeacherInputs:
@@ -96,47 +162,12 @@ def to_teacher_inputs(column: pa.Array | pa.ChunkedArray, name: str, sample_ids:
     if column.null_count:
         bad = sample_ids.filter(column.is_null()).to_pylist()[:5]
         raise UserError(f"--input-column {name!r} is null for sample ids {', '.join(bad)}")
-    rows = len(column)
-    fixed = _fixed_shape(column.type)
-    if fixed is not None:
-        shape, _ = fixed
-        values = column
-        for _ in shape:
-            values = values.flatten()
-        return TeacherInputs(torch.from_numpy(_numpy_values(values).reshape(rows, *shape)), None)
-
-    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
-    if (lengths == 0).any():
-        bad = sample_ids.filter(pa.array(lengths == 0)).to_pylist()[:5]
-        raise UserError(f"--input-column {name!r} is an empty sequence for sample ids {', '.join(bad)}")
-    positions = column.flatten()
-    if pa.types.is_fixed_size_list(positions.type) or _is_list(positions.type):
-        widths = pc.list_value_length(positions).to_numpy(zero_copy_only=False)
-        if positions.null_count or widths.min() != widths.max():
-            raise UserError(f"--input-column {name!r}: frames in this batch have unequal feature sizes")
-        frame_values = _numpy_values(positions.flatten()).reshape(len(positions), int(widths[0]))
-    else:
-        frame_values = _numpy_values(positions)
-    return TeacherInputs(torch.from_numpy(pad_ragged(frame_values, lengths)), torch.from_numpy(lengths))
-
-
-def pad_ragged(values: np.ndarray, lengths: np.ndarray, fill: float | int = 0) -> np.ndarray:
-    """Scatter row-major ragged values into a padded block.
-
-    Args:
-        values: [N, ...] the positions of all rows, row after row.
-        lengths: int [B] positions per row, summing to N.
-        fill: value of the padding.
-
-    Returns:
-        [B, max(lengths), ...] with row b's positions first and ``fill`` after them.
-    """
-    rows = len(lengths)
-    total = int(lengths.sum())
-    starts = np.cumsum(lengths) - lengths
-    row_of = np.repeat(np.arange(rows), lengths)
-    step_of = np.arange(total) - np.repeat(starts, lengths)
-    longest = int(lengths.max()) if rows else 0
-    padded = np.full((rows, longest, *values.shape[1:]), fill, dtype=values.dtype)
-    padded[row_of, step_of] = values
-    return padded
+    block = ColumnBlock.from_arrow(column, f"--input-column {name}")
+    rows = np.arange(len(column))
+    if block.ragged:
+        empty = block.lengths(rows) == 0
+        if empty.any():
+            bad = sample_ids.filter(pa.array(empty)).to_pylist()[:5]
+            raise UserError(f"--input-column {name!r} is an empty sequence for sample ids {', '.join(bad)}")
+    x, lengths = block.gather(rows)
+    return TeacherInputs(torch.from_numpy(x), None if lengths is None else torch.from_numpy(lengths))
