@@ -120,14 +120,14 @@ def epoch(soft: Path, teacher_weights: Path, online: bool, seed: int = 0) -> flo
     dataset = SoftLabelDataset(soft, batch_size=16, seed=seed, with_inputs=True)
     started = time.perf_counter()
     for batch in dataset:
-        steps = batch["mask"].shape[1]
-        logits = student(batch["inputs"], batch["lengths"])[:, :steps]
+        mask = batch["mask"]
+        logits = student(batch["inputs"], batch["lengths"])[:, : mask.shape[1]][mask]  # valid positions [N, V]
         if teacher is not None:
             with torch.inference_mode():
-                teacher_logits = teacher(batch["inputs"], batch["lengths"])[:, :steps]
-            loss = dense_kd_loss(logits, teacher_logits.clone(), 2.0, batch["mask"])
+                teacher_logits = teacher(batch["inputs"], batch["lengths"])[:, : mask.shape[1]][mask]
+            loss = dense_kd_loss(logits, teacher_logits.clone(), 2.0)
         else:
-            loss = kd_loss(logits, batch["topk_ids"], batch["topk_logprobs"], 2.0, "bucket", batch["mask"])
+            loss = kd_loss(logits, batch["topk_ids"][mask], batch["topk_logprobs"][mask], 2.0, "bucket")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
