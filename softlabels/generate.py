@@ -272,6 +272,9 @@ def _usable_positions(logits: torch.Tensor) -> torch.Tensor:
 
     -Inf alone is a legitimate logit (a masked class, a padded vocabulary entry).
     """
+    finite_sums = logits.sum(dim=-1).isfinite()  # one pass, no [N, V] temporary
+    if bool(finite_sums.all()):
+        return finite_sums
     bad = torch.isnan(logits).any(dim=-1) | torch.isposinf(logits).any(dim=-1) | torch.isneginf(logits).all(dim=-1)
     return ~bad
 
