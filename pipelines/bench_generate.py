@@ -153,8 +153,8 @@ class BenchClassifier(nn.Module):
 
 
 def lm_full() -> nn.Module:
-    """The overhead teacher: width 1024, 4 blocks, V = 32,000 (71M parameters)."""
-    return BenchLM(LM_VOCAB, width=1024, layers=4)
+    """The overhead teacher: width 1024, 8 blocks, V = 32,000 (104M parameters, near SmolLM2-135M)."""
+    return BenchLM(LM_VOCAB, width=1024, layers=8)
 
 
 def lm_quick() -> nn.Module:
@@ -195,7 +195,7 @@ class Size:
     rss_rows_per_shard: int
 
 
-FULL = Size("lm_full", lm_rows=24, batch_size=8, rows_per_shard=8, pairs=3, bytes_rows=96,
+FULL = Size("lm_full", lm_rows=96, batch_size=8, rows_per_shard=16, pairs=3, bytes_rows=96,
             classifier_rows=20000, rss_rows=160, rss_batch_size=16, rss_rows_per_shard=16)
 QUICK = Size("lm_quick", lm_rows=4, batch_size=2, rows_per_shard=2, pairs=3, bytes_rows=8,
              classifier_rows=1000, rss_rows=32, rss_batch_size=8, rss_rows_per_shard=8)

@@ -142,7 +142,7 @@ def main() -> None:
     if args.out.exists():
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True)
-    rows = 120 if args.quick else 600
+    rows = 120 if args.quick else 240
     repeats = 2 if args.quick else 3
     soft, weights = build(args.out, rows)
     results: dict[str, Any] = {"rows": rows, "threads": torch.get_num_threads()}
