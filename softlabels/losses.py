@@ -19,7 +19,7 @@ import math
 
 import torch
 
-__all__ = ["TAIL_MODES", "kd_loss", "kd_loss_per_position", "dense_kd_loss", "hard_label_loss", "IGNORE_INDEX"]
+__all__ = ["TAIL_MODES", "masked_mean", "kd_loss", "kd_loss_per_position", "dense_kd_loss", "hard_label_loss", "IGNORE_INDEX"]
 
 TAIL_MODES = ("bucket", "renorm", "uniform")
 IGNORE_INDEX = -100
@@ -30,6 +30,14 @@ def _kl(log_q: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
     q = log_q.exp()
     safe_log_q = torch.where(q > 0, log_q, torch.zeros_like(log_q))
     return (q * (safe_log_q - log_s)).sum(dim=-1)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``values`` [...] over positions where ``mask`` [...] is True; 0 (finite grads) if none."""
+    if mask is None:
+        return values.mean()
+    weights = mask.to(values.dtype)
+    return (values * weights).sum() / weights.sum().clamp(min=1.0)
 
 
 def _teacher_tail(topk_logprobs: torch.Tensor) -> torch.Tensor:
@@ -107,11 +115,7 @@ def kd_loss(
         A scalar tensor.
     """
     per_position = kd_loss_per_position(student_logits, topk_ids, topk_logprobs, temperature, tail)
-    if mask is None:
-        return per_position.mean() * temperature**2
-    mask = mask.to(per_position.dtype)
-    total = (per_position * mask).sum()
-    return total / mask.sum().clamp(min=1.0) * temperature**2
+    return masked_mean(per_position, mask) * temperature**2
 
 
 def dense_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -124,11 +128,7 @@ def dense_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     """
     teacher = torch.log_softmax(teacher_logits.float().detach() / temperature, dim=-1)
     student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    per_position = _kl(teacher, student)
-    if mask is None:
-        return per_position.mean() * temperature**2
-    mask = mask.to(per_position.dtype)
-    return (per_position * mask).sum() / mask.sum().clamp(min=1.0) * temperature**2
+    return masked_mean(_kl(teacher, student), mask) * temperature**2
 
 
 def hard_label_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
