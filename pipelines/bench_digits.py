@@ -1,7 +1,7 @@
 """Semi-supervised distillation on the embedded digits data: does the ensemble's soft labels help?
 
-The three teachers saw only the 150 rows of data/digits/labeled.parquet. The student (the same
-digits_mlp architecture, freshly initialised) is trained with the same budget of steps, batch size
+The three teachers (small CNNs) saw only the 150 rows of data/digits/labeled.parquet. The student (the
+digits_mlp MLP, freshly initialised) is trained with the same budget of steps, batch size
 and learning rate in each arm:
 
 * hard:     cross-entropy on the 150 labeled rows only (alpha = 0);
@@ -75,7 +75,7 @@ def main() -> None:
             results[name].append(final_eval(out))
     teacher = json.loads((soft_test / "manifest.json").read_text())
     print(f"Student: digits_mlp, {args.steps} steps of batch 32, lr 3e-3, T=2; test = 400 held-out digits; "
-          f"seeds {args.seeds}. Teachers: 3 x digits_mlp trained on the 150 labeled rows ({teacher['ensemble']} ensemble).\n")
+          f"seeds {args.seeds}. Teachers: 3 x digits_cnn trained on the 150 labeled rows ({teacher['ensemble']} ensemble).\n")
     print("| student trained on | test accuracy (mean ± sd) | top-1 agreement with ensemble |")
     print("|---|---|---|")
     summary = {}
