@@ -10,18 +10,17 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 
 from .errors import UserError, VerificationError
 
 __all__ = ["app", "main", "run"]
 
-try:  # typer >= 0.20 vendors click as typer._click: its usage errors are not click's classes
-    from typer._click.exceptions import UsageError as _TyperUsageError
+try:  # newer typer vendors click as typer._click (click is then not installed at all)
+    from typer._click.exceptions import UsageError
 except ImportError:  # pragma: no cover - older typer raises click's own exceptions
-    _TyperUsageError = click.exceptions.UsageError
-USAGE_ERRORS = (click.exceptions.UsageError, _TyperUsageError)
+    from click.exceptions import UsageError
+USAGE_ERRORS = (UsageError,)
 
 INTERRUPTED = 130
 
@@ -135,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     except USAGE_ERRORS as exc:
         print(f"error: {exc.format_message()}" + (f" (see 'softlabels {exc.ctx.info_name} --help')" if exc.ctx else ""), file=sys.stderr)
         return 1
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return exc.exit_code
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         status = INTERRUPTED
     if status == INTERRUPTED:
         print("interrupted: committed shards are kept; rerun the same command to resume", file=sys.stderr)
