@@ -70,14 +70,13 @@ def load_weights(module: torch.nn.Module, path: Path, spec: str) -> None:
     _require_file(path, spec, "weights file")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors.torch import load_model
 
-            state = load_file(str(path))
+            load_model(module, str(path), strict=True)  # knows tied weights saved once
         elif path.suffix in (".pt", ".pth", ".bin"):
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
         else:
             raise UserError(f"--teacher {spec}: weights must be .safetensors or .pt, not {path.name}")
-        module.load_state_dict(state, strict=True)
     except UserError:
         raise
     except Exception as exc:  # any reader or shape error is a bad weights file for the user
@@ -114,7 +113,9 @@ def _build_factory(spec: str) -> tuple[torch.nn.Module, str]:
 def load_model(spec: str) -> tuple[Any, str]:
     """The model object named by SPEC (on the CPU) and its sha256 identity."""
     if spec.startswith("hf:"):
-        raise UserError(f"--teacher {spec}: hf: models need the [hf] extra support, not built yet")
+        from .hf import load_hf_model
+
+        return load_hf_model(spec)
     if spec.endswith(".pt2"):
         path = Path(spec)
         _require_file(path, spec, "exported program")

@@ -375,11 +375,10 @@ def _check_resume(config: TrainConfig, recorded: dict[str, Any]) -> None:
 
 
 def _save_student(model: torch.nn.Module, out: Path, spec: str, manifest: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save_model
 
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = out / "student.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"spec": spec})
+    save_model(model, str(tmp), metadata={"spec": spec})  # stores tied weights (LM heads) once
     os.replace(tmp, out / "student.safetensors")
     record = {"spec": f"{spec}@{(out / 'student.safetensors').as_posix()}", "factory": spec,
               "teachers": manifest["teachers"], "vocab_size": manifest["vocab_size"]}
