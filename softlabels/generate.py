@@ -28,6 +28,7 @@ from tqdm import tqdm
 from . import __version__
 from .corpus import Corpus, Unit, corpus_record, open_corpus
 from .errors import UserError
+from .fidelity import Fidelity
 from .inputs import TeacherInputs, check_input_type, to_teacher_inputs
 from .manifest import MANIFEST_NAME, Journal, read_journals, resolve_shard, sha256_file, shard_name, write_manifest
 from .schema import FORMAT
@@ -111,7 +112,7 @@ class GenerateSummary:
     shards_written: int
     bytes: int
     soft_label_bytes: int
-    mean_captured_mass: float
+    fidelity: dict[str, float]
     skipped_nonfinite: int
     seconds: float
     already_complete: bool = False
@@ -125,7 +126,8 @@ class GenerateSummary:
             f"{self.out}: {self.rows:,} rows, {self.positions:,} positions in {self.shards} shards ({state}){skipped}; "
             f"{self.bytes:,} bytes on disk, {per_position:.1f} bytes/position "
             f"({soft_per_position:.1f} for top-k ids and log-probs); "
-            f"mean captured top-k mass {self.mean_captured_mass:.4f}; {self.seconds:.1f} s."
+            f"captured top-k mass mean {self.fidelity['captured_mass_mean']:.4f}, p5 {self.fidelity['captured_mass_p5']:.3f}; "
+            f"KL(full || stored) {self.fidelity['kl_full_vs_stored_mean']:.2e} nats; {self.seconds:.1f} s."
         )
 
 
@@ -284,7 +286,7 @@ def _process_unit(run: _Run, unit: Unit, table: pa.Table, on_batch: Callable[[in
     config = run.config
     ids_parts, logprob_parts, positions_parts, conf_parts, ent_parts, agree_parts = [], [], [], [], [], []
     keep = np.ones(table.num_rows, dtype=bool)
-    mass = 0.0
+    fidelity = Fidelity()
     for begin in range(0, table.num_rows, config.batch_size):
         batch = table.slice(begin, config.batch_size)
         sample_ids = batch.column("sample_id").combine_chunks()
@@ -317,7 +319,7 @@ def _process_unit(run: _Run, unit: Unit, table: pa.Table, on_batch: Callable[[in
             if labels.agreement is not None:
                 agree_parts.append(labels.agreement.cpu().numpy())
             positions_parts.append(per_row.cpu().numpy())
-            mass += float(labels.captured_mass.double().sum())
+            fidelity.add(labels.captured_mass.cpu().numpy(), labels.stored_kl.cpu().numpy())
         on_batch(batch.num_rows, int(per_row.sum()) if len(per_row) else 0)
 
     def joined(parts: list[np.ndarray], shape: tuple[int, ...], dtype: type) -> np.ndarray:
@@ -332,7 +334,7 @@ def _process_unit(run: _Run, unit: Unit, table: pa.Table, on_batch: Callable[[in
         confidence=joined(conf_parts, (0,), np.float32),
         entropy=joined(ent_parts, (0,), np.float32),
         agreement=joined(agree_parts, (0,), np.float32) if len(run.teachers) > 1 else None,
-        captured_mass_sum=mass,
+        fidelity=fidelity,
     )
 
 
@@ -351,7 +353,7 @@ def _commit_unit(run: _Run, journal: Journal, unit: Unit, payload: ShardPayload,
         "bytes": size,
         "soft_label_bytes": soft_label_bytes(pq.read_metadata(path)),
         "sha256": digest,
-        "captured_mass_sum": payload.captured_mass_sum,
+        "fidelity": payload.fidelity.to_json(),
         "skipped_nonfinite": skipped,
     }
     journal.append(entry)
@@ -372,8 +374,10 @@ def _seal(run: _Run, entries: dict[int, dict[str, Any]]) -> dict[str, Any]:
         "soft_label_bytes": sum(e["soft_label_bytes"] for e in shards),
         "shards": len(shards),
         "skipped_nonfinite": sum(e["skipped_nonfinite"] for e in shards),
-        "captured_mass_mean": sum(e["captured_mass_sum"] for e in shards) / max(sum(e["positions"] for e in shards), 1),
     }
+    fidelity = Fidelity()
+    for entry in shards:
+        fidelity.merge(Fidelity.from_json(entry["fidelity"]))
     manifest = {
         **run.header,
         "complete": True,
@@ -382,6 +386,7 @@ def _seal(run: _Run, entries: dict[int, dict[str, Any]]) -> dict[str, Any]:
         "corpus": corpus_record(run.corpus),
         "shards": [{k: e[k] for k in ("file", "rows", "positions", "bytes", "sha256")} for e in shards],
         "totals": totals,
+        "fidelity": fidelity.summary(),
     }
     write_manifest(run.config.out, manifest)
     return manifest
@@ -397,7 +402,7 @@ def _summary(run: _Run, manifest: dict[str, Any], written: int, started: float, 
         shards_written=written,
         bytes=totals["bytes"],
         soft_label_bytes=totals["soft_label_bytes"],
-        mean_captured_mass=totals["captured_mass_mean"],
+        fidelity=manifest["fidelity"],
         skipped_nonfinite=totals["skipped_nonfinite"],
         seconds=time.perf_counter() - started,
         already_complete=already,

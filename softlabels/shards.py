@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import VerificationError
+from .fidelity import Fidelity
 from .manifest import fsync_dir, sha256_file
 from .schema import SOFT_COLUMNS, decode_header, id_type, shard_schema
 
@@ -44,7 +45,7 @@ class ShardPayload:
         logprobs: [N, k] float32 log-probabilities.
         confidence, entropy: float32 [R].
         agreement: float32 [R], or None for a single teacher.
-        captured_mass_sum: sum over the N positions of the stored probability mass.
+        fidelity: captured mass and KL(full || stored) of the N positions.
     """
 
     passthrough: pa.Table
@@ -54,7 +55,7 @@ class ShardPayload:
     confidence: np.ndarray
     entropy: np.ndarray
     agreement: np.ndarray | None
-    captured_mass_sum: float
+    fidelity: Fidelity
 
 
 def _nested(flat: np.ndarray, k: int, positions: np.ndarray, value_type: pa.DataType) -> pa.ListArray:

@@ -34,6 +34,8 @@ class SoftLabels:
         entropy: [B] mean full-distribution entropy (nats) of each row's positions.
         agreement: [B] mean fraction of teachers agreeing with the ensemble argmax, or None for one teacher.
         captured_mass: [N] probability mass of the k stored ids.
+        stored_kl: [N] KL(full || stored-with-uniform-tail) in nats, the stored values rounded to
+            float16 as in the shard (see ``softlabels.fidelity``).
     """
 
     ids: torch.Tensor
@@ -42,6 +44,7 @@ class SoftLabels:
     entropy: torch.Tensor
     agreement: torch.Tensor | None
     captured_mass: torch.Tensor
+    stored_kl: torch.Tensor
 
 
 def valid_positions(logits: torch.Tensor, lengths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,6 +92,20 @@ def ensemble_logprobs(member_logits: list[torch.Tensor], mode: str) -> tuple[tor
     raise ValueError(f"unknown ensemble mode {mode!r}")
 
 
+def _stored_kl(log_p_topk: torch.Tensor, entropy: torch.Tensor, classes: int) -> torch.Tensor:
+    """KL(full || stored) per position from the entropy and the k true log-probabilities [n, k]."""
+    k = log_p_topk.shape[-1]
+    stored = log_p_topk.clamp(min=FLOAT16_LOWEST).half().float()
+    p_topk = log_p_topk.exp()
+    cross = (p_topk * stored).sum(dim=-1)
+    kl = -entropy - cross
+    if classes > k:
+        tail = (1.0 - p_topk.sum(dim=-1)).clamp(min=0.0)
+        stored_tail = (1.0 - stored.exp().sum(dim=-1)).clamp(min=1e-12)
+        kl = kl - tail * (torch.log(stored_tail) - math.log(classes - k))
+    return kl.clamp(min=0.0)
+
+
 def _entropy(log_p: torch.Tensor) -> torch.Tensor:
     """-sum p log p over the last dim: one exp pass and one dot, the cheap way for finite rows.
 
@@ -113,7 +130,7 @@ def soft_labels(member_logits: list[torch.Tensor], positions_per_row: torch.Tens
     """
     total, classes = member_logits[0].shape
     chunk = max(1, CHUNK_ELEMENTS // max(classes, 1))
-    ids, logprobs, top1, entropy, agree = [], [], [], [], []
+    ids, logprobs, top1, entropy, agree, stored_kl = [], [], [], [], [], []
     for begin in range(0, total, chunk):
         pieces = [logits[begin : begin + chunk] for logits in member_logits]
         log_p, members = ensemble_logprobs(pieces, mode)
@@ -122,6 +139,7 @@ def soft_labels(member_logits: list[torch.Tensor], positions_per_row: torch.Tens
         logprobs.append(values)
         top1.append(values[:, 0].exp())
         entropy.append(_entropy(log_p))
+        stored_kl.append(_stored_kl(values, entropy[-1], classes))
         if len(members) > 1:
             best = indices[:, 0]
             votes = torch.stack([m.argmax(dim=-1) == best for m in members]).float().mean(dim=0)
@@ -141,4 +159,5 @@ def soft_labels(member_logits: list[torch.Tensor], positions_per_row: torch.Tens
         entropy=row_mean(entropy),
         agreement=row_mean(agree) if agree else None,
         captured_mass=all_logprobs.exp().sum(dim=-1),
+        stored_kl=torch.cat(stored_kl) if stored_kl else torch.empty(0),
     )
