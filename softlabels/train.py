@@ -174,12 +174,13 @@ def hard_labels(batch: dict[str, Any], next_token: bool, steps: int) -> torch.Te
             padded[:, 0] = labels
             return padded
         return labels[:, :steps]
-    if next_token and "lengths" in batch:
+    if next_token:
         tokens = batch["inputs"]
         labels = torch.full(tokens.shape[:2], IGNORE_INDEX, dtype=torch.int64)
         labels[:, :-1] = tokens[:, 1:]
-        last = (batch["lengths"] - 1).clamp(min=0)
-        labels[torch.arange(len(labels)), last] = IGNORE_INDEX  # the last token has no successor
+        if "lengths" in batch:
+            last = (batch["lengths"] - 1).clamp(min=0)
+            labels[torch.arange(len(labels)), last] = IGNORE_INDEX  # the last token has no successor
         return labels[:, :steps]
     return None
 
@@ -414,7 +415,8 @@ def train_student(config: TrainConfig) -> TrainSummary:
     model, factory_spec = _build_student(config.student)
     model = model.to(device)
     probe = sources[0].first_batch()
-    next_token = "labels" not in probe and "lengths" in probe and not torch.is_floating_point(probe["inputs"])
+    # token sequences without a label column: the hard label of position j is token j + 1
+    next_token = "labels" not in probe and probe["inputs"].dim() == 2 and not torch.is_floating_point(probe["inputs"]) and probe["topk_ids"].shape[1] > 1
     try:
         with torch.no_grad():
             vocab = student_logits(model, probe, device).shape[-1]

@@ -147,3 +147,13 @@ def test_torchrun_two_processes_on_cpu(tmp_path, soft):
     assert [s for s, _ in _losses(out)] == list(range(1, expected + 1))
     assert all(math.isfinite(loss) for _, loss in _losses(out))
     assert (out / "student.safetensors").is_file()
+
+
+def test_next_token_labels_for_fixed_windows_and_ragged_sequences():
+    from softlabels.train import hard_labels
+
+    windows = {"inputs": torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])}
+    assert hard_labels(windows, True, 4).tolist() == [[6, 7, 8, -100], [10, 11, 12, -100]]
+    ragged = {"inputs": torch.tensor([[5, 6, 7], [8, 9, 0]]), "lengths": torch.tensor([3, 2])}
+    assert hard_labels(ragged, True, 3).tolist() == [[6, 7, -100], [9, -100, -100]]
+    assert hard_labels({"inputs": torch.rand(2, 4)}, False, 1) is None

