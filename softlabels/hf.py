@@ -97,7 +97,7 @@ def load_hf_model(spec: str) -> tuple[nn.Module, str]:
             from .teachers import load_weights
 
             load_weights(wrapped, Path(weights), spec)
-            return wrapped.float(), hf_identity(Path(weights))
+            return wrapped, hf_identity(Path(weights))
         if ggufs:
             if len(ggufs) > 1:
                 raise UserError(f"{spec}: {path} holds several .gguf files ({', '.join(p.name for p in ggufs)}); keep one")
@@ -118,4 +118,4 @@ def load_hf_model(spec: str) -> tuple[nn.Module, str]:
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{spec}: cannot load the model ({first})") from None
-    return HFLogits(model.float()), identity
+    return HFLogits(model), identity  # fp32 already: GGUF models refuse .float()
