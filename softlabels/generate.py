@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import time
 from collections import deque
@@ -117,7 +118,19 @@ class GenerateSummary:
     seconds: float
     already_complete: bool = False
 
+    sealed: bool = True
+    rank_note: str = ""
+
+    @classmethod
+    def partial(cls, run: "_Run", rank: int, world: int, entries: dict[int, dict[str, Any]], written: int, seconds: float) -> "GenerateSummary":
+        mine = [e for unit, e in entries.items() if unit % world == rank]
+        note = f"rank {rank} of {world}: its {len(mine)} shards are committed; the last rank to finish seals {run.config.out}"
+        return cls(str(run.config.out), sum(e["rows"] for e in mine), sum(e["positions"] for e in mine), len(mine), written,
+                   sum(e["bytes"] for e in mine), sum(e["soft_label_bytes"] for e in mine), {}, 0, seconds, sealed=False, rank_note=note)
+
     def render(self) -> str:
+        if not self.sealed:
+            return f"{self.rank_note} ({self.shards_written} written this run, {self.seconds:.1f} s)."
         per_position = self.bytes / max(self.positions, 1)
         soft_per_position = self.soft_label_bytes / max(self.positions, 1)
         state = "already complete, nothing to do" if self.already_complete else f"{self.shards_written} written this run"
@@ -255,11 +268,11 @@ def _prepare(config: GenerateConfig) -> _Run:
     return run
 
 
-def _committed_units(run: _Run, journal_shards: dict[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    """Journalled shards whose bytes still hash to the journal; anything else runs again."""
+def _committed_units(run: _Run, journal_shards: dict[str, dict[str, Any]], units: list[Unit]) -> dict[int, dict[str, Any]]:
+    """Journalled shards of ``units`` whose bytes still hash to the journal; the rest run again."""
     committed: dict[int, dict[str, Any]] = {}
     out = run.config.out
-    for unit in run.corpus.units:
+    for unit in units:
         entry = journal_shards.get(shard_name(unit.index))
         if entry is None:
             continue
@@ -360,9 +373,36 @@ def _commit_unit(run: _Run, journal: Journal, unit: Unit, payload: ShardPayload,
     return entry
 
 
-def _clean_tmp(out: Path) -> None:
-    for stale in out.glob("*.tmp"):
-        stale.unlink(missing_ok=True)
+def _clean_tmp(out: Path, units: list[Unit]) -> None:
+    """Remove partial files of these units only: other ranks may be writing theirs right now."""
+    for unit in units:
+        (out / (shard_name(unit.index) + ".tmp")).unlink(missing_ok=True)
+
+
+def _rank() -> tuple[int, int]:
+    """This process's share of the units under torchrun (RANK / WORLD_SIZE), else (0, 1)."""
+    try:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError:
+        raise UserError("RANK and WORLD_SIZE must be integers") from None
+    if world < 1 or not 0 <= rank < world:
+        raise UserError(f"RANK {rank} is outside WORLD_SIZE {world}")
+    return rank, world
+
+
+def _all_journalled(run: _Run) -> dict[int, dict[str, Any]] | None:
+    """Every unit's journal entry (any rank) whose file is in place, or None while some are missing."""
+    _, journal_shards = read_journals(run.config.out)
+    entries: dict[int, dict[str, Any]] = {}
+    for unit in run.corpus.units:
+        entry = journal_shards.get(shard_name(unit.index))
+        if entry is None:
+            return None
+        path = resolve_shard(run.config.out, entry["file"])
+        if not path.is_file() or path.stat().st_size != entry.get("bytes"):
+            return None
+        entries[unit.index] = entry
+    return entries
 
 
 def _seal(run: _Run, entries: dict[int, dict[str, Any]]) -> dict[str, Any]:
@@ -434,19 +474,27 @@ def generate(config: GenerateConfig) -> GenerateSummary:
     runs, journal_shards = read_journals(out) if out.is_dir() else ([], {})
     for recorded in runs:
         _check_same_run(out, run.settings, recorded.get("settings", {}))
+    rank, world = _rank()
+    mine = [unit for unit in run.corpus.units if unit.index % world == rank]
     out.mkdir(parents=True, exist_ok=True)
-    _clean_tmp(out)
-    journal = Journal(out)
+    _clean_tmp(out, mine)
+    if rank == 0:  # a seal interrupted by a crash; ranks start together, long before anyone seals
+        for stale in out.glob(f"{MANIFEST_NAME}*.tmp"):
+            stale.unlink(missing_ok=True)
+    journal = Journal(out, rank)
     if not journal.path.is_file():
         journal.start({"fingerprint": run.fingerprint, "settings": run.settings})
-    committed = _committed_units(run, journal_shards)
-    pending = [unit for unit in run.corpus.units if unit.index not in committed]
+    committed = _committed_units(run, journal_shards, mine)
+    pending = [unit for unit in mine if unit.index not in committed]
     if not pending and manifest_path.is_file() and recorded_settings == run.settings:
-        return _summary(run, _seal(run, committed), 0, started, already=True)
-    manifest_path.unlink(missing_ok=True)  # a damaged shard makes the directory unsealed until it is redone
+        everything = _all_journalled(run)
+        if everything is not None:
+            return _summary(run, _seal(run, everything), 0, started, already=True)
+    if pending:
+        manifest_path.unlink(missing_ok=True)  # a damaged shard makes the directory unsealed until it is redone
 
     done_rows = sum(e["rows"] + e["skipped_nonfinite"] for e in committed.values())
-    bar = tqdm(total=run.corpus.rows, initial=done_rows, unit="row", desc="generate", file=sys.stderr, disable=not config.progress, dynamic_ncols=True)
+    bar = tqdm(total=sum(u.rows for u in mine), initial=done_rows, unit="row", desc="generate", file=sys.stderr, disable=not config.progress, dynamic_ncols=True)
     position_count = [0, time.perf_counter()]
 
     def on_batch(rows: int, positions: int) -> None:
@@ -484,13 +532,15 @@ def generate(config: GenerateConfig) -> GenerateSummary:
     except BaseException:
         reader.shutdown(wait=False, cancel_futures=True)
         writer.shutdown(wait=True, cancel_futures=True)  # a shard already being written completes whole
-        _clean_tmp(out)
+        _clean_tmp(out, mine)
         bar.leave = False  # the error line should stand alone, not under a frozen bar
         bar.close()
         raise
     reader.shutdown()
     writer.shutdown()
     bar.close()
-    manifest = _seal(run, entries)
+    everything = entries if world == 1 else _all_journalled(run)
+    if everything is None:  # the last rank to finish seals the directory
+        return GenerateSummary.partial(run, rank, world, entries, len(pending), time.perf_counter() - started)
+    manifest = _seal(run, everything)
     return _summary(run, manifest, len(pending), started, already=False)
-

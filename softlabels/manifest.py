@@ -76,7 +76,7 @@ def fsync_dir(directory: Path) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # ranks sealing at once never share a tmp
     with open(tmp, "w", encoding="utf-8") as handle:
         handle.write(text)
         handle.flush()

@@ -1,0 +1,83 @@
+"""generate under torchrun: ranks split the units, the last one seals; a killed rank is picked up."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, classifier_table, read_output, save_teacher, write_parquet
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return {**env, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "1", **extra}
+
+
+def _args(corpus: Path, teacher: str, out: Path) -> list[str]:
+    return ["generate", str(corpus), "--teacher", teacher, "--out", str(out), "--id-column", "id",
+            "--rows-per-shard", "13", "--batch-size", "5", "--no-progress"]
+
+
+def _hashes(out: Path) -> list[tuple[str, str]]:
+    return [(s["file"], s["sha256"]) for s in json.loads((out / "manifest.json").read_text())["shards"]]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ranks")
+    corpus = write_parquet(classifier_table(117, seed=21), root / "c.parquet")
+    teacher = save_teacher("slow_teachers:slow_digits", 4, root / "t.safetensors")
+    single = root / "single"
+    result = subprocess.run([sys.executable, "-m", "softlabels.cli", *_args(corpus, teacher, single)], env=_env(),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return corpus, teacher, single
+
+
+def test_two_rank_torchrun_equals_one_process(tmp_path, setup):
+    corpus, teacher, single = setup
+    out = tmp_path / "ranks"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "softlabels.cli", *_args(corpus, teacher, out)]
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    journals = sorted(p.name for p in out.glob("journal-*.jsonl"))
+    assert journals == ["journal-00000.jsonl", "journal-00001.jsonl"]
+    assert read_output(out).equals(read_output(single))
+    assert _hashes(out) == _hashes(single)
+
+
+def test_a_killed_rank_is_picked_up_by_a_rerun(tmp_path, setup):
+    corpus, teacher, single = setup
+    out = tmp_path / "ranks"
+    # rank 1 finishes its units alone: committed, but not sealed
+    lone = subprocess.run([sys.executable, "-m", "softlabels.cli", *_args(corpus, teacher, out)],
+                          env=_env(RANK="1", WORLD_SIZE="2"), capture_output=True, text=True)
+    assert lone.returncode == 0 and "rank 1 of 2" in lone.stdout
+    assert not (out / "manifest.json").exists()
+    # rank 0 is killed after its first shard
+    process = subprocess.Popen([sys.executable, "-m", "softlabels.cli", *_args(corpus, teacher, out)],
+                               env=_env(RANK="0", WORLD_SIZE="2"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    journal = out / "journal-00000.jsonl"
+    deadline = time.monotonic() + 120
+    while not (journal.is_file() and '"kind": "shard"' in journal.read_text()):
+        assert process.poll() is None and time.monotonic() < deadline, "rank 0 ended before it could be killed"
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "manifest.json").exists()
+    # the rerun of both ranks completes what is missing and seals
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "softlabels.cli", *_args(corpus, teacher, out)]
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_output(out).equals(read_output(single))
+    assert _hashes(out) == _hashes(single)
+    assert subprocess.run([sys.executable, "-m", "softlabels.cli", "verify", str(out)], env=_env()).returncode == 0
