@@ -120,6 +120,18 @@ def verify(directory: Path = typer.Argument(..., help="A soft-label directory.")
     typer.echo(run_verify(directory).render())
 
 
+@app.command()
+def inspect(
+    directory: Path = typer.Argument(..., help="A sealed soft-label directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+) -> None:
+    """Rows, positions, bytes, captured top-k mass, confidence, entropy, agreement, top-1 classes."""
+    from .inspect import inspect as run_inspect, render, to_json
+
+    report = run_inspect(directory)
+    typer.echo(to_json(report) if as_json else render(report))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; maps errors to exit codes without tracebacks."""
     try:
