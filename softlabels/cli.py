@@ -90,6 +90,7 @@ def train_student(
     precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16 autocast."),
     device: str = typer.Option("auto", "--device"),
     halt_after: Optional[int] = typer.Option(None, "--halt-after", help="Checkpoint and stop after this step (preemption)."),
+    online_teacher: Optional[str] = typer.Option(None, "--online-teacher", help="Online KD: run this teacher in the loop on full logits (for comparison)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Distil a student from soft-label shards (KD + hard-label CE), resumable, DDP under torchrun."""
@@ -107,7 +108,7 @@ def train_student(
         temperature=temperature, alpha=alpha, tail=tail, label_column=label_column, eval=eval_dir,
         eval_every=eval_every, seed=seed, resume=resume, checkpoint_every=checkpoint_every, log_every=log_every,
         num_workers=num_workers, grad_clip=grad_clip, precision=precision, device=device, halt_after=halt_after,
-        progress=progress,
+        online_teacher=online_teacher, progress=progress,
     )
     typer.echo(run_train(config).render())
 

@@ -50,6 +50,7 @@ RESUME_FLAGS = {
     "warmup_steps": "--warmup-steps", "temperature": "--temperature", "alpha": "--alpha", "tail": "--tail",
     "label_column": "--label-column", "seed": "--seed", "num_workers": "--num-workers",
     "grad_clip": "--grad-clip", "precision": "--precision", "world_size": "torchrun --nproc-per-node",
+    "online_teacher": "--online-teacher",
 }
 
 
@@ -82,6 +83,7 @@ class TrainConfig:
     precision: str = "fp32"
     device: str = "auto"
     halt_after: int | None = None
+    online_teacher: str | None = None
     progress: bool = True
     world_size: int = field(default=1, init=False)
 
@@ -185,16 +187,24 @@ def hard_labels(batch: dict[str, Any], next_token: bool, steps: int) -> torch.Te
     return None
 
 
-def batch_losses(logits: torch.Tensor, batch: dict[str, Any], config: TrainConfig, next_token: bool) -> dict[str, torch.Tensor]:
+def batch_losses(logits: torch.Tensor, batch: dict[str, Any], config: TrainConfig, next_token: bool,
+                 teacher_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Loss terms of one batch: ``loss`` (to minimise), ``kd``, ``ce`` and counts.
 
     Only valid positions are gathered before the losses, so padding costs no [., V] work: with
     ragged sequences of 32-128 tokens that is about a third of the vocabulary-sized arithmetic.
+    With ``teacher_logits`` [B, T, V] (online distillation) KD uses the full teacher distribution
+    instead of the stored top-k.
     """
     device = logits.device
     mask = batch["mask"].to(device)
     valid_logits = logits[mask]
-    per_position = kd_loss_per_position(valid_logits, batch["topk_ids"].to(device)[mask], batch["topk_logprobs"].to(device)[mask], config.temperature, config.tail)
+    if teacher_logits is not None:
+        teacher = torch.log_softmax(teacher_logits[mask].float() / config.temperature, dim=-1)
+        student = torch.log_softmax(valid_logits / config.temperature, dim=-1)
+        per_position = (teacher.exp() * (teacher - student)).sum(dim=-1)
+    else:
+        per_position = kd_loss_per_position(valid_logits, batch["topk_ids"].to(device)[mask], batch["topk_logprobs"].to(device)[mask], config.temperature, config.tail)
     valid = mask.sum()
     kd = per_position.sum() / valid.clamp(min=1) * config.temperature**2
     labels = hard_labels(batch, next_token, logits.shape[1])
@@ -428,6 +438,16 @@ def train_student(config: TrainConfig) -> TrainSummary:
     if vocab != manifest["vocab_size"]:
         raise UserError(f"--student {config.student} has {vocab} output classes but the teachers of {config.data[0]} have {manifest['vocab_size']}")
 
+    online_teacher = None
+    if config.online_teacher is not None:
+        from .teachers import load_teacher
+
+        online_teacher = load_teacher(config.online_teacher, device)
+        with torch.no_grad():
+            teacher_vocab = student_logits(online_teacher.module, probe, device).shape[-1]
+        if teacher_vocab != vocab:
+            raise UserError(f"--online-teacher {config.online_teacher} has {teacher_vocab} classes, the student {vocab}")
+
     distributed = world > 1
     if distributed:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -484,9 +504,13 @@ def train_student(config: TrainConfig) -> TrainSummary:
         while step < total_steps:
             _seed_step(config.seed, step, rank)
             batch = streams[_source_of_step(config.seed, step, config.mix)].next()
+            teacher_logits = None
+            if online_teacher is not None:
+                with torch.inference_mode(), _autocast(device, config.precision):
+                    teacher_logits = student_logits(online_teacher.module, batch, device).float().clone()
             with _autocast(device, config.precision):
                 logits = student_logits(trained, batch, device)
-            terms = batch_losses(logits.float(), batch, config, next_token)
+            terms = batch_losses(logits.float(), batch, config, next_token, teacher_logits)
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             if config.grad_clip > 0:

@@ -157,3 +157,17 @@ def test_next_token_labels_for_fixed_windows_and_ragged_sequences():
     ragged = {"inputs": torch.tensor([[5, 6, 7], [8, 9, 0]]), "lengths": torch.tensor([3, 2])}
     assert hard_labels(ragged, True, 3).tolist() == [[6, 7, -100], [9, -100, -100]]
     assert hard_labels({"inputs": torch.rand(2, 4)}, False, 1) is None
+
+
+def test_online_teacher_matches_offline_distillation_when_k_equals_v(tmp_path, soft):
+    """With k = V stored, offline KD from shards and online KD with the teacher in the loop agree."""
+    teachers = sorted(soft["root"].glob("t*.safetensors"))
+    corpus = write_parquet(classifier_table(45, seed=12).drop_columns(["label"]), tmp_path / "c.parquet")
+    spec = f"softlabels.models:digits_mlp@{teachers[0]}"
+    shards = _generate(corpus, [spec], tmp_path / "soft", "--top-k", 10)
+    common = [shards, "--max-steps", 8, "--batch-size", 9, "--log-every", 1, "--alpha", 1.0, "--lr", 1e-2, "--seed", 5]
+    _train(*common, "--out", tmp_path / "offline")
+    _train(*common, "--out", tmp_path / "online", "--online-teacher", spec)
+    offline, online = _losses(tmp_path / "offline"), _losses(tmp_path / "online")
+    assert [s for s, _ in online] == list(range(1, 9))
+    assert [loss for _, loss in online] == pytest.approx([loss for _, loss in offline], rel=5e-3, abs=1e-5)
