@@ -8,7 +8,9 @@ held out: 8 of 66 books, about 12% of the tokens), each book's verses are joined
 tokenized, and cut into fixed windows of ``--window`` tokens (the remainder of a book is dropped).
 
 Output: ``OUT/train.parquet`` and ``OUT/heldout.parquet`` with ``id`` (``<book>-<window>``),
-``inputs`` (``fixed_size_list<int32>[window]``, so every batch has the same shape) and ``book``.
+``inputs`` (``fixed_size_list<int32>[window]``, so every batch has the same shape) and ``book``;
+``OUT/student/config.json``, a small Llama (4 layers, width 128, 10M parameters) over the teacher's
+vocabulary, for ``train-student --student hf:OUT/student``.
 
     python pipelines/prepare_kjv.py --out runs/kjv [--window 128] [--max-windows N]
 """
@@ -64,6 +66,17 @@ def windows(tokenizer, text: str, size: int) -> np.ndarray:  # noqa: ANN001
     return ids[: count * size].reshape(count, size)
 
 
+def write_student_config(teacher_dir: Path, out: Path) -> None:
+    """A small Llama over the teacher's vocabulary (the logits' size, padding included)."""
+    from transformers import AutoConfig, LlamaConfig
+
+    ggufs = sorted(teacher_dir.glob("*.gguf"))
+    teacher = AutoConfig.from_pretrained(str(teacher_dir), gguf_file=ggufs[0].name) if ggufs else AutoConfig.from_pretrained(str(teacher_dir))
+    LlamaConfig(vocab_size=teacher.vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                tie_word_embeddings=True).save_pretrained(str(out))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -71,7 +84,8 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=128)
     parser.add_argument("--max-windows", type=int, default=None, help="cap per split, for smoke runs")
     args = parser.parse_args()
-    tokenizer = load_tokenizer(args.teacher_dir or smollm2_dir())
+    teacher_dir = args.teacher_dir or smollm2_dir()
+    tokenizer = load_tokenizer(teacher_dir)
     splits: dict[str, list[tuple[str, np.ndarray]]] = {"train": [], "heldout": []}
     for index, (name, text) in enumerate(books()):
         split = "heldout" if index % HELD_OUT_EVERY == HELD_OUT_OFFSET else "train"
@@ -93,6 +107,8 @@ def main() -> None:
         pq.write_table(table, args.out / f"{split}.parquet", compression="zstd")
         print(f"{args.out / f'{split}.parquet'}: {table.num_rows:,} windows of {args.window} tokens "
               f"({table.num_rows * args.window:,} tokens) from {len(parts)} books")
+    write_student_config(teacher_dir, args.out / "student")
+    print(f"{args.out / 'student' / 'config.json'}: the student (hf:{args.out / 'student'})")
 
 
 if __name__ == "__main__":
