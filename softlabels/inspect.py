@@ -13,8 +13,7 @@ from typing import Any
 
 import polars as pl
 
-from .errors import UserError, VerificationError
-from .manifest import read_manifest, resolve_shard
+from .manifest import read_sealed_manifest, resolve_shard
 
 __all__ = ["inspect", "render"]
 
@@ -44,12 +43,7 @@ def _distribution(frame: pl.DataFrame, column: str, upper: float | None = None) 
 
 def inspect(directory: str | Path) -> dict[str, Any]:
     """Figures of a sealed directory (see the module docstring); raises VerificationError if unsealed."""
-    root = Path(directory)
-    if not root.is_dir():
-        raise UserError(f"{root}: no such directory")
-    manifest = read_manifest(root)
-    if manifest.get("complete") is not True:
-        raise VerificationError(f"{root}: manifest is not complete (the run has not finished)")
+    root, manifest = read_sealed_manifest(directory)
     files = [str(resolve_shard(root, entry["file"])) for entry in manifest["shards"]]
     totals = manifest["totals"]
     report: dict[str, Any] = {

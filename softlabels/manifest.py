@@ -32,6 +32,7 @@ __all__ = [
     "read_journals",
     "read_manifest",
     "write_manifest",
+    "read_sealed_manifest",
 ]
 
 MANIFEST_NAME = "manifest.json"
@@ -156,8 +157,20 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     atomic_write_text(directory / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
-def require_directory(path: str | os.PathLike[str]) -> Path:
-    directory = Path(path)
-    if not directory.is_dir():
-        raise UserError(f"{directory}: no such directory")
-    return directory
+def read_sealed_manifest(directory: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
+    """The directory and its manifest, which must be complete and hold the fields readers rely on.
+
+    Raises:
+        UserError: ``directory`` does not exist.
+        VerificationError: no manifest, an unfinished run, or a manifest missing a field.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise UserError(f"{root}: no such directory")
+    manifest = read_manifest(root)
+    if manifest.get("complete") is not True:
+        raise VerificationError(f"{root}: manifest is not complete (the run has not finished)")
+    for key in ("fingerprint", "top_k", "vocab_size", "teachers", "shards", "totals"):
+        if key not in manifest:
+            raise VerificationError(f"{root}/{MANIFEST_NAME}: missing {key!r}")
+    return root, manifest

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError, VerificationError
-from .manifest import SHARD_PATTERN, read_manifest, resolve_shard
+from .errors import VerificationError
+from .manifest import SHARD_PATTERN, read_sealed_manifest, resolve_shard
 from .shards import check_shard
 
 __all__ = ["VerifyReport", "verify"]
@@ -39,15 +39,7 @@ def verify(directory: str | Path) -> VerifyReport:
         UserError: ``directory`` does not exist.
         VerificationError: the first problem found, naming the bad file.
     """
-    root = Path(directory)
-    if not root.is_dir():
-        raise UserError(f"{root}: no such directory")
-    manifest = read_manifest(root)
-    if manifest.get("complete") is not True:
-        raise VerificationError(f"{root}: manifest is not complete (the run has not finished)")
-    for key in ("fingerprint", "top_k", "vocab_size", "teachers", "shards", "totals"):
-        if key not in manifest:
-            raise VerificationError(f"{root}/manifest.json: missing {key!r}")
+    root, manifest = read_sealed_manifest(directory)
     rows = positions = size = 0
     listed = set()
     for entry in manifest["shards"]:
