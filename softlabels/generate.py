@@ -34,7 +34,7 @@ from .inputs import TeacherInputs, check_input_type, to_teacher_inputs
 from .manifest import MANIFEST_NAME, Journal, read_journals, resolve_shard, sha256_file, shard_name, write_manifest
 from .schema import FORMAT
 from .shards import ShardPayload, build_shard, soft_label_bytes, write_shard
-from .teachers import Teacher, load_teacher
+from .teachers import Teacher, autocast, load_teacher, resolve_device
 from .topk import soft_labels, valid_positions
 
 __all__ = ["GenerateConfig", "GenerateSummary", "generate"]
@@ -144,14 +144,6 @@ class GenerateSummary:
         )
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available")
-    return torch.device(name)
-
-
 def _fingerprint(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -174,21 +166,6 @@ def _check_same_run(out: Path, settings: dict[str, Any], recorded: dict[str, Any
         )
 
 
-class _Autocast:
-    """bf16 autocast on the teacher's device, or nothing for fp32."""
-
-    def __init__(self, device: torch.device, precision: str) -> None:
-        self.context = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else None
-
-    def __enter__(self) -> None:
-        if self.context is not None:
-            self.context.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.context is not None:
-            self.context.__exit__(*exc)
-
-
 @dataclass
 class _Run:
     config: GenerateConfig
@@ -202,7 +179,7 @@ class _Run:
 
 
 def _forward(run: _Run, inputs: TeacherInputs) -> list[torch.Tensor]:
-    with torch.inference_mode(), _Autocast(run.device, run.config.precision):
+    with torch.inference_mode(), autocast(run.device, run.config.precision):
         return [teacher.logits(inputs) for teacher in run.teachers]
 
 
@@ -213,7 +190,7 @@ def _probe_vocab(config: GenerateConfig, corpus: Corpus, teachers: list[Teacher]
     vocab_sizes: list[int] = []
     for teacher in teachers:
         try:
-            with torch.inference_mode(), _Autocast(device, config.precision):
+            with torch.inference_mode(), autocast(device, config.precision):
                 logits = teacher.logits(inputs)
         except UserError:
             raise
@@ -235,7 +212,7 @@ def _probe_vocab(config: GenerateConfig, corpus: Corpus, teachers: list[Teacher]
 def _prepare(config: GenerateConfig) -> _Run:
     corpus = open_corpus(config.corpus, config.input_column, config.id_column, config.label_column, config.rows_per_shard)
     check_input_type(corpus.passthrough_schema().field(config.input_column).type, config.input_column)
-    device = _device(config.device)
+    device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", 0)))
     teachers = [load_teacher(spec, device) for spec in config.teachers]
     vocab_size = _probe_vocab(config, corpus, teachers, device)
     settings = {

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-__all__ = ["TAIL_MODES", "masked_mean", "kd_loss", "kd_loss_per_position", "dense_kd_loss", "hard_label_loss", "IGNORE_INDEX"]
+__all__ = ["TAIL_MODES", "masked_mean", "kd_loss", "kd_loss_per_position", "dense_kd_per_position", "dense_kd_loss", "hard_label_loss", "IGNORE_INDEX"]
 
 TAIL_MODES = ("bucket", "renorm", "uniform")
 IGNORE_INDEX = -100
@@ -118,6 +118,13 @@ def kd_loss(
     return masked_mean(per_position, mask) * temperature**2
 
 
+def dense_kd_per_position(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(s/T)) at every position from full teacher logits, [...]; no T^2."""
+    teacher = torch.log_softmax(teacher_logits.float().detach() / temperature, dim=-1)
+    student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    return _kl(teacher, student)
+
+
 def dense_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Hinton's T^2 * KL(softmax(t/T) || softmax(s/T)) from full teacher logits (online KD).
 
@@ -126,9 +133,7 @@ def dense_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
         teacher_logits: [..., V].
         mask: [...] bool valid positions, or None.
     """
-    teacher = torch.log_softmax(teacher_logits.float().detach() / temperature, dim=-1)
-    student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    return masked_mean(_kl(teacher, student), mask) * temperature**2
+    return masked_mean(dense_kd_per_position(student_logits, teacher_logits, temperature), mask) * temperature**2
 
 
 def hard_label_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

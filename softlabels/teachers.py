@@ -27,7 +27,7 @@ from .errors import UserError
 from .inputs import TeacherInputs
 from .manifest import sha256_file
 
-__all__ = ["Teacher", "load_model", "load_teacher", "load_weights"]
+__all__ = ["Teacher", "autocast", "load_model", "load_teacher", "load_weights", "resolve_device"]
 
 
 @dataclass
@@ -58,6 +58,24 @@ class Teacher:
             shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
             raise UserError(f"--teacher {self.spec}: expected logits [B, C] or [B, T, C], got {shape}")
         return output
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto``, ``cpu`` or ``cuda`` (this process's LOCAL_RANK GPU under torchrun)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available")
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str) -> Any:
+    """bf16 autocast on ``device`` for ``--precision bf16``, a disabled one for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
 
 
 def _require_file(path: Path, spec: str, what: str) -> None:

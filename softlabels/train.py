@@ -33,9 +33,9 @@ from tqdm import tqdm
 from .data import SoftLabelDataset
 from .errors import UserError, VerificationError
 from .inputs import TeacherInputs
-from .losses import IGNORE_INDEX, TAIL_MODES, hard_label_loss, kd_loss_per_position
+from .losses import IGNORE_INDEX, TAIL_MODES, dense_kd_per_position, hard_label_loss, kd_loss_per_position
 from .manifest import atomic_write_text
-from .teachers import load_model
+from .teachers import autocast, load_model, resolve_device
 
 __all__ = ["TrainConfig", "TrainSummary", "train_student", "evaluate", "student_logits", "batch_losses"]
 
@@ -200,9 +200,7 @@ def batch_losses(logits: torch.Tensor, batch: dict[str, Any], config: TrainConfi
     mask = batch["mask"].to(device)
     valid_logits = logits[mask]
     if teacher_logits is not None:
-        teacher = torch.log_softmax(teacher_logits[mask].float() / config.temperature, dim=-1)
-        student = torch.log_softmax(valid_logits / config.temperature, dim=-1)
-        per_position = (teacher.exp() * (teacher - student)).sum(dim=-1)
+        per_position = dense_kd_per_position(valid_logits, teacher_logits[mask], config.temperature)
     else:
         per_position = kd_loss_per_position(valid_logits, batch["topk_ids"].to(device)[mask], batch["topk_logprobs"].to(device)[mask], config.temperature, config.tail)
     valid = mask.sum()
@@ -280,16 +278,6 @@ def _source_of_step(seed: int, step: int, mix: list[float]) -> int:
 # -- the loop ------------------------------------------------------------------------------------
 
 
-def _device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA device is available")
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
-
-
 def _schedule(total_steps: int, warmup: int) -> Any:
     def factor(step: int) -> float:
         if step < warmup:
@@ -303,12 +291,6 @@ def _schedule(total_steps: int, warmup: int) -> Any:
 def _seed_step(seed: int, step: int, rank: int) -> None:
     digest = hashlib.sha256(f"{seed}:{step}:{rank}".encode()).digest()
     torch.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-
-
-def _autocast(device: torch.device, precision: str) -> Any:
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)
 
 
 def _build_student(spec: str) -> tuple[torch.nn.Module, str]:
@@ -327,7 +309,7 @@ def evaluate(model: torch.nn.Module, dataset: SoftLabelDataset, config: TrainCon
     ce_sum = 0.0
     dataset.set_epoch(0)
     for batch in dataset:
-        with _autocast(device, config.precision):
+        with autocast(device, config.precision):
             logits = student_logits(model, batch, device)
         logits = logits.float()
         mask = batch["mask"].to(device)
@@ -405,7 +387,7 @@ def train_student(config: TrainConfig) -> TrainSummary:
     """
     started = time.perf_counter()
     rank, world, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-    device = _device(config.device, local_rank)
+    device = resolve_device(config.device, local_rank)
     sources = _open_sources(config, rank, world)
     manifest = sources[0].manifest
     eval_set = None
@@ -506,9 +488,9 @@ def train_student(config: TrainConfig) -> TrainSummary:
             batch = streams[_source_of_step(config.seed, step, config.mix)].next()
             teacher_logits = None
             if online_teacher is not None:
-                with torch.inference_mode(), _autocast(device, config.precision):
+                with torch.inference_mode(), autocast(device, config.precision):
                     teacher_logits = student_logits(online_teacher.module, batch, device).float().clone()
-            with _autocast(device, config.precision):
+            with autocast(device, config.precision):
                 logits = student_logits(trained, batch, device)
             terms = batch_losses(logits.float(), batch, config, next_token, teacher_logits)
             optimizer.zero_grad(set_to_none=True)
