@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .codec import LogprobCodec
 from .errors import UserError, VerificationError
 from .inputs import ColumnBlock
 from .losses import IGNORE_INDEX
@@ -59,7 +60,8 @@ class Piece:
 class _Window:
     """A table of shard rows held as numpy column blocks; any subset of rows becomes a batch."""
 
-    def __init__(self, table: pa.Table, input_column: str | None, label_column: str | None) -> None:
+    def __init__(self, table: pa.Table, input_column: str | None, label_column: str | None, codec: LogprobCodec) -> None:
+        self.codec = codec
         self.sample_ids = table.column(ID_COLUMN).to_numpy(zero_copy_only=False)
         self.topk_ids = ColumnBlock.from_arrow(table.column("topk_ids"), "topk_ids")
         self.topk_logprobs = ColumnBlock.from_arrow(table.column("topk_logprobs"), "topk_logprobs")
@@ -78,7 +80,8 @@ class _Window:
 
     def batch(self, rows: np.ndarray) -> dict[str, Any]:
         ids, lengths = self.topk_ids.gather(rows, 0, np.int64)
-        logprobs, _ = self.topk_logprobs.gather(rows, 0.0, np.float32)
+        stored, _ = self.topk_logprobs.gather(rows, 0, self.topk_logprobs.values.dtype)
+        logprobs = self.codec.decode_numpy(stored)
         steps = ids.shape[1]
         batch: dict[str, Any] = {
             "sample_id": self.sample_ids[rows].tolist(),
@@ -97,8 +100,11 @@ class _Window:
         return batch
 
 
-def collate(table: pa.Table, input_column: str | None, label_column: str | None) -> dict[str, Any]:
+def collate(table: pa.Table, input_column: str | None, label_column: str | None, codec: LogprobCodec | None = None) -> dict[str, Any]:
     """Turn shard rows into a batch of tensors.
+
+    ``codec`` says how ``topk_logprobs`` is stored; by default it is read from the table's shard
+    header (float16 when there is none).
 
     Returns:
         ``sample_id`` (list of str); ``inputs`` ([B, ...] float32/int64) and ``lengths`` (int64 [B],
@@ -106,7 +112,9 @@ def collate(table: pa.Table, input_column: str | None, label_column: str | None)
         ``topk_logprobs`` float32 [B, T, k]; ``mask`` bool [B, T] (valid positions); ``labels``
         int64 [B] or [B, T] with IGNORE_INDEX for missing labels, when ``label_column`` is given.
     """
-    return _Window(table, input_column, label_column).batch(np.arange(table.num_rows))
+    if codec is None:
+        codec = LogprobCodec.from_header(decode_header(table.schema.metadata) or {})
+    return _Window(table, input_column, label_column, codec).batch(np.arange(table.num_rows))
 
 
 def _distributed_position() -> tuple[int, int]:
@@ -189,6 +197,7 @@ class SoftLabelDataset(IterableDataset):
         self.manifest = self._load_manifest(allow_partial)
         self.input_column = self.manifest.get("input_column") if with_inputs else None
         self.label_column = self.manifest.get("label_column")
+        self.codec = LogprobCodec.from_header(self.manifest)
         self.shards = [resolve_shard(self.directory, entry["file"]) for entry in self.manifest["shards"]]
         self.pieces = self._plan_pieces()
         self.epoch = 0
@@ -354,7 +363,7 @@ class SoftLabelDataset(IterableDataset):
             if carry is not None:  # the previous window's last rows lead this window's stream
                 order = np.concatenate([np.arange(carry.num_rows), carry.num_rows + order])
                 table = pa.concat_tables([carry, table])
-            rows = _Window(table.combine_chunks(), self.input_column, self.label_column)
+            rows = _Window(table.combine_chunks(), self.input_column, self.label_column, self.codec)
             full = len(order) // self.batch_size
             for index in range(full):
                 yield self._batch(rows, order[index * self.batch_size : (index + 1) * self.batch_size], produced, counts)
@@ -362,7 +371,7 @@ class SoftLabelDataset(IterableDataset):
             rest = order[full * self.batch_size :]
             carry = table.take(pa.array(rest)) if len(rest) else None
         if carry is not None and not self.drop_last:
-            rows = _Window(carry.combine_chunks(), self.input_column, self.label_column)
+            rows = _Window(carry.combine_chunks(), self.input_column, self.label_column, self.codec)
             yield self._batch(rows, np.arange(carry.num_rows), produced, counts)
         if info is None:
             self._skip_batches = 0

@@ -13,6 +13,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from .codec import LogprobCodec
+
 __all__ = [
     "FORMAT",
     "HEADER_KEY",
@@ -39,11 +41,12 @@ def id_type(vocab_size: int) -> pa.DataType:
     return pa.uint16() if vocab_size <= UINT16_MAX_VOCAB else pa.uint32()
 
 
-def soft_label_fields(vocab_size: int, top_k: int, ensemble_size: int) -> list[pa.Field]:
+def soft_label_fields(vocab_size: int, top_k: int, ensemble_size: int, codec: LogprobCodec | None = None) -> list[pa.Field]:
     """The soft-label and statistics fields that follow the passed-through corpus columns."""
+    codec = codec or LogprobCodec()
     fields = [
         pa.field("topk_ids", pa.list_(pa.list_(id_type(vocab_size), top_k))),
-        pa.field("topk_logprobs", pa.list_(pa.list_(pa.float16(), top_k))),
+        pa.field("topk_logprobs", pa.list_(pa.list_(codec.arrow_type, top_k))),
         pa.field("confidence", pa.float32()),
         pa.field("entropy", pa.float32()),
     ]
@@ -62,11 +65,12 @@ def shard_schema(
         vocab_size: number of teacher classes V.
         top_k: k stored per position.
         ensemble_size: number of teachers; ``agreement`` exists only for ensembles.
-        header: the run's JSON header, stored as Parquet key-value metadata.
+        header: the run's JSON header, stored as Parquet key-value metadata; its ``logprob_dtype``
+            sets the type of ``topk_logprobs`` (see ``softlabels.codec``).
     """
     fields = [pa.field("sample_id", pa.string())]
     fields += [passthrough.field(i) for i in range(len(passthrough))]
-    fields += soft_label_fields(vocab_size, top_k, ensemble_size)
+    fields += soft_label_fields(vocab_size, top_k, ensemble_size, LogprobCodec.from_header(header))
     return pa.schema(fields, metadata={HEADER_KEY: encode_header(header)})
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .codec import LogprobCodec
 from .errors import VerificationError
 from .fidelity import Fidelity
 from .manifest import fsync_dir, sha256_file
@@ -31,7 +32,6 @@ from .schema import SOFT_COLUMNS, decode_header, id_type, shard_schema
 __all__ = ["ROW_GROUP_POSITIONS", "ShardPayload", "build_shard", "write_shard", "soft_label_bytes", "check_shard"]
 
 ROW_GROUP_POSITIONS = 65536
-FLOAT16_LOWEST = float(np.finfo(np.float16).min)
 
 
 @dataclass
@@ -70,11 +70,12 @@ def build_shard(payload: ShardPayload, vocab_size: int, top_k: int, ensemble_siz
     passthrough = payload.passthrough.drop_columns(["sample_id"])
     schema = shard_schema(passthrough.schema, vocab_size, top_k, ensemble_size, header)
     ids = payload.ids.astype(id_type(vocab_size).to_pandas_dtype(), copy=False)
-    logprobs = np.maximum(payload.logprobs, FLOAT16_LOWEST).astype(np.float16)
+    codec = LogprobCodec.from_header(header)
+    logprobs = codec.encode_numpy(payload.logprobs)
     arrays = [payload.passthrough.column("sample_id"), *passthrough.columns]
     arrays += [
         _nested(ids, top_k, payload.positions, id_type(vocab_size)),
-        _nested(logprobs, top_k, payload.positions, pa.float16()),
+        _nested(logprobs, top_k, payload.positions, codec.arrow_type),
         pa.array(payload.confidence.astype(np.float32)),
         pa.array(payload.entropy.astype(np.float32)),
     ]
@@ -144,7 +145,8 @@ def check_shard(path: Path, entry: dict[str, Any], manifest: dict[str, Any]) -> 
         raise VerificationError(f"{name}: header belongs to another run (fingerprint differs)")
     if rows != entry.get("rows"):
         raise VerificationError(f"{name}: {rows} rows, manifest says {entry.get('rows')}")
-    expected = shard_schema(pa.schema([]), manifest["vocab_size"], manifest["top_k"], len(manifest["teachers"]), {})
+    codec_fields = {key: manifest[key] for key in ("logprob_dtype", "logprob_scale") if key in manifest}
+    expected = shard_schema(pa.schema([]), manifest["vocab_size"], manifest["top_k"], len(manifest["teachers"]), codec_fields)
     for field in expected:
         if schema.get_field_index(field.name) < 0 or schema.field(field.name).type != field.type:
             raise VerificationError(f"{name}: column {field.name!r} missing or of the wrong type")

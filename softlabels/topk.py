@@ -14,13 +14,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
+
+from .codec import LogprobCodec
 
 __all__ = ["CHUNK_ELEMENTS", "SoftLabels", "ensemble_logprobs", "soft_labels", "valid_positions"]
 
 CHUNK_ELEMENTS = 1 << 23
-FLOAT16_LOWEST = float(np.finfo(np.float16).min)
 
 
 @dataclass
@@ -34,8 +34,8 @@ class SoftLabels:
         entropy: [B] mean full-distribution entropy (nats) of each row's positions.
         agreement: [B] mean fraction of teachers agreeing with the ensemble argmax, or None for one teacher.
         captured_mass: [N] probability mass of the k stored ids.
-        stored_kl: [N] KL(full || stored-with-uniform-tail) in nats, the stored values rounded to
-            float16 as in the shard (see ``softlabels.fidelity``).
+        stored_kl: [N] KL(full || stored-with-uniform-tail) in nats, the stored values rounded by
+            the shard's codec (see ``softlabels.fidelity``).
     """
 
     ids: torch.Tensor
@@ -92,10 +92,10 @@ def ensemble_logprobs(member_logits: list[torch.Tensor], mode: str) -> tuple[tor
     raise ValueError(f"unknown ensemble mode {mode!r}")
 
 
-def _stored_kl(log_p_topk: torch.Tensor, entropy: torch.Tensor, classes: int) -> torch.Tensor:
+def _stored_kl(log_p_topk: torch.Tensor, entropy: torch.Tensor, classes: int, codec: LogprobCodec) -> torch.Tensor:
     """KL(full || stored) per position from the entropy and the k true log-probabilities [n, k]."""
     k = log_p_topk.shape[-1]
-    stored = log_p_topk.clamp(min=FLOAT16_LOWEST).half().float()
+    stored = codec.roundtrip(log_p_topk)
     p_topk = log_p_topk.exp()
     cross = (p_topk * stored).sum(dim=-1)
     kl = -entropy - cross
@@ -119,7 +119,9 @@ def _entropy(log_p: torch.Tensor) -> torch.Tensor:
     return entropy
 
 
-def soft_labels(member_logits: list[torch.Tensor], positions_per_row: torch.Tensor, top_k: int, mode: str) -> SoftLabels:
+def soft_labels(
+    member_logits: list[torch.Tensor], positions_per_row: torch.Tensor, top_k: int, mode: str, codec: LogprobCodec | None = None
+) -> SoftLabels:
     """Top-k soft labels and row statistics for N valid positions.
 
     Args:
@@ -127,7 +129,10 @@ def soft_labels(member_logits: list[torch.Tensor], positions_per_row: torch.Tens
         positions_per_row: int64 [B], summing to N.
         top_k: k.
         mode: ensemble mode, see ``ensemble_logprobs``.
+        codec: how the shard stores log-probabilities (float16 by default); only the fidelity
+            figures depend on it.
     """
+    codec = codec or LogprobCodec()
     total, classes = member_logits[0].shape
     chunk = max(1, CHUNK_ELEMENTS // max(classes, 1))
     ids, logprobs, top1, entropy, agree, stored_kl = [], [], [], [], [], []
@@ -139,7 +144,7 @@ def soft_labels(member_logits: list[torch.Tensor], positions_per_row: torch.Tens
         logprobs.append(values)
         top1.append(values[:, 0].exp())
         entropy.append(_entropy(log_p))
-        stored_kl.append(_stored_kl(values, entropy[-1], classes))
+        stored_kl.append(_stored_kl(values, entropy[-1], classes, codec))
         if len(members) > 1:
             best = indices[:, 0]
             votes = torch.stack([m.argmax(dim=-1) == best for m in members]).float().mean(dim=0)
