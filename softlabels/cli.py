@@ -48,7 +48,11 @@ def generate(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16 teacher compute."),
     on_nonfinite: str = typer.Option("error", "--on-nonfinite", help="error or skip rows with NaN/Inf logits."),
+    logprob_dtype: str = typer.Option("float16", "--logprob-dtype", help="float16, bfloat16 or uint8 (quantised) log-probabilities."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    engine: str = typer.Option("local", "--engine", help="local (this process) or ray (a Ray actor pool; extra [ray])."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to join [default: $RAY_ADDRESS, else a local Ray]."),
+    ray_actors: Optional[int] = typer.Option(None, "--ray-actors", help="Teacher actors [default: one per GPU of the cluster, else 1]."),
 ) -> None:
     """Run teacher(s) over a corpus and store top-k log-probabilities in Parquet shards."""
     from .generate import GenerateConfig, generate as run_generate
@@ -57,7 +61,8 @@ def generate(
         corpus=corpus, teachers=teacher, out=out, input_column=input_column, id_column=id_column,
         label_column=label_column, top_k=top_k, ensemble=ensemble, batch_size=batch_size,
         rows_per_shard=rows_per_shard, device=device, precision=precision, on_nonfinite=on_nonfinite,
-        progress=progress,
+        logprob_dtype=logprob_dtype,
+        progress=progress, engine=engine, ray_address=ray_address, ray_actors=ray_actors,
     )
     typer.echo(run_generate(config).render())
 
@@ -122,15 +127,43 @@ def verify(directory: Path = typer.Argument(..., help="A soft-label directory.")
 
 
 @app.command()
+def seal(directory: Path = typer.Argument(..., help="A generate output whose ranks all committed their units.")) -> None:
+    """Write the manifest of a multi-rank run nobody sealed, from its journals; runs no teacher (exit 2 if units are missing)."""
+    from .seal import seal as run_seal
+
+    typer.echo(run_seal(directory).render())
+
+
+@app.command()
+def select(
+    directory: Path = typer.Argument(..., help="A sealed soft-label directory."),
+    where: str = typer.Option(..., "--where", help="SQL condition over the shard columns, e.g. 'confidence > 0.6'."),
+    out: Path = typer.Option(..., "--out", help="New directory for the kept rows (sealed, same schema)."),
+) -> None:
+    """Keep the rows that meet --where in a new sealed directory, without re-running the teacher."""
+    from .select import select as run_select
+
+    typer.echo(run_select(directory, where, out).render())
+
+
+@app.command()
 def inspect(
     directory: Path = typer.Argument(..., help="A sealed soft-label directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the histograms into this PNG (needs matplotlib: the plot extra)."),
 ) -> None:
     """Rows, positions, bytes, captured top-k mass, confidence, entropy, agreement, top-1 classes."""
     from .inspect import inspect as run_inspect, render, to_json
 
+    if plot is not None:  # refused before any work: no matplotlib, or nowhere to write
+        from .plot import check_plot_path, require_matplotlib, save_plot
+
+        require_matplotlib()
+        check_plot_path(plot)
     report = run_inspect(directory)
-    typer.echo(to_json(report) if as_json else render(report))
+    if plot is not None:
+        save_plot(report, plot)
+    typer.echo(to_json(report) if as_json else render(report) + (f"\nhistograms: {plot}" if plot is not None else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

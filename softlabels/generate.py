@@ -9,7 +9,6 @@ rerun after a crash sees exactly the batches of an uninterrupted run and writes 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -27,12 +26,14 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
+from .codec import LOGPROB_DTYPES, LogprobCodec
 from .corpus import Corpus, Unit, corpus_record, open_corpus
 from .errors import UserError
 from .fidelity import Fidelity
 from .inputs import TeacherInputs, check_input_type, to_teacher_inputs
 from .manifest import MANIFEST_NAME, Journal, read_journals, resolve_shard, sha256_file, shard_name, write_manifest
 from .schema import FORMAT
+from .seal import build_manifest, settings_fingerprint
 from .shards import ShardPayload, build_shard, soft_label_bytes, write_shard
 from .teachers import Teacher, autocast, load_teacher, resolve_device
 from .topk import soft_labels, valid_positions
@@ -43,6 +44,7 @@ ENSEMBLE_MODES = ("probs", "logprobs")
 PRECISIONS = ("fp32", "bf16")
 NONFINITE_MODES = ("error", "skip")
 DEVICES = ("auto", "cpu", "cuda")
+ENGINES = ("local", "ray")
 PROBE_ROWS = 2
 DEFAULT_TOP_K = 20
 
@@ -56,6 +58,7 @@ FINGERPRINT_FLAGS = {
     "id_column": "--id-column",
     "label_column": "--label-column",
     "rows_per_shard": "--rows-per-shard",
+    "logprob_dtype": "--logprob-dtype",
     "precision": "--precision",
     "on_nonfinite": "--on-nonfinite",
     "vocab_size": "--teacher (vocabulary size)",
@@ -79,7 +82,11 @@ class GenerateConfig:
     device: str = "auto"
     precision: str = "fp32"
     on_nonfinite: str = "error"
+    logprob_dtype: str = "float16"
     progress: bool = True
+    engine: str = "local"
+    ray_address: str | None = None
+    ray_actors: int | None = None
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -95,11 +102,32 @@ class GenerateConfig:
             ("--precision", self.precision, PRECISIONS),
             ("--on-nonfinite", self.on_nonfinite, NONFINITE_MODES),
             ("--device", self.device, DEVICES),
+            ("--logprob-dtype", self.logprob_dtype, LOGPROB_DTYPES),
         ):
             if value not in allowed:
                 raise UserError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"--out {self.out} exists and is not a directory")
+        self._check_engine()
+
+    def _check_engine(self) -> None:
+        """``--engine`` and the Ray flags; the engine changes where units run, never what they hold."""
+        if self.engine not in ENGINES:
+            raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.engine != "ray":
+            for flag, value in (("--ray-address", self.ray_address), ("--ray-actors", self.ray_actors)):
+                if value is not None:
+                    raise UserError(f"{flag} needs --engine ray")
+            return
+        if self.ray_actors is not None and self.ray_actors < 1:
+            raise UserError(f"--ray-actors must be at least 1, got {self.ray_actors}")
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise UserError("--engine ray needs Ray: pip install 'softlabels[ray]'") from None
+        from .ray_engine import check_address
+
+        check_address(self.ray_address)
 
 
 @dataclass
@@ -145,7 +173,7 @@ class GenerateSummary:
 
 
 def _fingerprint(settings: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return settings_fingerprint(settings)
 
 
 def _describe_difference(key: str, ours: Any, theirs: Any) -> str:
@@ -175,6 +203,7 @@ class _Run:
     vocab_size: int
     settings: dict[str, Any]
     fingerprint: str
+    codec: LogprobCodec = field(default_factory=LogprobCodec)
     header: dict[str, Any] = field(default_factory=dict)
 
 
@@ -229,8 +258,11 @@ def _prepare(config: GenerateConfig) -> _Run:
         "on_nonfinite": config.on_nonfinite,
         "vocab_size": vocab_size,
     }
+    codec = LogprobCodec.named(config.logprob_dtype)
+    if codec.dtype != "float16":  # float16 runs keep the fingerprint they had before the option existed
+        settings["logprob_dtype"] = codec.dtype
     fingerprint = _fingerprint(settings)
-    run = _Run(config, corpus, teachers, device, vocab_size, settings, fingerprint)
+    run = _Run(config, corpus, teachers, device, vocab_size, settings, fingerprint, codec)
     run.header = {
         "format": FORMAT,
         "fingerprint": fingerprint,
@@ -241,6 +273,7 @@ def _prepare(config: GenerateConfig) -> _Run:
         "input_column": config.input_column,
         "label_column": config.label_column,
         "softlabels_version": __version__,
+        **codec.header_fields(),
     }
     return run
 
@@ -301,7 +334,7 @@ def _process_unit(run: _Run, unit: Unit, table: pa.Table, on_batch: Callable[[in
             flat_members = [flat[good_positions] for flat in flat_members]
             per_row = per_row[~bad_rows]
         if len(per_row):
-            labels = soft_labels(flat_members, per_row, config.top_k, config.ensemble)
+            labels = soft_labels(flat_members, per_row, config.top_k, config.ensemble, run.codec)
             ids_parts.append(labels.ids.cpu().numpy())
             logprob_parts.append(labels.logprobs.cpu().numpy())
             conf_parts.append(labels.confidence.cpu().numpy())
@@ -384,27 +417,7 @@ def _all_journalled(run: _Run) -> dict[int, dict[str, Any]] | None:
 
 def _seal(run: _Run, entries: dict[int, dict[str, Any]]) -> dict[str, Any]:
     shards = [entries[unit.index] for unit in run.corpus.units]
-    totals = {
-        "rows": sum(e["rows"] for e in shards),
-        "positions": sum(e["positions"] for e in shards),
-        "bytes": sum(e["bytes"] for e in shards),
-        "soft_label_bytes": sum(e["soft_label_bytes"] for e in shards),
-        "shards": len(shards),
-        "skipped_nonfinite": sum(e["skipped_nonfinite"] for e in shards),
-    }
-    fidelity = Fidelity()
-    for entry in shards:
-        fidelity.merge(Fidelity.from_json(entry["fidelity"]))
-    manifest = {
-        **run.header,
-        "complete": True,
-        "settings": run.settings,
-        "id_column": run.config.id_column,
-        "corpus": corpus_record(run.corpus),
-        "shards": [{k: e[k] for k in ("file", "rows", "positions", "bytes", "sha256")} for e in shards],
-        "totals": totals,
-        "fidelity": fidelity.summary(),
-    }
+    manifest = build_manifest(run.header, run.settings, run.config.id_column, corpus_record(run.corpus), shards)
     write_manifest(run.config.out, manifest)
     return manifest
 
@@ -424,6 +437,46 @@ def _summary(run: _Run, manifest: dict[str, Any], written: int, started: float, 
         seconds=time.perf_counter() - started,
         already_complete=already,
     )
+
+
+def _run_units_locally(run: _Run, journal: Journal, pending: list[Unit], on_batch: Callable[[int, int], None],
+                       entries: dict[int, dict[str, Any]]) -> None:
+    """The local engine: read, compute and commit ``pending`` in this process; adds to ``entries``.
+
+    On any exception (Ctrl-C included) a shard already being written completes whole before it
+    propagates; the caller then removes partial files.
+    """
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="softlabels-read")
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="softlabels-write")
+    reads: deque[tuple[Unit, Future[pa.Table]]] = deque()
+    writes: deque[Future[dict[str, Any]]] = deque()
+    queue = iter(pending)
+    try:
+        for unit in queue:
+            reads.append((unit, reader.submit(run.corpus.read_unit, unit)))
+            if len(reads) >= 2:
+                break
+        while reads:
+            unit, table_future = reads.popleft()
+            next_unit = next(queue, None)
+            if next_unit is not None:
+                reads.append((next_unit, reader.submit(run.corpus.read_unit, next_unit)))
+            table = table_future.result()
+            payload = _process_unit(run, unit, table, on_batch)
+            skipped = table.num_rows - payload.passthrough.num_rows
+            while len(writes) >= 1:
+                entry = writes.popleft().result()
+                entries[entry["unit"]] = entry
+            writes.append(writer.submit(_commit_unit, run, journal, unit, payload, skipped))
+        while writes:
+            entry = writes.popleft().result()
+            entries[entry["unit"]] = entry
+    except BaseException:
+        reader.shutdown(wait=False, cancel_futures=True)
+        writer.shutdown(wait=True, cancel_futures=True)  # a shard already being written completes whole
+        raise
+    reader.shutdown()
+    writer.shutdown()
 
 
 def generate(config: GenerateConfig) -> GenerateSummary:
@@ -480,41 +533,18 @@ def generate(config: GenerateConfig) -> GenerateSummary:
         elapsed = max(time.perf_counter() - position_count[1], 1e-9)
         bar.set_postfix_str(f"{position_count[0] / elapsed:,.0f} pos/s", refresh=False)
 
-    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="softlabels-read")
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="softlabels-write")
-    reads: deque[tuple[Unit, Future[pa.Table]]] = deque()
-    writes: deque[Future[dict[str, Any]]] = deque()
     entries = dict(committed)
-    queue = iter(pending)
+    if config.engine == "ray":
+        from .ray_engine import run_units_on_ray as run_units
+    else:
+        run_units = _run_units_locally
     try:
-        for unit in queue:
-            reads.append((unit, reader.submit(run.corpus.read_unit, unit)))
-            if len(reads) >= 2:
-                break
-        while reads:
-            unit, table_future = reads.popleft()
-            next_unit = next(queue, None)
-            if next_unit is not None:
-                reads.append((next_unit, reader.submit(run.corpus.read_unit, next_unit)))
-            table = table_future.result()
-            payload = _process_unit(run, unit, table, on_batch)
-            skipped = table.num_rows - payload.passthrough.num_rows
-            while len(writes) >= 1:
-                entry = writes.popleft().result()
-                entries[entry["unit"]] = entry
-            writes.append(writer.submit(_commit_unit, run, journal, unit, payload, skipped))
-        while writes:
-            entry = writes.popleft().result()
-            entries[entry["unit"]] = entry
+        run_units(run, journal, pending, on_batch, entries)
     except BaseException:
-        reader.shutdown(wait=False, cancel_futures=True)
-        writer.shutdown(wait=True, cancel_futures=True)  # a shard already being written completes whole
         _clean_tmp(out, mine)
         bar.leave = False  # the error line should stand alone, not under a frozen bar
         bar.close()
         raise
-    reader.shutdown()
-    writer.shutdown()
     bar.close()
     everything = entries if world == 1 else _all_journalled(run)
     if everything is None:  # the last rank to finish seals the directory

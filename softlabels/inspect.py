@@ -13,6 +13,7 @@ from typing import Any
 
 import polars as pl
 
+from .codec import LogprobCodec
 from .manifest import read_sealed_manifest, resolve_shard
 
 __all__ = ["inspect", "render"]
@@ -55,6 +56,7 @@ def inspect(directory: str | Path) -> dict[str, Any]:
         "bytes_per_position": totals["bytes"] / max(totals["positions"], 1),
         "soft_label_bytes_per_position": totals.get("soft_label_bytes", 0) / max(totals["positions"], 1),
         "top_k": manifest["top_k"],
+        "logprob_dtype": manifest.get("logprob_dtype", "float16"),
         "vocab_size": manifest["vocab_size"],
         "ensemble": manifest.get("ensemble"),
         "teachers": [t.get("spec") for t in manifest["teachers"]],
@@ -62,6 +64,7 @@ def inspect(directory: str | Path) -> dict[str, Any]:
     }
     if not files:
         return report
+    codec = LogprobCodec.from_header(manifest)
     scan = pl.scan_parquet(files)
     names = scan.collect_schema().names()
     rows = scan.select([c for c in ("confidence", "entropy", "agreement") if c in names]).collect()
@@ -69,9 +72,9 @@ def inspect(directory: str | Path) -> dict[str, Any]:
     report["entropy"] = _distribution(rows, "entropy")
     if "agreement" in names:
         agreement = rows.get_column("agreement")
-        report["agreement"] = {"mean": float(agreement.mean()), "unanimous_rows": float((agreement >= 1.0 - 1e-6).mean())}
+        report["agreement"] = {**_distribution(rows, "agreement", upper=1.0), "unanimous_rows": float((agreement >= 1.0 - 1e-6).mean())}
     positions = scan.select(
-        pl.col("topk_logprobs").explode().arr.to_list().list.eval(pl.element().cast(pl.Float64).exp()).list.sum().alias("mass"),
+        pl.col("topk_logprobs").explode().arr.to_list().list.eval(codec.decode_polars(pl.element()).exp()).list.sum().alias("mass"),
         pl.col("topk_ids").explode().arr.first().alias("top1"),
     ).collect()
     report["captured_mass"] = _distribution(positions, "mass", upper=1.0)

@@ -227,6 +227,8 @@ def _open_sources(config: TrainConfig, rank: int, world: int) -> list[SoftLabelD
             sources.append(SoftLabelDataset(directory, batch_size=config.batch_size, shuffle=True, seed=config.seed + index, rank=rank, world_size=world))
         except VerificationError as exc:
             raise UserError(f"data directory {directory}: {exc}") from None
+        if not any(piece.rows for piece in sources[-1].pieces):  # e.g. a select that kept nothing
+            raise UserError(f"data directory {directory}: holds no rows to train on")
     reference = sources[0].manifest
     for source, directory in zip(sources[1:], config.data[1:]):
         _check_same_teachers(reference, config.data[0], source.manifest, directory, "--data")

@@ -1,0 +1,237 @@
+"""``softlabels select``: a new sealed directory holding the rows of a sealed one that meet a condition.
+
+Data selection without re-running the teacher, as in the million-hour setup: keep the utterances the
+teacher is confident about (``confidence > 0.6``) or the ones an ensemble agrees on
+(``agreement >= 1``). ``--where`` is a SQL boolean expression over the shard columns, parsed by
+Polars (``pl.sql_expr``).
+
+1. The source must be sealed, and every shard it lists is checked (size, sha256, header, rows,
+   types) before anything is read: nothing corrupt is selected from silently.
+2. The condition is evaluated over one lazy scan of all the source shards, reading only the columns
+   it names. Aggregates therefore keep their SQL meaning over the whole directory
+   (``confidence > avg(confidence)`` compares with the mean of every row, not of one shard), and a
+   row-wise condition streams. NULL counts as false, as in a SQL WHERE. The mask costs one byte per
+   source row; the rows themselves are read one shard at a time.
+3. Source ``shard-N`` with kept rows becomes ``shard-N`` of the output: its kept rows with the same
+   Arrow schema and values, so shard N still comes from unit N of the corpus. A shard left with no
+   rows is not written, and a condition that keeps nothing gives a sealed directory with no shards.
+   Shards are written by ``shards.write_shard`` (``.tmp``, fsync, rename). There is no journal:
+   a selection is cheap to redo, and an interrupted one is redone from the start by the same command.
+4. ``manifest.json`` is written last, by the same ``seal.build_manifest`` that seals ``generate``.
+
+Fingerprint and provenance: the settings are the source's plus ``selections``, a list that grows by
+``{source_fingerprint, where}`` with each selection (a selection of a selection keeps the chain);
+the fingerprint hashes those settings as ``generate`` does. The same selection of the same source
+therefore always has the same fingerprint, so running it again finds it complete, and ``generate
+--out`` pointed at a selection refuses (the settings differ) instead of overwriting it. The header of
+every shard carries the new fingerprint and ``selections``; the manifest also has ``selection``:
+the source directory, its fingerprint, the condition and the source's totals.
+
+Fidelity: the manifest's ``fidelity`` (captured top-k mass and KL(full || stored) per position) needs
+the full teacher distribution, which a selection does not have, so a selection has no ``fidelity``;
+the source's summary is kept as ``selection.source_fidelity`` and described as such. ``inspect``
+still reports the captured mass of the selected rows, computed from the stored log-probabilities.
+``totals.skipped_nonfinite`` is 0: the selection skipped no rows for non-finite teacher outputs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .errors import UserError, VerificationError
+from .manifest import MANIFEST_NAME, SHARD_PATTERN, read_manifest, read_sealed_manifest, resolve_shard, write_manifest
+from .schema import HEADER_KEY, decode_header, encode_header
+from .seal import MANIFEST_BODY_KEYS, build_manifest, settings_fingerprint
+from .shards import check_shard, soft_label_bytes, write_shard
+
+__all__ = ["SelectSummary", "select"]
+
+_POLARS_ERRORS: tuple[type[BaseException], ...] = (pl.exceptions.PolarsError, ValueError, TypeError)
+if hasattr(pl.exceptions, "PanicException"):  # a Rust panic inside Polars is not an Exception subclass
+    _POLARS_ERRORS += (pl.exceptions.PanicException,)
+
+
+@dataclass
+class SelectSummary:
+    """What a selection kept; ``render()`` is the line the CLI prints."""
+
+    source: str
+    out: str
+    where: str
+    fingerprint: str
+    source_rows: int
+    rows: int
+    positions: int
+    shards: int
+    bytes: int
+    already_complete: bool = False
+
+    def render(self) -> str:
+        share = self.rows / self.source_rows if self.source_rows else 0.0
+        state = "already complete, nothing to do; " if self.already_complete else ""
+        return (
+            f"{self.out}: {state}kept {self.rows:,} of {self.source_rows:,} rows ({share:.1%}) of {self.source} "
+            f"where {self.where}; {self.positions:,} positions in {self.shards} shards, {self.bytes:,} bytes "
+            f"(fingerprint {self.fingerprint})"
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _mask(files: list[Path], where: str, rows: int) -> np.ndarray:
+    """One bool per source row (all shards in manifest order): does it meet ``where``?"""
+    flag = f"--where {where!r}"
+    if not where.strip():
+        raise UserError("--where is empty; give a condition such as 'confidence > 0.6'")
+    try:
+        condition = pl.sql_expr(where)
+        names = condition.meta.root_names()
+    except _POLARS_ERRORS as exc:
+        raise UserError(f"{flag}: not a SQL expression ({_first_line(exc)})") from None
+    if not files:
+        return np.zeros(0, dtype=bool)
+    scan = pl.scan_parquet([str(f) for f in files], hive_partitioning=False)  # "k=v" in a path is not a column
+    columns = scan.collect_schema().names()
+    unknown = [name for name in dict.fromkeys(names) if name not in columns]
+    if unknown:
+        raise UserError(f"{flag}: unknown column {', '.join(map(repr, unknown))}; the shards have {', '.join(columns)}")
+    try:
+        result = scan.select(condition.alias("keep")).collect(engine="streaming").get_column("keep")
+    except _POLARS_ERRORS as exc:
+        raise UserError(f"{flag}: cannot be evaluated ({_first_line(exc)})") from None
+    if result.dtype not in (pl.Boolean, pl.Null):
+        raise UserError(f"{flag} is not a condition: it gives {result.dtype} values, not true/false")
+    if result.len() == 1 and rows != 1:  # a constant or a pure aggregate holds for every row or none
+        result = pl.repeat(result[0], rows, eager=True, dtype=pl.Boolean)
+    if result.len() != rows:
+        raise UserError(f"{flag} gives {result.len()} values for {rows} rows; it must give one per row")
+    return result.cast(pl.Boolean).fill_null(False).to_numpy().astype(bool, copy=False)
+
+
+def _selection_settings(manifest: dict[str, Any], where: str) -> dict[str, Any]:
+    settings = dict(manifest.get("settings") or {})
+    step = {"source_fingerprint": manifest["fingerprint"], "where": where}
+    settings["selections"] = [*settings.get("selections", []), step]
+    return settings
+
+
+def _done(out: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The manifest of this selection when ``out`` already holds it complete, with its shards in place."""
+    try:
+        manifest = read_manifest(out)
+    except VerificationError:
+        return None
+    if manifest.get("complete") is not True or manifest.get("fingerprint") != fingerprint:
+        return None
+    for entry in manifest.get("shards", []):
+        path = out / str(entry.get("file"))
+        if not path.is_file() or path.stat().st_size != entry.get("bytes"):
+            return None
+    return manifest
+
+
+def _check_out(out: Path, source: Path, fingerprint: str) -> None:
+    """``out`` must be new, empty, or hold only files of this same selection (an interrupted run)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    if out.resolve() == source.resolve():
+        raise UserError(f"--out {out} is the source directory; write the selection to a new directory")
+    if not out.is_dir():
+        return
+    for path in out.iterdir():
+        ours = False
+        if path.name.endswith(".tmp"):
+            ours = True
+        elif SHARD_PATTERN.fullmatch(path.name):
+            try:
+                header = decode_header(pq.read_schema(path).metadata)
+            except (pa.ArrowInvalid, OSError, ValueError):
+                header = None
+            ours = header is not None and header.get("fingerprint") == fingerprint
+        elif path.name == MANIFEST_NAME:
+            try:
+                ours = read_manifest(out).get("fingerprint") == fingerprint
+            except VerificationError:
+                ours = False
+        if not ours:
+            raise UserError(
+                f"--out {out} is not empty and does not hold this selection ({path.name}); use another --out or delete it"
+            )
+
+
+def select(directory: str | os.PathLike[str], where: str, out: str | os.PathLike[str]) -> SelectSummary:
+    """Write the rows of the sealed ``directory`` that meet ``where`` to a new sealed directory ``out``.
+
+    Raises:
+        UserError: no such directory, a bad ``--where`` (syntax, unknown column, not a condition),
+            or an ``--out`` that holds something else.
+        VerificationError: the source is not sealed, or one of its shards is damaged.
+    """
+    root, manifest = read_sealed_manifest(directory)
+    out = Path(out)
+    settings = _selection_settings(manifest, where)
+    fingerprint = settings_fingerprint(settings)
+    source_totals = manifest["totals"]
+
+    def summary(result: dict[str, Any], already: bool) -> SelectSummary:
+        totals = result["totals"]
+        return SelectSummary(str(root), str(out), where, fingerprint, int(source_totals["rows"]), totals["rows"],
+                             totals["positions"], totals["shards"], totals["bytes"], already_complete=already)
+
+    _check_out(out, root, fingerprint)
+    done = _done(out, fingerprint) if out.is_dir() else None
+    if done is not None:
+        return summary(done, already=True)
+    files = [resolve_shard(root, entry.get("file")) for entry in manifest["shards"]]
+    for path, entry in zip(files, manifest["shards"]):
+        check_shard(path, entry, manifest)
+    mask = _mask(files, where, sum(int(entry["rows"]) for entry in manifest["shards"]))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST_NAME).unlink(missing_ok=True)  # an interrupted run of this selection: redone whole
+    for stale in out.glob("*.tmp"):
+        stale.unlink()
+
+    header = {k: v for k, v in manifest.items() if k not in MANIFEST_BODY_KEYS}
+    header.update(fingerprint=fingerprint, selections=settings["selections"])
+    entries: list[dict[str, Any]] = []
+    start = 0
+    for path, entry in zip(files, manifest["shards"]):
+        keep = mask[start : start + int(entry["rows"])]
+        start += int(entry["rows"])
+        if not keep.any():
+            continue
+        table = pq.read_table(path)
+        shard_header = {**(decode_header(table.schema.metadata) or {}), "fingerprint": fingerprint, "selections": settings["selections"]}
+        kept = table.filter(pa.array(keep)).replace_schema_metadata({HEADER_KEY: encode_header(shard_header)})
+        positions = int(pc.sum(pc.list_value_length(kept.column("topk_ids"))).as_py() or 0)
+        target = out / path.name
+        try:
+            size, digest = write_shard(kept, target, positions)
+        except BaseException:
+            (out / (path.name + ".tmp")).unlink(missing_ok=True)  # never leave a short shard behind
+            raise
+        entries.append({"file": target.name, "unit": shard_header.get("unit"), "rows": kept.num_rows, "positions": positions,
+                        "bytes": size, "sha256": digest, "soft_label_bytes": soft_label_bytes(pq.read_metadata(target))})
+    result = build_manifest(header, settings, manifest.get("id_column"), manifest.get("corpus", []), entries)
+    result["selection"] = {
+        "source": str(root),
+        "source_fingerprint": manifest["fingerprint"],
+        "where": where,
+        "source_totals": source_totals,
+        "source_fidelity": manifest.get("fidelity"),
+        "note": "fidelity needs the full teacher distribution; source_fidelity describes every row of the source, not this selection",
+    }
+    write_manifest(out, result)
+    return summary(result, already=False)
