@@ -91,7 +91,7 @@ def render(report: dict[str, Any]) -> str:
     lines = [
         f"{report['directory']}: {report['rows']:,} rows, {report['positions']:,} positions, {report['shards']} shards, "
         f"{report['bytes']:,} bytes ({report['bytes_per_position']:.1f}/position, {report['soft_label_bytes_per_position']:.1f} for soft labels)",
-        f"top-k {report['top_k']} of {report['vocab_size']:,} classes; ensemble {report['ensemble']} of {len(report['teachers'])} teacher(s)",
+        f"top-k {report['top_k']} of {report['vocab_size']:,} classes, {report.get('logprob_dtype', 'float16')} log-probs; ensemble {report['ensemble']} of {len(report['teachers'])} teacher(s)",
     ]
     for name in ("captured_mass", "confidence", "entropy"):
         figure = report.get(name)

@@ -50,6 +50,29 @@ def run_cli_subprocess(*args: object, **popen: object) -> subprocess.CompletedPr
     )
 
 
+def journal_shards(out: Path) -> int:
+    """Shards rank 0 has journalled in ``out`` so far."""
+    journal = out / "journal-00000.jsonl"
+    return journal.read_text().count('"kind": "shard"') if journal.is_file() else 0
+
+
+def interrupt_after(command: list[str], out: Path, shards: int, sig: int, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Start ``command``, send it ``sig`` once ``shards`` shards are journalled, wait for it to end."""
+    import time
+
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while journal_shards(out) < shards:
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            _, err = process.communicate()
+            pytest.fail(f"generate ended before it could be interrupted: {process.returncode} {err[-2000:]}")
+        time.sleep(0.005)
+    process.send_signal(sig)
+    out_text, err_text = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(command, process.returncode, out_text, err_text)
+
+
 def save_teacher(factory: str, seed: int, path: Path) -> str:
     """Initialise ``module:factory`` with ``seed``, save it as safetensors, return its SPEC."""
     from safetensors.torch import save_file

@@ -12,12 +12,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, read_output, run_cli, save_teacher, token_table, write_parquet
+from conftest import REPO, interrupt_after, journal_shards, read_output, run_cli, save_teacher, token_table, write_parquet
 
 ray = pytest.importorskip("ray")
 
@@ -96,24 +95,8 @@ def _env() -> dict[str, str]:
     return {**env, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
 
 
-def _journal_shards(out: Path) -> int:
-    journal = out / "journal-00000.jsonl"
-    return journal.read_text().count('"kind": "shard"') if journal.is_file() else 0
-
-
 def _interrupt_after(args: list[object], out: Path, shards: int, sig: int) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "softlabels.cli", *[str(a) for a in args]]
-    process = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while _journal_shards(out) < shards:
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            _, err = process.communicate()
-            pytest.fail(f"generate ended before it could be interrupted: {process.returncode} {err[-2000:]}")
-        time.sleep(0.005)
-    process.send_signal(sig)
-    out_text, err_text = process.communicate(timeout=120)
-    return subprocess.CompletedProcess(command, process.returncode, out_text, err_text)
+    return interrupt_after([sys.executable, "-m", "softlabels.cli", *[str(a) for a in args]], out, shards, sig, _env())
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +115,7 @@ def test_local_run_killed_then_resumed_on_ray_equals_uninterrupted(tmp_path, cor
     out = tmp_path / "out"
     killed = _interrupt_after(_args(corpus, teachers, out), out, 2, signal.SIGKILL)
     assert killed.returncode == -signal.SIGKILL
-    before = _journal_shards(out)
+    before = journal_shards(out)
     assert 2 <= before < SHARDS and not (out / "manifest.json").exists()
 
     resumed = run_cli(*_args(corpus, teachers, out, "--engine", "ray"))
@@ -155,7 +138,7 @@ def test_ray_run_ctrl_c_keeps_whole_shards_and_the_local_engine_finishes(tmp_pat
     assert interrupted.stdout == ""
     assert not list(out.glob("*.tmp")), "Ctrl-C must not leave partial shards"
     assert not (out / "manifest.json").exists()
-    before = _journal_shards(out)
+    before = journal_shards(out)
     assert 1 <= before < SHARDS
 
     resumed = run_cli(*_args(corpus, teachers, out))

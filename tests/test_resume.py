@@ -7,19 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, read_output, save_teacher, token_table, classifier_table, write_parquet
-
-
-def _journal_shards(out: Path) -> int:
-    journal = out / "journal-00000.jsonl"
-    if not journal.is_file():
-        return 0
-    return sum('"kind": "shard"' in line for line in journal.read_text().splitlines())
+from conftest import REPO, interrupt_after, journal_shards, read_output, save_teacher, token_table, classifier_table, write_parquet
 
 
 def _generate_command(corpus: Path, teachers: list[str], out: Path) -> list[str]:
@@ -35,16 +27,7 @@ def _env() -> dict[str, str]:
 
 
 def _interrupt_after(command: list[str], out: Path, shards: int, sig: int) -> subprocess.CompletedProcess[str]:
-    process = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while _journal_shards(out) < shards:
-        if process.poll() is not None or time.monotonic() > deadline:
-            out_text, err_text = process.communicate()
-            pytest.fail(f"generate ended before it could be interrupted: {process.returncode} {err_text}")
-        time.sleep(0.005)
-    process.send_signal(sig)
-    out_text, err_text = process.communicate(timeout=120)
-    return subprocess.CompletedProcess(command, process.returncode, out_text, err_text)
+    return interrupt_after(command, out, shards, sig, _env())
 
 
 def _shard_hashes(out: Path) -> list[tuple[str, str]]:
@@ -79,7 +62,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, setups, setup, 
         assert not list(resumed.glob("*.tmp")), "Ctrl-C must not leave partial shards"
     else:
         assert interrupted.returncode == -signal.SIGKILL
-    committed_before = _journal_shards(resumed)
+    committed_before = journal_shards(resumed)
     assert 2 <= committed_before < 5
 
     rerun = subprocess.run(_generate_command(corpus, teachers, resumed), env=_env(), capture_output=True, text=True)
