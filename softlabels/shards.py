@@ -32,6 +32,10 @@ from .schema import SOFT_COLUMNS, decode_header, id_type, shard_schema
 __all__ = ["ROW_GROUP_POSITIONS", "ShardPayload", "build_shard", "write_shard", "soft_label_bytes", "check_shard"]
 
 ROW_GROUP_POSITIONS = 65536
+# zstd level of the log-probability column only: level 6 takes float16 log-probs at k=20 on the KJV
+# corpus from 25.3 to 21.3 bytes per position (uint8 codes from 15.1 to about 12.3) for about
+# 2 us per position of writer-thread time; the ids gain nothing from a higher level and stay at 1.
+LOGPROB_ZSTD_LEVEL = 6
 
 
 @dataclass
@@ -94,6 +98,7 @@ def write_shard(table: pa.Table, path: Path, positions: int) -> tuple[int, str]:
         table, tmp, compression="zstd", row_group_size=group_rows, write_page_checksum=True,
         use_dictionary=[name for name in table.column_names if name not in SOFT_COLUMNS],
         column_encoding={f"{name}.list.element.list.element": "BYTE_STREAM_SPLIT" for name in SOFT_COLUMNS},
+        compression_level={"topk_logprobs.list.element.list.element": LOGPROB_ZSTD_LEVEL},
     )
     fd = os.open(tmp, os.O_RDONLY)
     try:
