@@ -111,7 +111,8 @@ class TeacherWorker:
             The payload without its passthrough rows (the driver still has them), and the bool
             keep-mask of the unit's rows, or None when every row was kept; or a ``_Failure``.
         """
-        assert self._run is not None, "load() must run first"
+        if self._run is None:
+            raise RuntimeError("TeacherWorker.load() must run before process()")
         try:
             payload = _process_unit(self._run, unit, table, _ignore_progress)
         except UserError as exc:
