@@ -136,7 +136,10 @@ def _done(out: Path, fingerprint: str) -> dict[str, Any] | None:
     if manifest.get("complete") is not True or manifest.get("fingerprint") != fingerprint:
         return None
     for entry in manifest.get("shards", []):
-        path = out / str(entry.get("file"))
+        try:
+            path = resolve_shard(out, entry.get("file"))  # manifest names must stay inside --out
+        except VerificationError:
+            return None
         if not path.is_file() or path.stat().st_size != entry.get("bytes"):
             return None
     return manifest
