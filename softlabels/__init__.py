@@ -1,7 +1,7 @@
 """softlabels: offline knowledge distillation at corpus scale.
 
 Teachers run once over a corpus; their top-k log-probabilities are stored in Parquet shards
-(format ``softlabels.v1``) that students read many times. Importing this package does not import
+(format ``softlabels.v2``) that students read many times. Importing this package does not import
 torch (the model-side names below load on first use), so ``verify`` and ``inspect`` stay light.
 """
 
@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["__version__", "SoftLabelDataset", "collate", "kd_loss", "dense_kd_loss", "hard_label_loss"]
+__all__ = ["__version__", "SoftLabelDataset", "SoftLabelLoader", "LogprobCodec", "collate", "kd_loss", "dense_kd_loss", "hard_label_loss"]
 __version__ = "0.1.0"
 
 _LAZY = {
     "SoftLabelDataset": "softlabels.data",
+    "SoftLabelLoader": "softlabels.data",
+    "LogprobCodec": "softlabels.codec",
     "collate": "softlabels.data",
     "kd_loss": "softlabels.losses",
     "dense_kd_loss": "softlabels.losses",

@@ -1,20 +1,29 @@
-"""How the top-k log-probabilities are stored: ``float16`` (default), ``bfloat16`` or ``uint8``.
+"""How the top-k log-probabilities are stored: ``bfloat16`` (default), ``float16`` or ``uint8``.
 
 Ids cost 2 bytes per class at V <= 65,536 whatever the codec, so the log-probabilities are the part
 worth squeezing: at k=20 on the KJV corpus they are about 40% of the soft-label bytes in float16.
 
-* ``float16``: a ``float16`` column; relative error at most 2^-11 (absolute 0.0005 nats at -1).
-* ``bfloat16``: a ``float32`` column holding bfloat16-rounded values. Any Parquet reader sees plain
-  floats, and BYTE_STREAM_SPLIT puts the two always-zero low bytes in their own streams, which zstd
-  shrinks to almost nothing, so the file costs what 2-byte bfloat16 would. Relative error 2^-8.
-* ``uint8``: square-root quantisation. A code q in 0..255 decodes to ``-(q * scale)**2`` with
+* ``bfloat16`` (default): a ``float32`` column holding bfloat16-rounded values. Every Parquet reader
+  (DuckDB, Spark, pandas, HF datasets) sees plain floats, and BYTE_STREAM_SPLIT puts the two
+  always-zero low bytes in their own streams, which zstd shrinks to almost nothing, so the file
+  costs what 2-byte bfloat16 would. Relative error 2^-8.
+* ``float16``: a ``float16`` column, plainly encoded (DuckDB cannot read float16 BYTE_STREAM_SPLIT,
+  duckdb#17114); Spark cannot read float16 at all. Relative error at most 2^-11.
+* ``uint8``: square-root quantisation, in a column named ``topk_logprob_codes`` (never
+  ``topk_logprobs``: these are codes, not log-probabilities) whose Arrow field metadata carries
+  ``softlabels.codes = uint8-sqrt`` and ``softlabels.scale``. A code q in 0..255 decodes to ``-(q * scale)**2`` with
   ``scale = sqrt(25) / 255`` (in every shard header as ``logprob_scale``), so the codes are dense
   where the probability mass is: for a log-probability lp >= -25 the decoded value is off by at most
   ``scale * sqrt(-lp) + scale**2 / 4`` nats (0.002 at -0.01, 0.020 at -1, 0.044 at -5), and the
   probability by at most 0.0085 anywhere; below -25 (probability < 1.4e-11) it decodes to -25. A
   linear code over the same range would be off by up to 0.049 nats near the top-1, where it matters.
 
-Decoding in Polars: ``-(pl.col("topk_logprobs") ... .cast(pl.Float64) * scale) ** 2`` element-wise.
+Decoding in Polars: ``-(pl.col("topk_logprob_codes") ... .cast(pl.Float64) * scale) ** 2`` element-wise.
+
+Format ``softlabels.v1`` stored every dtype in ``topk_logprobs`` and relied on the header alone;
+``from_header`` still reads those shards. A reader that has lost the header (a Parquet reader that
+drops key-value metadata, as HF datasets does) gets a codec from ``from_columns``,
+which decode plain floats and refuse codes whose scale is gone: never a silent misdecode.
 """
 
 from __future__ import annotations
@@ -28,12 +37,23 @@ import polars as pl
 import pyarrow as pa
 import torch
 
-__all__ = ["LOGPROB_DTYPES", "UINT8_FLOOR", "LogprobCodec"]
+from .errors import UserError
 
-LOGPROB_DTYPES = ("float16", "bfloat16", "uint8")
+__all__ = ["LOGPROB_DTYPES", "DEFAULT_LOGPROB_DTYPE", "LOGPROB_COLUMN", "CODES_COLUMN", "UINT8_FLOOR", "LogprobCodec"]
+
+LOGPROB_DTYPES = ("bfloat16", "float16", "uint8")
+DEFAULT_LOGPROB_DTYPE = "bfloat16"
+LOGPROB_COLUMN = "topk_logprobs"
+CODES_COLUMN = "topk_logprob_codes"
+CODES_KEY = b"softlabels.codes"
+SCALE_KEY = b"softlabels.scale"
+DECODE_KEY = b"softlabels.decode"
+CODES_KIND = b"uint8-sqrt"
 UINT8_FLOOR = 25.0
 UINT8_LEVELS = 255
 FLOAT16_LOWEST = float(np.finfo(np.float16).min)
+_LOST_SCALE = (f"column {CODES_COLUMN!r} holds uint8 codes, but their scale is gone with the shard header and field metadata; "
+               "pass the codec of the directory's manifest (LogprobCodec.from_header(manifest))")
 
 
 @dataclass(frozen=True)
@@ -43,10 +63,13 @@ class LogprobCodec:
     Attributes:
         dtype: one of ``LOGPROB_DTYPES``.
         scale: uint8 only, the decoding step in sqrt(-log p) units.
+        column: the shard column holding the stored values (``topk_logprob_codes`` for uint8 from
+            format v2 on, else ``topk_logprobs``).
     """
 
-    dtype: str = "float16"
+    dtype: str = DEFAULT_LOGPROB_DTYPE
     scale: float | None = None
+    column: str = LOGPROB_COLUMN
 
     def __post_init__(self) -> None:
         if self.dtype not in LOGPROB_DTYPES:
@@ -57,12 +80,45 @@ class LogprobCodec:
     @classmethod
     def named(cls, dtype: str) -> "LogprobCodec":
         """The codec a new run uses for ``--logprob-dtype dtype``."""
-        return cls(dtype, math.sqrt(UINT8_FLOOR) / UINT8_LEVELS if dtype == "uint8" else None)
+        if dtype == "uint8":
+            return cls(dtype, math.sqrt(UINT8_FLOOR) / UINT8_LEVELS, CODES_COLUMN)
+        return cls(dtype)
 
     @classmethod
     def from_header(cls, header: dict[str, Any]) -> "LogprobCodec":
-        """The codec recorded in a shard header or manifest (float16 when absent, as in early shards)."""
-        return cls(header.get("logprob_dtype", "float16"), header.get("logprob_scale"))
+        """The codec recorded in a shard header or manifest (float16 when absent, as in the first shards)."""
+        dtype = header.get("logprob_dtype", "float16")
+        v1 = header.get("format", "softlabels.v1") == "softlabels.v1"
+        return cls(dtype, header.get("logprob_scale"), CODES_COLUMN if dtype == "uint8" and not v1 else LOGPROB_COLUMN)
+
+    @classmethod
+    def from_columns(cls, schema: pa.Schema) -> "LogprobCodec":
+        """The codec of shard rows whose header is gone: from the stored field's own metadata and type.
+
+        Raises:
+            UserError: uint8 codes without their scale (the field metadata is gone too), or no
+                log-probability column at all.
+        """
+        if schema.get_field_index(CODES_COLUMN) >= 0:
+            metadata = schema.field(CODES_COLUMN).metadata or {}
+            if metadata.get(CODES_KEY) == CODES_KIND and SCALE_KEY in metadata:
+                return cls("uint8", float(metadata[SCALE_KEY]), CODES_COLUMN)
+            raise UserError(_LOST_SCALE)
+        if schema.get_field_index(LOGPROB_COLUMN) >= 0:
+            leaf = schema.field(LOGPROB_COLUMN).type
+            while pa.types.is_list(leaf) or pa.types.is_fixed_size_list(leaf) or pa.types.is_large_list(leaf):
+                leaf = leaf.value_type
+            if pa.types.is_integer(leaf):
+                raise UserError(f"column {LOGPROB_COLUMN!r} holds integer codes and the shard header that says how to decode them is gone; "
+                                "pass the codec of the directory's manifest (LogprobCodec.from_header)")
+            return cls("float16" if pa.types.is_float16(leaf) else "bfloat16")
+        raise UserError(f"no {LOGPROB_COLUMN!r} or {CODES_COLUMN!r} column in these shard rows")
+
+    def field_metadata(self) -> dict[bytes, bytes] | None:
+        """Arrow field metadata of the stored column: uint8 codes say what they are and how to decode them."""
+        if self.column != CODES_COLUMN:
+            return None
+        return {CODES_KEY: CODES_KIND, SCALE_KEY: repr(self.scale).encode(), DECODE_KEY: b"logprob = -(code * scale)^2"}
 
     def header_fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {"logprob_dtype": self.dtype}

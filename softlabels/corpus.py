@@ -25,10 +25,16 @@ import pyarrow.parquet as pq
 from .errors import UserError
 from .schema import ID_COLUMN
 
-__all__ = ["CorpusFile", "Unit", "Corpus", "discover_files", "open_corpus"]
+__all__ = ["CorpusFile", "Unit", "Corpus", "auto_rows_per_shard", "discover_files", "open_corpus"]
 
 CORPUS_SUFFIXES = (".parquet", ".jsonl")
 JSONL_SCHEMA_SAMPLE_BYTES = 1 << 20
+SHARD_TARGET_POSITIONS = 1 << 21
+"""Positions an automatic unit aims at: about 100 MB of shard at k=20 (48 bytes per position)."""
+UNIT_INPUT_BYTES = 256 << 20
+"""Most input bytes an automatic unit holds in memory (images, long frames)."""
+MIN_AUTO_ROWS, MAX_AUTO_ROWS = 64, 1 << 16
+SIZE_SAMPLE_ROWS = 1024
 
 
 @dataclass
@@ -247,14 +253,58 @@ def _check_unique_ids(corpus: Corpus) -> None:
     raise UserError(f"duplicate sample ids in --id-column {corpus.id_column!r}: {shown}")
 
 
+def auto_rows_per_shard(sample: pa.ChunkedArray | pa.Array) -> int:
+    """Rows per unit for ``--rows-per-shard auto``, from a sample of the input column.
+
+    Aims at ``SHARD_TARGET_POSITIONS`` positions per shard (2^21: about 100 MB at k=20), holds at
+    most ``UNIT_INPUT_BYTES`` of inputs in memory, and stays within 64..65,536 rows, as a power of
+    two. Sequences of 1,024 positions give 2,048-row shards, 128-token windows 16,384, classifiers
+    (one position a row) 65,536 unless their inputs are large.
+    """
+    rows = max(len(sample), 1)
+    if pa.types.is_list(sample.type) or pa.types.is_large_list(sample.type):
+        lengths = pc.list_value_length(sample)
+        positions = max(float(pc.mean(lengths).as_py() or 1.0), 1.0)
+    else:
+        positions = 1.0
+    bytes_per_row = max(sample.nbytes / rows, 1.0)
+    wanted = min(SHARD_TARGET_POSITIONS / positions, UNIT_INPUT_BYTES / bytes_per_row)
+    wanted = int(min(max(wanted, MIN_AUTO_ROWS), MAX_AUTO_ROWS))
+    return 1 << (wanted.bit_length() - 1)
+
+
+def _sample_column(path: Path, column: str) -> pa.ChunkedArray | None:
+    """The first ``SIZE_SAMPLE_ROWS`` values of ``column`` in a corpus file, or None if it has no such column."""
+    try:
+        if path.suffix == ".jsonl":
+            with open(path, "rb") as handle:
+                sample = handle.read(JSONL_SCHEMA_SAMPLE_BYTES)
+            cut = sample.rfind(b"\n")
+            if cut >= 0 and len(sample) == JSONL_SCHEMA_SAMPLE_BYTES:
+                sample = sample[: cut + 1]
+            table = pajson.read_json(io.BytesIO(sample))
+        else:
+            parquet = pq.ParquetFile(path)
+            if column not in parquet.schema_arrow.names:
+                return None
+            table = pa.Table.from_batches(list(parquet.iter_batches(batch_size=SIZE_SAMPLE_ROWS, columns=[column]))[:1])
+    except (pa.ArrowInvalid, OSError):
+        return None  # reported with the file's name when the corpus is opened
+    if column not in table.column_names:
+        return None
+    return table.column(column).slice(0, SIZE_SAMPLE_ROWS)
+
+
 def open_corpus(
     arguments: list[str],
     input_column: str,
     id_column: str | None,
     label_column: str | None,
-    rows_per_shard: int,
+    rows_per_shard: int | None,
 ) -> Corpus:
     """Find, check and cut the corpus into units; every check runs before any teacher work.
+
+    ``rows_per_shard`` None picks it from the first file's input column (``auto_rows_per_shard``).
 
     Raises:
         UserError: no files, an empty corpus, a missing column (the message lists those available),
@@ -263,6 +313,9 @@ def open_corpus(
     paths = discover_files(arguments)
     if not paths:
         raise UserError("no corpus files given")
+    if rows_per_shard is None:
+        sample = next((found for found in (_sample_column(p, input_column) for p in paths) if found is not None and len(found)), None)
+        rows_per_shard = auto_rows_per_shard(sample) if sample is not None else MAX_AUTO_ROWS
     files: list[CorpusFile] = []
     for path, relpath in zip(paths, _relative_names(paths)):
         size = path.stat().st_size

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -29,16 +28,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .codec import LogprobCodec
 from .errors import UserError, VerificationError
 from .inputs import ColumnBlock
 from .losses import IGNORE_INDEX
-from .manifest import read_journals, read_manifest, resolve_shard, sha256_file
-from .schema import ID_COLUMN, decode_header
+from .rundir import RunDirectory, run_header
+from .schema import ID_COLUMN, codec_of, decode_header
+from .storage import sha256_file
 
-__all__ = ["SoftLabelDataset", "collate", "Piece"]
+__all__ = ["SoftLabelDataset", "SoftLabelLoader", "collate", "Piece", "ShardRows"]
+
+AUTO = "auto"
 
 PIECES_PER_RANK = 16
 
@@ -57,14 +59,18 @@ class Piece:
         return self.stop - self.start
 
 
-class _Window:
+class ShardRows:
     """A table of shard rows held as numpy column blocks; any subset of rows becomes a batch."""
 
     def __init__(self, table: pa.Table, input_column: str | None, label_column: str | None, codec: LogprobCodec) -> None:
         self.codec = codec
+        for name in (ID_COLUMN, "topk_ids", codec.column, input_column, label_column):
+            if name and name not in table.column_names:
+                raise UserError(f"shard rows have no column {name!r} (columns: {', '.join(table.column_names)})")
         self.sample_ids = table.column(ID_COLUMN).to_numpy(zero_copy_only=False)
         self.topk_ids = ColumnBlock.from_arrow(table.column("topk_ids"), "topk_ids")
-        self.topk_logprobs = ColumnBlock.from_arrow(table.column("topk_logprobs"), "topk_logprobs")
+        self.topk_logprobs = ColumnBlock.from_arrow(table.column(codec.column), codec.column)
+
         self.input_column = input_column
         self.inputs = ColumnBlock.from_arrow(table.column(input_column), input_column) if input_column else None
         self.labels: ColumnBlock | None = None
@@ -100,21 +106,78 @@ class _Window:
         return batch
 
 
-def collate(table: pa.Table, input_column: str | None, label_column: str | None, codec: LogprobCodec | None = None) -> dict[str, Any]:
-    """Turn shard rows into a batch of tensors.
+def collate(
+    rows: pa.Table | list[Any] | dict[str, list[Any]],
+    input_column: str | None = AUTO,
+    label_column: str | None = AUTO,
+    codec: LogprobCodec | None = None,
+    schema: pa.Schema | None = None,
+) -> dict[str, Any]:
+    """Turn shard rows into a batch of tensors; usable as a DataLoader ``collate_fn``.
 
-    ``codec`` says how ``topk_logprobs`` is stored; by default it is read from the table's shard
-    header (float16 when there is none).
+    Args:
+        rows: a pyarrow table of shard rows; a list of row dicts (a torch DataLoader over an HF
+            ``datasets`` Dataset of shard rows) or of one-row tables (``with_format("arrow")``);
+            or a dict of columns (an HF batch).
+        input_column, label_column: ``"auto"`` takes them from the shard header; without a header
+            ``inputs`` (if present) and no label.
+        codec: how the log-probabilities are stored; by default from the header, else from the
+            column itself. uint8 codes whose header and field metadata are gone are refused
+            (``UserError``) rather than guessed: pass ``LogprobCodec.from_header(manifest)``.
+        schema: the Arrow schema of row dicts (e.g. ``hf_dataset.features.arrow_schema``), so
+            their types are exact. Without it, a list-of-numbers input column counts as a
+            sequence unless every row holds a single position (a classifier), when it is a fixed vector.
 
     Returns:
         ``sample_id`` (list of str); ``inputs`` ([B, ...] float32/int64) and ``lengths`` (int64 [B],
-        sequences only) when ``input_column`` is given; ``topk_ids`` int64 [B, T, k];
-        ``topk_logprobs`` float32 [B, T, k]; ``mask`` bool [B, T] (valid positions); ``labels``
-        int64 [B] or [B, T] with IGNORE_INDEX for missing labels, when ``label_column`` is given.
+        sequences only) when there is an input column; ``topk_ids`` int64 [B, T, k];
+        ``topk_logprobs`` float32 [B, T, k] (decoded); ``mask`` bool [B, T] (valid positions);
+        ``labels`` int64 [B] or [B, T] with IGNORE_INDEX for missing labels, when there is a label column.
     """
+    table = _as_table(rows, schema)
+    header = decode_header(table.schema.metadata)
     if codec is None:
-        codec = LogprobCodec.from_header(decode_header(table.schema.metadata) or {})
-    return _Window(table, input_column, label_column, codec).batch(np.arange(table.num_rows))
+        codec = codec_of(table.schema)
+        if header is None and codec.dtype != "uint8" and codec.column in table.column_names:
+            leaf = table.column(codec.column)
+            while pa.types.is_list(leaf.type) or pa.types.is_fixed_size_list(leaf.type) or pa.types.is_large_list(leaf.type):
+                leaf = pc.list_flatten(leaf)
+            if (pc.max(leaf).as_py() or 0.0) > 0.0:  # codes that lost their header and their integer type
+                raise UserError(f"column {codec.column!r} holds values above 0, so they are not log-probabilities "
+                                "(uint8 codes whose header is gone?); pass the codec of the directory's manifest")
+    if input_column == AUTO:
+        input_column = header.get("input_column") if header else ("inputs" if "inputs" in table.column_names else None)
+    if label_column == AUTO:
+        label_column = header.get("label_column") if header else None
+    if schema is None and isinstance(rows, (list, tuple)) and input_column in table.column_names:
+        table = _classifier_inputs_fixed(table, input_column)
+    return ShardRows(table, input_column, label_column, codec).batch(np.arange(table.num_rows))
+
+
+def _as_table(rows: pa.Table | list[Any] | dict[str, list[Any]], schema: pa.Schema | None) -> pa.Table:
+    if isinstance(rows, pa.Table):
+        return rows
+    if isinstance(rows, dict):
+        return pa.table(rows, schema=schema)
+    if isinstance(rows, (list, tuple)) and rows and all(isinstance(row, pa.Table) for row in rows):
+        return pa.concat_tables(rows)
+    if isinstance(rows, (list, tuple)) and rows and all(isinstance(row, dict) for row in rows):
+        return pa.Table.from_pylist(list(rows), schema=schema)
+    raise UserError(f"collate takes a pyarrow Table, a non-empty list of row dicts or tables, or a dict of columns; got {type(rows).__name__}")
+
+
+def _classifier_inputs_fixed(table: pa.Table, input_column: str) -> pa.Table:
+    """Row dicts lose fixed_size_list types: a list<number> input of a classifier (one position per
+    row, equal lengths) becomes the fixed vector it was in the shard."""
+    column = table.column(input_column).combine_chunks()
+    if not pa.types.is_list(column.type) or pa.types.is_nested(column.type.value_type):
+        return table
+    positions = pc.list_value_length(table.column("topk_ids")).to_numpy(zero_copy_only=False)
+    widths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    if column.null_count or len(widths) == 0 or (positions != 1).any() or (widths != widths[0]).any():
+        return table
+    fixed = pa.FixedSizeListArray.from_arrays(column.flatten(), int(widths[0]))
+    return table.set_column(table.schema.get_field_index(input_column), input_column, fixed)
 
 
 def _distributed_position() -> tuple[int, int]:
@@ -146,9 +209,11 @@ def _round_robin_counts(counts: list[int], consumed: int) -> list[int]:
 
 
 class SoftLabelDataset(IterableDataset):
-    """A torch IterableDataset of collated batches over a sealed ``softlabels.v1`` directory.
+    """A torch IterableDataset of collated batches over a sealed soft-label directory (v1 or v2).
 
-    Use it with ``DataLoader(dataset, batch_size=None, num_workers=N)``: batching happens here.
+    Iterate it with ``SoftLabelLoader(dataset, num_workers=N)`` (a DataLoader that records each
+    batch it hands out, so ``state_dict()`` is exact without any call from the trainer), or directly
+    in the main process. ``set_epoch`` reaches DataLoader workers, persistent ones included.
 
     Args:
         directory: the output directory of ``softlabels generate``.
@@ -157,7 +222,9 @@ class SoftLabelDataset(IterableDataset):
         seed: shuffle seed.
         shuffle_buffer: pieces whose rows are permuted together by one worker.
         drop_last: drop each worker's final short batch.
-        allow_partial: read a directory without a complete manifest (committed shards only).
+        allow_partial: read a directory without a complete manifest (its journalled shards only).
+        without_manifest: read the shards in the data folder from their own headers when the
+            manifest is gone (sizes, footers and page CRCs are checked; there is no sha256 to compare).
         verify_sha256: hash each shard once per process before reading it.
         rank, world_size: DDP position; default from torch.distributed or RANK / WORLD_SIZE.
         with_inputs: include the passed-through input column (``inputs``/``lengths``).
@@ -176,13 +243,13 @@ class SoftLabelDataset(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         with_inputs: bool = True,
+        without_manifest: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.directory = Path(directory)
-        if not self.directory.is_dir():
-            raise UserError(f"{self.directory}: no such directory")
+        self.run_directory = RunDirectory.open(directory)
+        self.directory = self.run_directory.root
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
@@ -194,22 +261,27 @@ class SoftLabelDataset(IterableDataset):
         self.world_size = default_world if world_size is None else world_size
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
-        self.manifest = self._load_manifest(allow_partial)
+        self.manifest = self._load_manifest(allow_partial, without_manifest)
         self.input_column = self.manifest.get("input_column") if with_inputs else None
         self.label_column = self.manifest.get("label_column")
         self.codec = LogprobCodec.from_header(self.manifest)
-        self.shards = [resolve_shard(self.directory, entry["file"]) for entry in self.manifest["shards"]]
+        self.shards = [self.run_directory.shard_path(entry["file"]) for entry in self.manifest["shards"]]
         self.pieces = self._plan_pieces()
-        self.epoch = 0
-        self._skip_batches = 0
+        # [epoch, batches to skip, batches made by worker processes]: in shared memory, so DataLoader
+        # workers (persistent ones too) see set_epoch and load_state_dict made after they started.
+        self._shared = torch.zeros(3, dtype=torch.int64).share_memory_()
         self._consumed = 0
+        self._recorded = False
         self._hashed: set[int] = set()
         self._cached: tuple[tuple[int, int], pa.Table] | None = None
 
     # -- construction -----------------------------------------------------------------------
-    def _load_manifest(self, allow_partial: bool) -> dict[str, Any]:
+    def _load_manifest(self, allow_partial: bool, without_manifest: bool) -> dict[str, Any]:
+        directory = self.run_directory
+        if without_manifest and not directory.has_manifest():
+            return directory.manifest_from_shards()
         try:
-            manifest = read_manifest(self.directory)
+            manifest = directory.read_manifest()
             complete = manifest.get("complete") is True
         except VerificationError:
             if not allow_partial:
@@ -219,14 +291,14 @@ class SoftLabelDataset(IterableDataset):
             return manifest
         if not allow_partial:
             raise VerificationError(f"{self.directory}: the run is not complete (no sealed manifest); pass allow_partial=True to read committed shards")
-        runs, journal = read_journals(self.directory)
+        runs, journal = directory.read_journals()
         if not runs:
             raise VerificationError(f"{self.directory}: no manifest and no journal; not a soft-label directory")
         settings = runs[0]["settings"]
         entries = sorted(journal.values(), key=lambda e: e["file"])
-        first = pq.read_schema(resolve_shard(self.directory, entries[0]["file"])) if entries else None
+        first = pq.read_schema(directory.shard_path(entries[0]["file"])) if entries else None
         header = decode_header(first.metadata) if first is not None else {}
-        return {**(header or {}), "fingerprint": runs[0]["fingerprint"], "top_k": settings["top_k"],
+        return {**run_header(header or {}), "fingerprint": runs[0]["fingerprint"], "top_k": settings["top_k"],
                 "vocab_size": settings["vocab_size"], "shards": entries, "complete": False}
 
     def _plan_pieces(self) -> list[Piece]:
@@ -277,26 +349,58 @@ class SoftLabelDataset(IterableDataset):
         return sum(self._worker_batches(self._worker_pieces(epoch, rank, w, workers)) for w in range(workers))
 
     # -- state --------------------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        return int(self._shared[0])
+
+    @property
+    def _skip_batches(self) -> int:
+        return int(self._shared[1])
+
+    @_skip_batches.setter
+    def _skip_batches(self, value: int) -> None:
+        self._shared[1] = value
+
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order the next iteration follows (a resume point is kept only for its own epoch)."""
+        """Select the epoch whose order the next iteration follows, in this process and in every
+        DataLoader worker (a resume point is kept only for its own epoch)."""
         if epoch != self.epoch:
             self._skip_batches = 0
             self._consumed = 0
-        self.epoch = epoch
+            self._shared[2] = 0
+            self._recorded = False
+        self._shared[0] = epoch
 
-    def mark_consumed(self, batch: dict[str, Any]) -> None:
-        """Record that the trainer has used ``batch`` (needed when DataLoader workers do the iterating)."""
+    def record_consumed(self, batch: dict[str, Any]) -> None:
+        """Record that the consumer has taken ``batch``; ``SoftLabelLoader`` calls it for every batch."""
         self._consumed = int(batch["batch_index"]) + 1
+        self._recorded = True
+
+    mark_consumed = record_consumed  # the first release's name
 
     def state_dict(self) -> dict[str, int]:
+        """Where the current epoch stands: enough for ``load_state_dict`` to resume exactly.
+
+        Raises:
+            UserError: batches came from DataLoader workers through a loader that did not record
+                them (use ``SoftLabelLoader``), so what was consumed is unknown.
+        """
+        if int(self._shared[2]) > 0 and not self._recorded:
+            raise UserError("SoftLabelDataset: batches came from DataLoader workers that softlabels cannot see; "
+                            "iterate with softlabels.SoftLabelLoader(dataset, num_workers=N) so the resume point is known")
         return {"epoch": self.epoch, "batches": self._consumed, "seed": self.seed, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state.get("seed", self.seed) != self.seed or state.get("world_size", self.world_size) != self.world_size:
             raise ValueError("the loader state was saved with another seed or world size; resume with the same ones")
-        self.epoch = int(state["epoch"])
+        self._shared[0] = int(state["epoch"])
         self._skip_batches = int(state["batches"])
         self._consumed = self._skip_batches
+        self._recorded = True
+
+    def end_of_epoch(self) -> None:
+        """The consumer has taken every batch of the epoch: a later iteration of it starts afresh."""
+        self._skip_batches = 0
 
     def first_batch(self) -> dict[str, Any]:
         """One batch of the current epoch, leaving the iteration state untouched (for shape probes)."""
@@ -317,7 +421,8 @@ class SoftLabelDataset(IterableDataset):
         path = self.shards[piece.shard]
         try:
             if self.verify_sha256 and piece.shard not in self._hashed:
-                if sha256_file(path) != self.manifest["shards"][piece.shard]["sha256"]:
+                expected = self.manifest["shards"][piece.shard].get("sha256")
+                if expected is not None and sha256_file(path) != expected:
                     raise VerificationError(f"{path.name}: sha256 differs from the manifest (corrupt)")
                 self._hashed.add(piece.shard)
             parquet = pq.ParquetFile(path, page_checksum_verification=True)
@@ -326,7 +431,7 @@ class SoftLabelDataset(IterableDataset):
             raise VerificationError(f"{path.name}: unreadable ({type(exc).__name__}: {exc})") from None
 
     def _columns(self) -> list[str]:
-        columns = [ID_COLUMN, "topk_ids", "topk_logprobs"]
+        columns = [ID_COLUMN, "topk_ids", self.codec.column]
         columns += [c for c in (self.input_column, self.label_column) if c]
         return list(dict.fromkeys(columns))
 
@@ -363,7 +468,7 @@ class SoftLabelDataset(IterableDataset):
             if carry is not None:  # the previous window's last rows lead this window's stream
                 order = np.concatenate([np.arange(carry.num_rows), carry.num_rows + order])
                 table = pa.concat_tables([carry, table])
-            rows = _Window(table.combine_chunks(), self.input_column, self.label_column, self.codec)
+            rows = ShardRows(table.combine_chunks(), self.input_column, self.label_column, self.codec)
             full = len(order) // self.batch_size
             for index in range(full):
                 yield self._batch(rows, order[index * self.batch_size : (index + 1) * self.batch_size], produced, counts)
@@ -371,12 +476,12 @@ class SoftLabelDataset(IterableDataset):
             rest = order[full * self.batch_size :]
             carry = table.take(pa.array(rest)) if len(rest) else None
         if carry is not None and not self.drop_last:
-            rows = _Window(carry.combine_chunks(), self.input_column, self.label_column, self.codec)
+            rows = ShardRows(carry.combine_chunks(), self.input_column, self.label_column, self.codec)
             yield self._batch(rows, np.arange(carry.num_rows), produced, counts)
         if info is None:
-            self._skip_batches = 0
+            self.end_of_epoch()
 
-    def _batch(self, window: _Window, rows: np.ndarray, local_index: int, counts: list[int]) -> dict[str, Any]:
+    def _batch(self, window: ShardRows, rows: np.ndarray, local_index: int, counts: list[int]) -> dict[str, Any]:
         batch = window.batch(rows)
         # where this batch stands in the round-robin stream the consumer sees
         worker = self._worker
@@ -384,4 +489,27 @@ class SoftLabelDataset(IterableDataset):
         batch["batch_index"] = before
         if get_worker_info() is None:
             self._consumed = before + 1
+        else:
+            self._shared[2] += 1
         return batch
+
+
+class SoftLabelLoader(DataLoader):
+    """A DataLoader over a ``SoftLabelDataset`` that records every batch it hands out.
+
+    Batching happens in the dataset (``batch_size=None``). Because the loader tells the dataset what
+    the consumer took, ``dataset.state_dict()`` is the exact resume point however many workers
+    prefetch ahead, and the trainer never reports consumption itself.
+    """
+
+    def __init__(self, dataset: SoftLabelDataset, num_workers: int = 0, **kwargs: Any) -> None:
+        if not isinstance(dataset, SoftLabelDataset):
+            raise TypeError(f"SoftLabelLoader takes a SoftLabelDataset, not {type(dataset).__name__}")
+        super().__init__(dataset, batch_size=None, num_workers=num_workers, **kwargs)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
+        dataset: SoftLabelDataset = self.dataset  # type: ignore[assignment]
+        for batch in super().__iter__():
+            dataset.record_consumed(batch)
+            yield batch
+        dataset.end_of_epoch()

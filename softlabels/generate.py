@@ -9,7 +9,6 @@ rerun after a crash sees exactly the batches of an uninterrupted run and writes 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -26,19 +25,18 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .codec import LOGPROB_DTYPES, LogprobCodec
+from .codec import DEFAULT_LOGPROB_DTYPE, LOGPROB_DTYPES, LogprobCodec
 from .corpus import Corpus, Unit, corpus_record, open_corpus
-from .errors import UserError
+from .errors import UserError, VerificationError
 from .fidelity import Fidelity
 from .inputs import TeacherInputs, check_input_type, to_teacher_inputs
-from .manifest import MANIFEST_NAME, Journal, read_journals, resolve_shard, sha256_file, shard_name, write_manifest
+from .rundir import Journal, RunDirectory, ShardEntry, build_manifest, settings_fingerprint, shard_name
 from .schema import FORMAT
-from .seal import build_manifest, settings_fingerprint
 from .shards import ShardPayload, build_shard, soft_label_bytes, write_shard
-from .teachers import Teacher, autocast, load_teacher, resolve_device
+from .teachers import Teacher, autocast, load_teacher, portable_name, resolve_device
 from .topk import soft_labels, valid_positions
 
-__all__ = ["GenerateConfig", "GenerateSummary", "generate"]
+__all__ = ["GenerateConfig", "GenerateSummary", "GenerationRun", "generate", "process_unit", "commit_unit"]
 
 ENSEMBLE_MODES = ("probs", "logprobs")
 PRECISIONS = ("fp32", "bf16")
@@ -78,11 +76,11 @@ class GenerateConfig:
     top_k: int | None = None
     ensemble: str = "probs"
     batch_size: int = 64
-    rows_per_shard: int = 2048
+    rows_per_shard: int | None = None
     device: str = "auto"
     precision: str = "fp32"
     on_nonfinite: str = "error"
-    logprob_dtype: str = "float16"
+    logprob_dtype: str = DEFAULT_LOGPROB_DTYPE
     progress: bool = True
     engine: str = "local"
     ray_address: str | None = None
@@ -94,7 +92,8 @@ class GenerateConfig:
             raise UserError("no CORPUS given")
         if not self.teachers:
             raise UserError("--teacher is required (repeat it for an ensemble)")
-        for flag, value in (("--top-k", 1 if self.top_k is None else self.top_k), ("--batch-size", self.batch_size), ("--rows-per-shard", self.rows_per_shard)):
+        rows_per_shard = 1 if self.rows_per_shard is None else self.rows_per_shard
+        for flag, value in (("--top-k", 1 if self.top_k is None else self.top_k), ("--batch-size", self.batch_size), ("--rows-per-shard", rows_per_shard)):
             if value < 1:
                 raise UserError(f"{flag} must be at least 1, got {value}")
         for flag, value, allowed in (
@@ -106,8 +105,7 @@ class GenerateConfig:
         ):
             if value not in allowed:
                 raise UserError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
-        if self.out.exists() and not self.out.is_dir():
-            raise UserError(f"--out {self.out} exists and is not a directory")
+        RunDirectory.for_output(self.out)  # not a file, not a v1 dataset
         self._check_engine()
 
     def _check_engine(self) -> None:
@@ -150,7 +148,7 @@ class GenerateSummary:
     rank_note: str = ""
 
     @classmethod
-    def partial(cls, run: "_Run", rank: int, world: int, entries: dict[int, dict[str, Any]], written: int, seconds: float) -> "GenerateSummary":
+    def partial(cls, run: "GenerationRun", rank: int, world: int, entries: dict[int, dict[str, Any]], written: int, seconds: float) -> "GenerateSummary":
         mine = [e for unit, e in entries.items() if unit % world == rank]
         note = f"rank {rank} of {world}: its {len(mine)} shards are committed; the last rank to finish seals {run.config.out}"
         return cls(str(run.config.out), sum(e["rows"] for e in mine), sum(e["positions"] for e in mine), len(mine), written,
@@ -195,8 +193,11 @@ def _check_same_run(out: Path, settings: dict[str, Any], recorded: dict[str, Any
 
 
 @dataclass
-class _Run:
+class GenerationRun:
+    """A prepared run: its settings, loaded teachers, corpus units and output directory."""
+
     config: GenerateConfig
+    directory: RunDirectory
     corpus: Corpus
     teachers: list[Teacher]
     device: torch.device
@@ -207,7 +208,7 @@ class _Run:
     header: dict[str, Any] = field(default_factory=dict)
 
 
-def _forward(run: _Run, inputs: TeacherInputs) -> list[torch.Tensor]:
+def _forward(run: GenerationRun, inputs: TeacherInputs) -> list[torch.Tensor]:
     with torch.inference_mode(), autocast(run.device, run.config.precision):
         return [teacher.logits(inputs) for teacher in run.teachers]
 
@@ -238,8 +239,9 @@ def _probe_vocab(config: GenerateConfig, corpus: Corpus, teachers: list[Teacher]
     return vocab_size
 
 
-def _prepare(config: GenerateConfig) -> _Run:
+def _prepare(config: GenerateConfig) -> GenerationRun:
     corpus = open_corpus(config.corpus, config.input_column, config.id_column, config.label_column, config.rows_per_shard)
+    config.rows_per_shard = corpus.rows_per_shard
     check_input_type(corpus.passthrough_schema().field(config.input_column).type, config.input_column)
     device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", 0)))
     teachers = [load_teacher(spec, device) for spec in config.teachers]
@@ -259,18 +261,22 @@ def _prepare(config: GenerateConfig) -> _Run:
         "vocab_size": vocab_size,
     }
     codec = LogprobCodec.named(config.logprob_dtype)
-    if codec.dtype != "float16":  # float16 runs keep the fingerprint they had before the option existed
-        settings["logprob_dtype"] = codec.dtype
+    settings["logprob_dtype"] = codec.dtype
     fingerprint = _fingerprint(settings)
-    run = _Run(config, corpus, teachers, device, vocab_size, settings, fingerprint, codec)
+    directory = RunDirectory.for_output(config.out)
+    run = GenerationRun(config, directory, corpus, teachers, device, vocab_size, settings, fingerprint, codec)
     run.header = {
         "format": FORMAT,
         "fingerprint": fingerprint,
+        "targets": "topk",
         "top_k": config.top_k,
         "vocab_size": vocab_size,
         "ensemble": settings["ensemble"],
-        "teachers": [{"spec": t.spec, "sha256": t.sha256} for t in teachers],
+        "teachers": [{"name": portable_name(t.spec), "sha256": t.sha256} for t in teachers],
+        "teacher_temperature": 1.0,
+        "precision": config.precision,
         "input_column": config.input_column,
+        "id_column": config.id_column,
         "label_column": config.label_column,
         "softlabels_version": __version__,
         **codec.header_fields(),
@@ -278,16 +284,12 @@ def _prepare(config: GenerateConfig) -> _Run:
     return run
 
 
-def _committed_units(run: _Run, journal_shards: dict[str, dict[str, Any]], units: list[Unit]) -> dict[int, dict[str, Any]]:
+def _committed_units(run: GenerationRun, journal_shards: dict[str, dict[str, Any]], units: list[Unit]) -> dict[int, dict[str, Any]]:
     """Journalled shards of ``units`` whose bytes still hash to the journal; the rest run again."""
     committed: dict[int, dict[str, Any]] = {}
-    out = run.config.out
     for unit in units:
         entry = journal_shards.get(shard_name(unit.index))
-        if entry is None:
-            continue
-        path = resolve_shard(out, entry["file"])
-        if path.is_file() and path.stat().st_size == entry.get("bytes") and sha256_file(path) == entry.get("sha256"):
+        if entry is not None and run.directory.journalled_shard_intact(entry):
             committed[unit.index] = entry
     return committed
 
@@ -304,7 +306,7 @@ def _usable_positions(logits: torch.Tensor) -> torch.Tensor:
     return ~bad
 
 
-def _process_unit(run: _Run, unit: Unit, table: pa.Table, on_batch: Callable[[int, int], None]) -> ShardPayload:
+def process_unit(run: GenerationRun, unit: Unit, table: pa.Table, on_batch: Callable[[int, int], None]) -> ShardPayload:
     """Teacher forward and top-k over one unit's rows, batch by batch."""
     config = run.config
     ids_parts, logprob_parts, positions_parts, conf_parts, ent_parts, agree_parts = [], [], [], [], [], []
@@ -361,14 +363,14 @@ def _process_unit(run: _Run, unit: Unit, table: pa.Table, on_batch: Callable[[in
     )
 
 
-def _commit_unit(run: _Run, journal: Journal, unit: Unit, payload: ShardPayload, skipped: int) -> dict[str, Any]:
+def commit_unit(run: GenerationRun, journal: Journal, unit: Unit, payload: ShardPayload, skipped: int) -> dict[str, Any]:
     """Writer thread: build, write, fsync, rename, then journal the shard."""
-    header = {**run.header, "unit": unit.index}
-    table = build_shard(payload, run.vocab_size, run.config.top_k, len(run.teachers), header)
-    path = run.config.out / shard_name(unit.index)
     positions = int(payload.positions.sum())
-    size, digest = write_shard(table, path, positions)
-    entry = {
+    header = {**run.header, "unit": unit.index, "rows": payload.passthrough.num_rows, "positions": positions}
+    table = build_shard(payload, run.vocab_size, run.config.top_k, len(run.teachers), header)
+    size, digest = write_shard(table, run.directory, unit.index, positions)
+    path = run.directory.unit_shard_path(unit.index)
+    entry: ShardEntry = {
         "file": path.name,
         "unit": unit.index,
         "rows": table.num_rows,
@@ -383,12 +385,6 @@ def _commit_unit(run: _Run, journal: Journal, unit: Unit, payload: ShardPayload,
     return entry
 
 
-def _clean_tmp(out: Path, units: list[Unit]) -> None:
-    """Remove partial files of these units only: other ranks may be writing theirs right now."""
-    for unit in units:
-        (out / (shard_name(unit.index) + ".tmp")).unlink(missing_ok=True)
-
-
 def _rank() -> tuple[int, int]:
     """This process's share of the units under torchrun (RANK / WORLD_SIZE), else (0, 1)."""
     try:
@@ -400,29 +396,26 @@ def _rank() -> tuple[int, int]:
     return rank, world
 
 
-def _all_journalled(run: _Run) -> dict[int, dict[str, Any]] | None:
+def _all_journalled(run: GenerationRun) -> dict[int, dict[str, Any]] | None:
     """Every unit's journal entry (any rank) whose file is in place, or None while some are missing."""
-    _, journal_shards = read_journals(run.config.out)
+    _, journal_shards = run.directory.read_journals()
     entries: dict[int, dict[str, Any]] = {}
     for unit in run.corpus.units:
         entry = journal_shards.get(shard_name(unit.index))
-        if entry is None:
-            return None
-        path = resolve_shard(run.config.out, entry["file"])
-        if not path.is_file() or path.stat().st_size != entry.get("bytes"):
+        if entry is None or not run.directory.journalled_shard_intact(entry, hash_bytes=False):
             return None
         entries[unit.index] = entry
     return entries
 
 
-def _seal(run: _Run, entries: dict[int, dict[str, Any]]) -> dict[str, Any]:
+def _seal(run: GenerationRun, entries: dict[int, dict[str, Any]]) -> dict[str, Any]:
     shards = [entries[unit.index] for unit in run.corpus.units]
     manifest = build_manifest(run.header, run.settings, run.config.id_column, corpus_record(run.corpus), shards)
-    write_manifest(run.config.out, manifest)
+    run.directory.write_manifest(manifest)
     return manifest
 
 
-def _summary(run: _Run, manifest: dict[str, Any], written: int, started: float, already: bool) -> GenerateSummary:
+def _summary(run: GenerationRun, manifest: dict[str, Any], written: int, started: float, already: bool) -> GenerateSummary:
     totals = manifest["totals"]
     return GenerateSummary(
         out=str(run.config.out),
@@ -439,7 +432,7 @@ def _summary(run: _Run, manifest: dict[str, Any], written: int, started: float, 
     )
 
 
-def _run_units_locally(run: _Run, journal: Journal, pending: list[Unit], on_batch: Callable[[int, int], None],
+def _run_units_locally(run: GenerationRun, journal: Journal, pending: list[Unit], on_batch: Callable[[int, int], None],
                        entries: dict[int, dict[str, Any]]) -> None:
     """The local engine: read, compute and commit ``pending`` in this process; adds to ``entries``.
 
@@ -462,12 +455,12 @@ def _run_units_locally(run: _Run, journal: Journal, pending: list[Unit], on_batc
             if next_unit is not None:
                 reads.append((next_unit, reader.submit(run.corpus.read_unit, next_unit)))
             table = table_future.result()
-            payload = _process_unit(run, unit, table, on_batch)
+            payload = process_unit(run, unit, table, on_batch)
             skipped = table.num_rows - payload.passthrough.num_rows
             while len(writes) >= 1:
                 entry = writes.popleft().result()
                 entries[entry["unit"]] = entry
-            writes.append(writer.submit(_commit_unit, run, journal, unit, payload, skipped))
+            writes.append(writer.submit(commit_unit, run, journal, unit, payload, skipped))
         while writes:
             entry = writes.popleft().result()
             entries[entry["unit"]] = entry
@@ -491,37 +484,36 @@ def generate(config: GenerateConfig) -> GenerateSummary:
     """
     started = time.perf_counter()
     run = _prepare(config)
-    out = config.out
-    manifest_path = out / MANIFEST_NAME
+    directory = run.directory
     recorded_settings = None
-    if manifest_path.is_file():
+    if directory.has_manifest():
         try:
-            recorded_settings = json.loads(manifest_path.read_text(encoding="utf-8")).get("settings", {})
-        except (json.JSONDecodeError, AttributeError):
+            recorded_settings = directory.read_manifest().get("settings", {})
+        except VerificationError:
             recorded_settings = None  # an unreadable manifest is rewritten once the shards check out
         if recorded_settings is not None:
-            _check_same_run(out, run.settings, recorded_settings)
-    runs, journal_shards = read_journals(out) if out.is_dir() else ([], {})
+            _check_same_run(config.out, run.settings, recorded_settings)
+    runs, journal_shards = directory.read_journals() if config.out.is_dir() else ([], {})
     for recorded in runs:
-        _check_same_run(out, run.settings, recorded.get("settings", {}))
+        _check_same_run(config.out, run.settings, recorded.get("settings", {}))
     rank, world = _rank()
     mine = [unit for unit in run.corpus.units if unit.index % world == rank]
-    out.mkdir(parents=True, exist_ok=True)
-    _clean_tmp(out, mine)
+    mine_indices = [unit.index for unit in mine]
+    directory.prepare_for_writing()
+    directory.discard_staged(mine_indices)
     if rank == 0:  # a seal interrupted by a crash; ranks start together, long before anyone seals
-        for stale in out.glob(f"{MANIFEST_NAME}*.tmp"):
-            stale.unlink(missing_ok=True)
-    journal = Journal(out, rank)
+        directory.discard_stale_manifest_writes()
+    journal = directory.journal(rank)
     if not journal.path.is_file():
         journal.start({"fingerprint": run.fingerprint, "settings": run.settings})
     committed = _committed_units(run, journal_shards, mine)
     pending = [unit for unit in mine if unit.index not in committed]
-    if not pending and manifest_path.is_file() and recorded_settings == run.settings:
+    if not pending and directory.has_manifest() and recorded_settings == run.settings:
         everything = _all_journalled(run)
         if everything is not None:
             return _summary(run, _seal(run, everything), 0, started, already=True)
     if pending:
-        manifest_path.unlink(missing_ok=True)  # a damaged shard makes the directory unsealed until it is redone
+        directory.remove_manifest()  # a damaged shard makes the directory unsealed until it is redone
 
     done_rows = sum(e["rows"] + e["skipped_nonfinite"] for e in committed.values())
     bar = tqdm(total=sum(u.rows for u in mine), initial=done_rows, unit="row", desc="generate", file=sys.stderr, disable=not config.progress, dynamic_ncols=True)
@@ -541,7 +533,7 @@ def generate(config: GenerateConfig) -> GenerateSummary:
     try:
         run_units(run, journal, pending, on_batch, entries)
     except BaseException:
-        _clean_tmp(out, mine)
+        directory.discard_staged(mine_indices)
         bar.leave = False  # the error line should stand alone, not under a frozen bar
         bar.close()
         raise

@@ -14,7 +14,7 @@ from typing import Any
 import polars as pl
 
 from .codec import LogprobCodec
-from .manifest import read_sealed_manifest, resolve_shard
+from .rundir import RunDirectory
 
 __all__ = ["inspect", "render"]
 
@@ -44,8 +44,10 @@ def _distribution(frame: pl.DataFrame, column: str, upper: float | None = None) 
 
 def inspect(directory: str | Path) -> dict[str, Any]:
     """Figures of a sealed directory (see the module docstring); raises VerificationError if unsealed."""
-    root, manifest = read_sealed_manifest(directory)
-    files = [str(resolve_shard(root, entry["file"])) for entry in manifest["shards"]]
+    run_directory = RunDirectory.open(directory)
+    root = run_directory.root
+    manifest = run_directory.read_sealed()
+    files = [str(run_directory.shard_path(entry["file"])) for entry in manifest["shards"]]
     totals = manifest["totals"]
     report: dict[str, Any] = {
         "directory": str(root),
@@ -59,7 +61,9 @@ def inspect(directory: str | Path) -> dict[str, Any]:
         "logprob_dtype": manifest.get("logprob_dtype", "float16"),
         "vocab_size": manifest["vocab_size"],
         "ensemble": manifest.get("ensemble"),
-        "teachers": [t.get("spec") for t in manifest["teachers"]],
+        "format": manifest.get("format"),
+        "targets": manifest.get("targets", "topk"),
+        "teachers": [t.get("name", t.get("spec")) for t in manifest["teachers"]],
         "fidelity": manifest.get("fidelity", {}),
     }
     if not files:
@@ -74,7 +78,7 @@ def inspect(directory: str | Path) -> dict[str, Any]:
         agreement = rows.get_column("agreement")
         report["agreement"] = {**_distribution(rows, "agreement", upper=1.0), "unanimous_rows": float((agreement >= 1.0 - 1e-6).mean())}
     positions = scan.select(
-        pl.col("topk_logprobs").explode().arr.to_list().list.eval(codec.decode_polars(pl.element()).exp()).list.sum().alias("mass"),
+        pl.col(codec.column).explode().arr.to_list().list.eval(codec.decode_polars(pl.element()).exp()).list.sum().alias("mass"),
         pl.col("topk_ids").explode().arr.first().alias("top1"),
     ).collect()
     report["captured_mass"] = _distribution(positions, "mass", upper=1.0)

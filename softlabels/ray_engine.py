@@ -1,10 +1,10 @@
 """``softlabels generate --engine ray``: teacher forward passes on a pool of Ray actors.
 
 Only the expensive part moves. Each actor loads the teacher(s) once, from the same SPECs, on its own
-device, and runs the local engine's own ``_process_unit`` on whole units (same batch size, same
+device, and runs the local engine's own ``process_unit`` on whole units (same batch size, same
 precision, same code), so a unit's numbers do not depend on the engine. Everything else stays in
 the driver, exactly as in the local engine: a reader thread reads units from the corpus, and a
-writer thread builds, writes, fsyncs, renames and journals each shard (``_commit_unit``). The commit
+writer thread builds, writes, fsyncs, renames and journals each shard (``commit_unit``). The commit
 protocol, the journal, resume and sealing are therefore shared, and a run started with one engine
 and resumed with the other gives the same directory. The engine is not part of the run fingerprint.
 CPU actors run torch with the driver's thread count, because CPU kernels may round differently with
@@ -44,8 +44,8 @@ import torch
 
 from .corpus import Unit
 from .errors import UserError
-from .generate import _commit_unit, _process_unit, _Run
-from .manifest import Journal
+from .generate import commit_unit, process_unit, GenerationRun
+from .rundir import Journal
 from .shards import ShardPayload
 from .teachers import load_teacher, resolve_device
 
@@ -84,10 +84,10 @@ class TeacherWorker:
         driver_path: the driver's ``sys.path``, absolute.
     """
 
-    def __init__(self, template: _Run, threads: int | None, driver_path: list[str]) -> None:
+    def __init__(self, template: GenerationRun, threads: int | None, driver_path: list[str]) -> None:
         self._template = template
         self._threads = threads
-        self._run: _Run | None = None
+        self._run: GenerationRun | None = None
         # factory modules the driver can import (working directory, PYTHONPATH, a test's sys.path)
         # import the same way here; appended, so the worker's own packages still come first
         sys.path.extend(entry for entry in driver_path if entry not in sys.path)
@@ -114,7 +114,7 @@ class TeacherWorker:
         if self._run is None:
             raise RuntimeError("TeacherWorker.load() must run before process()")
         try:
-            payload = _process_unit(self._run, unit, table, _ignore_progress)
+            payload = process_unit(self._run, unit, table, _ignore_progress)
         except UserError as exc:
             return _Failure(str(exc))
         keep = None
@@ -175,7 +175,7 @@ def _connect(ray: Any, address: str | None) -> bool:
     return True
 
 
-def _actor_layout(ray: Any, run: _Run) -> tuple[int, float, int | None]:
+def _actor_layout(ray: Any, run: GenerationRun) -> tuple[int, float, int | None]:
     """(actors, GPUs per actor, torch threads per actor) for this run on this cluster."""
     config = run.config
     cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -191,7 +191,7 @@ def _actor_layout(ray: Any, run: _Run) -> tuple[int, float, int | None]:
     return actors, (1.0 if use_gpus else 0.0), threads
 
 
-def _start_actors(ray: Any, run: _Run) -> list[Any]:
+def _start_actors(ray: Any, run: GenerationRun) -> list[Any]:
     """Start the actor pool and wait until every actor holds teachers identical to the driver's."""
     actors_wanted, gpus, threads = _actor_layout(ray, run)
     template = dataclasses.replace(run, teachers=[], corpus=None)  # actors never read the corpus
@@ -210,7 +210,7 @@ def _start_actors(ray: Any, run: _Run) -> list[Any]:
     return actors
 
 
-def _release_driver_teachers(run: _Run) -> None:
+def _release_driver_teachers(run: GenerationRun) -> None:
     """The driver only needed its teachers for the probe; free them (and their GPU memory) for actors."""
     run.teachers = [dataclasses.replace(teacher, module=None) for teacher in run.teachers]
     gc.collect()
@@ -218,11 +218,11 @@ def _release_driver_teachers(run: _Run) -> None:
         torch.cuda.empty_cache()
 
 
-def run_units_on_ray(run: _Run, journal: Journal, pending: list[Unit], on_batch: Callable[[int, int], None],
+def run_units_on_ray(run: GenerationRun, journal: Journal, pending: list[Unit], on_batch: Callable[[int, int], None],
                      entries: dict[int, dict[str, Any]]) -> None:
     """The Ray engine: compute ``pending`` on an actor pool, commit here; adds to ``entries``.
 
-    Same contract as the local engine: every finished unit is committed through ``_commit_unit``
+    Same contract as the local engine: every finished unit is committed through ``commit_unit``
     into ``journal``; on any exception (Ctrl-C included) the actors are stopped, a shard already
     being written completes whole, and the exception propagates so the caller removes partial files.
     Ray is shut down at the end only if this call started it.
@@ -259,7 +259,7 @@ def run_units_on_ray(run: _Run, journal: Journal, pending: list[Unit], on_batch:
     writer.shutdown()
 
 
-def _pipeline(ray: Any, run: _Run, journal: Journal, pending: list[Unit], on_batch: Callable[[int, int], None],
+def _pipeline(ray: Any, run: GenerationRun, journal: Journal, pending: list[Unit], on_batch: Callable[[int, int], None],
               entries: dict[int, dict[str, Any]], actors: list[Any], reader: ThreadPoolExecutor,
               writer: ThreadPoolExecutor) -> None:
     queue = iter(pending)
@@ -295,11 +295,11 @@ def _pipeline(ray: Any, run: _Run, journal: Journal, pending: list[Unit], on_bat
                 raise UserError(result.message)
             payload, keep = result
             _own_arrays(payload)
-            payload.passthrough = table if keep is None else table.filter(pa.array(keep))  # as _process_unit does
+            payload.passthrough = table if keep is None else table.filter(pa.array(keep))  # as process_unit does
             skipped = table.num_rows - payload.passthrough.num_rows
             on_batch(table.num_rows, int(payload.positions.sum()))
             collect(0)  # one shard being written at a time, as in the local engine
-            writes.append(writer.submit(_commit_unit, run, journal, unit, payload, skipped))
+            writes.append(writer.submit(commit_unit, run, journal, unit, payload, skipped))
     collect(0)
 
 

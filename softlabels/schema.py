@@ -1,4 +1,4 @@
-"""Shard format ``softlabels.v1``: the Arrow schema of a shard and its self-describing header.
+"""Shard format ``softlabels.v2``: the Arrow schema of a shard and its self-describing header.
 
 One row per corpus sample; per position the k most probable class ids and their log-probabilities.
 Ids are uint16 when the vocabulary fits (<= 65,536 classes), halving the id payload against uint32:
@@ -13,10 +13,14 @@ from typing import Any
 
 import pyarrow as pa
 
-from .codec import LogprobCodec
+from .codec import CODES_COLUMN, LOGPROB_COLUMN, LogprobCodec
 
 __all__ = [
     "FORMAT",
+    "FORMAT_V1",
+    "READABLE_FORMATS",
+    "soft_columns",
+    "codec_of",
     "HEADER_KEY",
     "ID_COLUMN",
     "SOFT_COLUMNS",
@@ -28,10 +32,13 @@ __all__ = [
     "decode_header",
 ]
 
-FORMAT = "softlabels.v1"
+FORMAT = "softlabels.v2"
+FORMAT_V1 = "softlabels.v1"
+READABLE_FORMATS = (FORMAT_V1, FORMAT)
 HEADER_KEY = b"softlabels"
 ID_COLUMN = "sample_id"
-SOFT_COLUMNS = ("topk_ids", "topk_logprobs")
+SOFT_COLUMNS = ("topk_ids", LOGPROB_COLUMN, CODES_COLUMN)
+"""Every soft-label column name of any format; a shard has ``topk_ids`` and one of the other two."""
 STAT_COLUMNS = ("confidence", "entropy", "agreement")
 UINT16_MAX_VOCAB = 65536
 
@@ -46,7 +53,7 @@ def soft_label_fields(vocab_size: int, top_k: int, ensemble_size: int, codec: Lo
     codec = codec or LogprobCodec()
     fields = [
         pa.field("topk_ids", pa.list_(pa.list_(id_type(vocab_size), top_k))),
-        pa.field("topk_logprobs", pa.list_(pa.list_(codec.arrow_type, top_k))),
+        pa.field(codec.column, pa.list_(pa.list_(codec.arrow_type, top_k)), metadata=codec.field_metadata()),
         pa.field("confidence", pa.float32()),
         pa.field("entropy", pa.float32()),
     ]
@@ -72,6 +79,21 @@ def shard_schema(
     fields += [passthrough.field(i) for i in range(len(passthrough))]
     fields += soft_label_fields(vocab_size, top_k, ensemble_size, LogprobCodec.from_header(header))
     return pa.schema(fields, metadata={HEADER_KEY: encode_header(header)})
+
+
+def soft_columns(header: dict[str, Any]) -> tuple[str, str]:
+    """The (ids, stored log-probabilities) column names of the run a header or manifest describes."""
+    return "topk_ids", LogprobCodec.from_header(header).column
+
+
+def codec_of(schema: pa.Schema) -> LogprobCodec:
+    """How the log-probabilities of these shard rows are stored: from the header, else the columns.
+
+    Raises:
+        UserError: the header is gone and the column cannot say how to decode itself.
+    """
+    header = decode_header(schema.metadata)
+    return LogprobCodec.from_header(header) if header is not None else LogprobCodec.from_columns(schema)
 
 
 def encode_header(header: dict[str, Any]) -> bytes:

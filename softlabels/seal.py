@@ -1,8 +1,7 @@
-"""Sealing: ``manifest.json``, the commit record of a directory, built in one place.
+"""``softlabels seal DIR``: write the manifest of a directory whose units are all committed.
 
-``build_manifest`` turns a run's header, settings, corpus record and its shards' entries (in unit
-order) into the manifest. ``generate`` calls it when the last unit commits, ``select`` for a
-selection, and ``seal`` (``softlabels seal DIR``) for a multi-rank run whose ranks all committed
+The manifest itself is built by ``rundir.build_manifest``, as ``generate`` and ``select`` build it.
+``seal`` is for a multi-rank run whose ranks all committed
 their units but which nobody sealed, for instance because the rank that would have sealed was killed
 at the very end. ``seal`` runs no teacher; everything comes from the directory itself:
 
@@ -21,84 +20,24 @@ manifest is written; rerunning the same ``generate`` command redoes exactly thos
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from .errors import UserError, VerificationError
-from .fidelity import Fidelity
-from .manifest import MANIFEST_NAME, read_journals, read_manifest, shard_name, write_manifest
-from .schema import decode_header
-from .shards import check_shard
+from .rundir import RunDirectory, build_manifest, check_shard, read_shard_header, run_header, settings_fingerprint, shard_name
 
-__all__ = ["MANIFEST_BODY_KEYS", "SealReport", "settings_fingerprint", "unit_count", "build_manifest", "seal"]
+__all__ = ["SealReport", "unit_count", "seal"]
 
-# Manifest keys that are not the run header (everything else in a manifest is a header field).
-MANIFEST_BODY_KEYS = ("complete", "settings", "id_column", "corpus", "shards", "totals", "fidelity", "selection")
-SHARD_FIELDS = ("file", "rows", "positions", "bytes", "sha256")
 ENTRY_FIELDS = ("file", "rows", "positions", "bytes", "sha256", "soft_label_bytes")
 SHOWN = 10
-
-
-def settings_fingerprint(settings: dict[str, Any]) -> str:
-    """The run fingerprint: the first 16 hex digits of the sha256 of the settings as sorted JSON."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def unit_count(settings: dict[str, Any]) -> int:
     """How many units a run has: each corpus file is cut into ``rows_per_shard``-row units."""
     step = int(settings["rows_per_shard"])
     return sum(-(-int(record["rows"]) // step) for record in settings["corpus"])
-
-
-def build_manifest(
-    header: dict[str, Any],
-    settings: dict[str, Any],
-    id_column: str | None,
-    corpus: list[dict[str, Any]],
-    entries: list[dict[str, Any]],
-) -> dict[str, Any]:
-    """The manifest of a finished directory.
-
-    Args:
-        header: the run header every shard carries (without the shard's ``unit``).
-        settings: the settings the fingerprint hashes.
-        id_column: ``--id-column`` of the run.
-        corpus: the corpus record ``[{path, rows, bytes}]``.
-        entries: one journal-style entry per shard in unit order, with ``file``, ``rows``,
-            ``positions``, ``bytes``, ``sha256`` and ``soft_label_bytes``; ``fidelity`` and
-            ``skipped_nonfinite`` where the teacher ran. The manifest has a ``fidelity`` summary
-            only when every entry has one (a selection cannot recompute it).
-    """
-    totals = {
-        "rows": sum(e["rows"] for e in entries),
-        "positions": sum(e["positions"] for e in entries),
-        "bytes": sum(e["bytes"] for e in entries),
-        "soft_label_bytes": sum(e["soft_label_bytes"] for e in entries),
-        "shards": len(entries),
-        "skipped_nonfinite": sum(e.get("skipped_nonfinite", 0) for e in entries),
-    }
-    manifest: dict[str, Any] = {
-        **header,
-        "complete": True,
-        "settings": settings,
-        "id_column": id_column,
-        "corpus": corpus,
-        "shards": [{k: e[k] for k in SHARD_FIELDS} for e in entries],
-        "totals": totals,
-    }
-    if entries and all("fidelity" in e for e in entries):
-        fidelity = Fidelity()
-        for entry in entries:
-            fidelity.merge(Fidelity.from_json(entry["fidelity"]))
-        manifest["fidelity"] = fidelity.summary()
-    return manifest
 
 
 @dataclass
@@ -126,18 +65,12 @@ def _listed(names: list[str]) -> str:
     return shown + (f" and {len(names) - SHOWN} more" if len(names) > SHOWN else "")
 
 
-def _shard_header(path: Path) -> dict[str, Any] | None:
-    try:
-        return decode_header(pq.read_schema(path).metadata)
-    except (pa.ArrowInvalid, OSError, ValueError):
-        return None
-
-
-def _journalled_run(root: Path) -> tuple[str, dict[str, Any], dict[str, dict[str, Any]]]:
+def _journalled_run(directory: RunDirectory) -> tuple[str, dict[str, Any], dict[str, dict[str, Any]]]:
     """The one run the journals record: (fingerprint, settings, latest entry per shard file)."""
-    runs, entries = read_journals(root)
+    root = directory.root
+    runs, entries = directory.read_journals()
     if not runs:
-        raise UserError(f"{root}: no journal-*.jsonl with a run record; not a directory written by 'softlabels generate'")
+        raise UserError(f"{root}: no journal with a run record; not a directory written by 'softlabels generate'")
     fingerprints = sorted({str(run.get("fingerprint")) for run in runs})
     if len(fingerprints) > 1:
         raise VerificationError(f"{root}: the journals belong to different runs (fingerprints {', '.join(fingerprints)})")
@@ -149,19 +82,20 @@ def _journalled_run(root: Path) -> tuple[str, dict[str, Any], dict[str, dict[str
     return fingerprints[0], settings, entries
 
 
-def _already_sealed(root: Path, fingerprint: str | None) -> SealReport | None:
-    """A report when ``root`` holds a complete manifest (of the journals' run, when there are journals)."""
-    if not (root / MANIFEST_NAME).is_file():
+def _already_sealed(directory: RunDirectory, fingerprint: str | None) -> SealReport | None:
+    """A report when the directory holds a complete manifest (of the journals' run, when there are journals)."""
+    root = directory.root
+    if not directory.has_manifest():
         return None
     try:
-        manifest = read_manifest(root)
+        manifest = directory.read_manifest()
     except VerificationError:
         return None  # unreadable: written again from the journals
     if manifest.get("complete") is not True:
         return None
     if fingerprint is not None and manifest.get("fingerprint") != fingerprint:
         raise VerificationError(
-            f"{root}/{MANIFEST_NAME}: sealed for run {manifest.get('fingerprint')}, but the journals record run {fingerprint}"
+            f"{directory.manifest_path}: sealed for run {manifest.get('fingerprint')}, but the journals record run {fingerprint}"
         )
     totals = manifest.get("totals", {})
     return SealReport(str(root), str(manifest.get("fingerprint")), int(totals.get("shards", len(manifest.get("shards", [])))),
@@ -176,16 +110,14 @@ def seal(directory: str | os.PathLike[str]) -> SealReport:
         VerificationError: units missing or damaged (all named, no manifest written), journals of
             different runs, or a complete manifest of another run.
     """
-    root = Path(directory)
-    if not root.is_dir():
-        raise UserError(f"{root}: no such directory")
-    has_journal = any(root.glob("journal-*.jsonl"))
-    if not has_journal:  # a selection, or a directory sealed and then stripped of its journals
-        done = _already_sealed(root, None)
+    run_directory = RunDirectory.open(directory)
+    root = run_directory.root
+    if not run_directory.journal_paths():  # a selection, or a directory sealed and then stripped of its journals
+        done = _already_sealed(run_directory, None)
         if done is not None:
             return done
-    fingerprint, settings, journal = _journalled_run(root)
-    done = _already_sealed(root, fingerprint)
+    fingerprint, settings, journal = _journalled_run(run_directory)
+    done = _already_sealed(run_directory, fingerprint)
     if done is not None:
         return done
 
@@ -194,7 +126,7 @@ def seal(directory: str | os.PathLike[str]) -> SealReport:
     present: list[tuple[str, Path, dict[str, Any]]] = []
     for name in names:
         entry = journal.get(name)
-        path = root / name
+        path = run_directory.shard_path(name)
         if entry is None or not path.is_file():
             missing.append(name)
         else:
@@ -202,7 +134,7 @@ def seal(directory: str | os.PathLike[str]) -> SealReport:
     # the reference for the schema check: any shard whose footer names this run
     reference: dict[str, Any] | None = None
     for _, path, _ in present:
-        header = _shard_header(path)
+        header = read_shard_header(path)
         if header is not None and header.get("fingerprint") == fingerprint:
             reference = {**header, **{k: settings[k] for k in ("top_k", "vocab_size", "teachers")}}
             break
@@ -218,7 +150,7 @@ def seal(directory: str | os.PathLike[str]) -> SealReport:
             reason = str(exc).removeprefix(f"{name}: ").replace("manifest", "journal")
             damaged.append(f"{name} [{reason}]")
             continue
-        headers[name] = _shard_header(path) or {}
+        headers[name] = read_shard_header(path) or {}
     if missing or damaged:
         problems = []
         if missing:
@@ -228,9 +160,9 @@ def seal(directory: str | os.PathLike[str]) -> SealReport:
         raise VerificationError(
             f"{root}: cannot seal: {'; '.join(problems)}; rerun the same 'softlabels generate' command to redo them"
         )
-    header = {k: v for k, v in headers[names[0]].items() if k != "unit"} if names else {}
+    header = run_header(headers[names[0]]) if names else {}
     entries = [journal[name] for name in names]
     manifest = build_manifest(header, settings, settings.get("id_column"), settings["corpus"], entries)
-    write_manifest(root, manifest)
+    run_directory.write_manifest(manifest)
     totals = manifest["totals"]
     return SealReport(str(root), fingerprint, totals["shards"], totals["rows"], totals["positions"], totals["bytes"])

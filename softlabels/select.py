@@ -47,11 +47,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .codec import LogprobCodec
 from .errors import UserError, VerificationError
-from .manifest import MANIFEST_NAME, SHARD_PATTERN, read_manifest, read_sealed_manifest, resolve_shard, write_manifest
-from .schema import HEADER_KEY, decode_header, encode_header
-from .seal import MANIFEST_BODY_KEYS, build_manifest, settings_fingerprint
-from .shards import check_shard, soft_label_bytes, write_shard
+from .rundir import (MANIFEST_BODY_KEYS, RunDirectory, ShardEntry, build_manifest, check_shard,
+                     read_shard_header, run_header, settings_fingerprint)
+from .schema import FORMAT, HEADER_KEY, decode_header, encode_header
+from .shards import soft_label_bytes, write_shard
 
 __all__ = ["SelectSummary", "select"]
 
@@ -127,51 +128,66 @@ def _selection_settings(manifest: dict[str, Any], where: str) -> dict[str, Any]:
     return settings
 
 
-def _done(out: Path, fingerprint: str) -> dict[str, Any] | None:
+def _done(out: RunDirectory, fingerprint: str) -> dict[str, Any] | None:
     """The manifest of this selection when ``out`` already holds it complete, with its shards in place."""
     try:
-        manifest = read_manifest(out)
+        manifest = out.read_manifest()
     except VerificationError:
         return None
     if manifest.get("complete") is not True or manifest.get("fingerprint") != fingerprint:
         return None
     for entry in manifest.get("shards", []):
         try:
-            path = resolve_shard(out, entry.get("file"))  # manifest names must stay inside --out
+            if not out.journalled_shard_intact(entry, hash_bytes=False):  # names must stay inside --out
+                return None
         except VerificationError:
-            return None
-        if not path.is_file() or path.stat().st_size != entry.get("bytes"):
             return None
     return manifest
 
 
-def _check_out(out: Path, source: Path, fingerprint: str) -> None:
+def _check_out(out: RunDirectory, source: Path, fingerprint: str) -> None:
     """``out`` must be new, empty, or hold only files of this same selection (an interrupted run)."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory")
-    if out.resolve() == source.resolve():
-        raise UserError(f"--out {out} is the source directory; write the selection to a new directory")
-    if not out.is_dir():
+    root = out.root
+    if root.resolve() == source.resolve():
+        raise UserError(f"--out {root} is the source directory; write the selection to a new directory")
+    if not root.is_dir():
         return
-    for path in out.iterdir():
-        ours = False
-        if path.name.endswith(".tmp"):
-            ours = True
-        elif SHARD_PATTERN.fullmatch(path.name):
+    foreign = _foreign_file(out, fingerprint)
+    if foreign is not None:
+        raise UserError(
+            f"--out {root} is not empty and does not hold this selection ({foreign}); use another --out or delete it"
+        )
+
+
+def _foreign_file(out: RunDirectory, fingerprint: str) -> str | None:
+    """The first file in ``out`` that is not part of this selection, relative to ``out``."""
+    for path in sorted(out.root.iterdir()):
+        if path == out.manifest_path:
             try:
-                header = decode_header(pq.read_schema(path).metadata)
-            except (pa.ArrowInvalid, OSError, ValueError):
-                header = None
-            ours = header is not None and header.get("fingerprint") == fingerprint
-        elif path.name == MANIFEST_NAME:
-            try:
-                ours = read_manifest(out).get("fingerprint") == fingerprint
+                if out.read_manifest().get("fingerprint") == fingerprint:
+                    continue
             except VerificationError:
-                ours = False
-        if not ours:
-            raise UserError(
-                f"--out {out} is not empty and does not hold this selection ({path.name}); use another --out or delete it"
-            )
+                pass
+            return path.name
+        if path == out.staging_dir and path.is_dir():
+            continue  # partial files of an interrupted selection
+        if path == out.data_dir and path.is_dir():
+            for shard in sorted(path.iterdir()):
+                header = read_shard_header(shard) if shard.is_file() else None
+                if header is None or header.get("fingerprint") != fingerprint:
+                    return f"{path.name}/{shard.name}"
+            continue
+        return path.name
+    return None
+
+
+def _stored_as(table: pa.Table, source: LogprobCodec, target: LogprobCodec) -> pa.Table:
+    """A v1 shard's rows with the log-prob column named and described as format v2 stores it."""
+    if source.column == target.column:
+        return table
+    index = table.schema.get_field_index(source.column)
+    field = pa.field(target.column, table.schema.field(index).type, metadata=target.field_metadata())
+    return table.set_column(index, field, table.column(index))
 
 
 def select(directory: str | os.PathLike[str], where: str, out: str | os.PathLike[str]) -> SelectSummary:
@@ -182,8 +198,11 @@ def select(directory: str | os.PathLike[str], where: str, out: str | os.PathLike
             or an ``--out`` that holds something else.
         VerificationError: the source is not sealed, or one of its shards is damaged.
     """
-    root, manifest = read_sealed_manifest(directory)
-    out = Path(out)
+    source = RunDirectory.open(directory)
+    root = source.root
+    manifest = source.read_sealed()
+    target = RunDirectory.for_output(out)
+    out = target.root
     settings = _selection_settings(manifest, where)
     fingerprint = settings_fingerprint(settings)
     source_totals = manifest["totals"]
@@ -193,48 +212,47 @@ def select(directory: str | os.PathLike[str], where: str, out: str | os.PathLike
         return SelectSummary(str(root), str(out), where, fingerprint, int(source_totals["rows"]), totals["rows"],
                              totals["positions"], totals["shards"], totals["bytes"], already_complete=already)
 
-    _check_out(out, root, fingerprint)
-    done = _done(out, fingerprint) if out.is_dir() else None
+    _check_out(target, root, fingerprint)
+    done = _done(target, fingerprint) if out.is_dir() else None
     if done is not None:
         return summary(done, already=True)
-    files = [resolve_shard(root, entry.get("file")) for entry in manifest["shards"]]
+    files = [source.shard_path(entry.get("file")) for entry in manifest["shards"]]
     for path, entry in zip(files, manifest["shards"]):
         check_shard(path, entry, manifest)
     mask = _mask(files, where, sum(int(entry["rows"]) for entry in manifest["shards"]))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST_NAME).unlink(missing_ok=True)  # an interrupted run of this selection: redone whole
-    for stale in out.glob("*.tmp"):
+    target.prepare_for_writing()
+    target.remove_manifest()  # an interrupted run of this selection: redone whole
+    for stale in target.staging_dir.glob("*.tmp"):
         stale.unlink()
 
     header = {k: v for k, v in manifest.items() if k not in MANIFEST_BODY_KEYS}
-    header.update(fingerprint=fingerprint, selections=settings["selections"])
-    entries: list[dict[str, Any]] = []
+    header.update(fingerprint=fingerprint, selections=settings["selections"], format=FORMAT)
+    source_codec, target_codec = LogprobCodec.from_header(manifest), LogprobCodec.from_header(header)
+    entries: list[ShardEntry] = []
     start = 0
     for path, entry in zip(files, manifest["shards"]):
         keep = mask[start : start + int(entry["rows"])]
         start += int(entry["rows"])
         if not keep.any():
             continue
-        table = pq.read_table(path)
-        shard_header = {**(decode_header(table.schema.metadata) or {}), "fingerprint": fingerprint, "selections": settings["selections"]}
-        kept = table.filter(pa.array(keep)).replace_schema_metadata({HEADER_KEY: encode_header(shard_header)})
+        unit = int(path.name.removeprefix("shard-").removesuffix(".parquet"))
+        kept = _stored_as(pq.read_table(path).filter(pa.array(keep)), source_codec, target_codec)
         positions = int(pc.sum(pc.list_value_length(kept.column("topk_ids"))).as_py() or 0)
-        target = out / path.name
-        try:
-            size, digest = write_shard(kept, target, positions)
-        except BaseException:
-            (out / (path.name + ".tmp")).unlink(missing_ok=True)  # never leave a short shard behind
-            raise
-        entries.append({"file": target.name, "unit": shard_header.get("unit"), "rows": kept.num_rows, "positions": positions,
-                        "bytes": size, "sha256": digest, "soft_label_bytes": soft_label_bytes(pq.read_metadata(target))})
+        shard_header = {**run_header(decode_header(kept.schema.metadata) or {}), **header, "unit": unit,
+                        "rows": kept.num_rows, "positions": positions}
+        kept = kept.replace_schema_metadata({HEADER_KEY: encode_header(shard_header)})
+        size, digest = write_shard(kept, target, unit, positions)
+        written = target.unit_shard_path(unit)
+        entries.append({"file": written.name, "unit": unit, "rows": kept.num_rows, "positions": positions,
+                        "bytes": size, "sha256": digest, "soft_label_bytes": soft_label_bytes(pq.read_metadata(written))})
     result = build_manifest(header, settings, manifest.get("id_column"), manifest.get("corpus", []), entries)
     result["selection"] = {
-        "source": str(root),
+        "source": root.name,
         "source_fingerprint": manifest["fingerprint"],
         "where": where,
         "source_totals": source_totals,
         "source_fidelity": manifest.get("fidelity"),
         "note": "fidelity needs the full teacher distribution; source_fidelity describes every row of the source, not this selection",
     }
-    write_manifest(out, result)
+    target.write_manifest(result)
     return summary(result, already=False)

@@ -1,20 +1,21 @@
-"""Building, writing and checking one shard.
+"""Building and writing one shard.
 
 A shard is built from Arrow buffers (flat numpy arrays wrapped as fixed-size lists inside lists:
-no Python object per position), written with zstd under a ``.tmp`` name, fsync'd and renamed.
+no Python object per position), written with zstd in the run directory's staging folder, fsync'd
+and renamed into ``data/`` (``RunDirectory.commit_staged``).
 Row groups hold about ``ROW_GROUP_POSITIONS`` positions so the loader can split a shard across
 workers: 65,536 positions at k=20 is about 5 MB of soft labels per group.
 
 The two soft-label columns skip dictionary encoding (up to V distinct ids per row group only pays
-back on huge shards) and use BYTE_STREAM_SPLIT, which puts the high and low bytes of every uint16 id
-and float16 log-probability in separate streams that zstd then compresses well: soft labels at
-k=20, V=32,000 take 63 instead of 71 bytes per position on a 16k-position shard, 66 instead of 93
-on small shards.
+back on huge shards) and use BYTE_STREAM_SPLIT, which puts the high and low bytes of every id and
+log-probability in separate streams that zstd then compresses well. float16 log-probabilities are
+the exception: DuckDB cannot read float16 BYTE_STREAM_SPLIT pages (duckdb#17114), so they are
+plainly encoded. The statistics columns (confidence, entropy, agreement) are plain too: their
+values are nearly all distinct, so a dictionary only costs big readers a lookup.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .codec import LogprobCodec
-from .errors import VerificationError
 from .fidelity import Fidelity
-from .manifest import fsync_dir, sha256_file
-from .schema import SOFT_COLUMNS, decode_header, id_type, shard_schema
+from .rundir import RunDirectory
+from .schema import SOFT_COLUMNS, STAT_COLUMNS, id_type, shard_schema
 
-__all__ = ["ROW_GROUP_POSITIONS", "ShardPayload", "build_shard", "write_shard", "soft_label_bytes", "check_shard"]
+__all__ = ["ROW_GROUP_POSITIONS", "ShardPayload", "build_shard", "write_shard", "write_parquet", "soft_label_bytes"]
 
 ROW_GROUP_POSITIONS = 65536
 # zstd level of the log-probability column only: level 6 takes float16 log-probs at k=20 on the KJV
@@ -88,28 +88,39 @@ def build_shard(payload: ShardPayload, vocab_size: int, top_k: int, ensemble_siz
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def write_shard(table: pa.Table, path: Path, positions: int) -> tuple[int, str]:
-    """Write ``table`` to ``path`` atomically; returns (bytes, sha256) of the committed file."""
-    tmp = path.with_name(path.name + ".tmp")
+def write_shard(table: pa.Table, directory: RunDirectory, unit: int, positions: int) -> tuple[int, str]:
+    """Write unit N's shard: staged, fsync'd, then renamed into the data folder whole.
+
+    Returns (bytes, sha256) of the committed file. On any exception the staged file is removed.
+    """
+    staged = directory.staging_path(unit)
+    try:
+        write_parquet(table, staged, positions)
+        return directory.commit_staged(unit)
+    except BaseException:
+        staged.unlink(missing_ok=True)  # never leave a short shard behind
+        raise
+
+
+def write_parquet(table: pa.Table, path: Path, positions: int) -> None:
+    """The shard's Parquet encoding, chosen so every client reads it (see the module docstring)."""
     rows = max(table.num_rows, 1)
     group_rows = max(1, int(ROW_GROUP_POSITIONS * rows / max(positions, 1)))
+    split = {f"{name}.list.element.list.element": "BYTE_STREAM_SPLIT" for name in table.column_names
+             if name in SOFT_COLUMNS and not _is_float16(table.schema.field(name).type)}
+    levels = {f"{name}.list.element.list.element": LOGPROB_ZSTD_LEVEL for name in table.column_names if name in SOFT_COLUMNS[1:]}
+    dictionary = [name for name in table.column_names if name not in SOFT_COLUMNS and name not in STAT_COLUMNS]
     # page CRCs let every later read detect a flipped byte without hashing the whole file
     pq.write_table(
-        table, tmp, compression="zstd", row_group_size=group_rows, write_page_checksum=True,
-        use_dictionary=[name for name in table.column_names if name not in SOFT_COLUMNS],
-        column_encoding={f"{name}.list.element.list.element": "BYTE_STREAM_SPLIT" for name in SOFT_COLUMNS},
-        compression_level={"topk_logprobs.list.element.list.element": LOGPROB_ZSTD_LEVEL},
+        table, path, compression="zstd", row_group_size=group_rows, write_page_checksum=True,
+        use_dictionary=dictionary, column_encoding=split or None, compression_level=levels or None,
     )
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    digest = sha256_file(tmp)
-    size = tmp.stat().st_size
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-    return size, digest
+
+
+def _is_float16(value_type: pa.DataType) -> bool:
+    while pa.types.is_list(value_type) or pa.types.is_fixed_size_list(value_type):
+        value_type = value_type.value_type
+    return pa.types.is_float16(value_type)
 
 
 def soft_label_bytes(metadata: pq.FileMetaData) -> int:
@@ -122,36 +133,3 @@ def soft_label_bytes(metadata: pq.FileMetaData) -> int:
             if chunk.path_in_schema.split(".")[0] in SOFT_COLUMNS:
                 total += chunk.total_compressed_size
     return total
-
-
-def check_shard(path: Path, entry: dict[str, Any], manifest: dict[str, Any]) -> None:
-    """Check one committed shard against its manifest entry.
-
-    Raises:
-        VerificationError: naming the shard, for a missing file, wrong size or sha256, an unreadable
-            file, a header from another run, or a row count that differs.
-    """
-    name = path.name
-    if not path.is_file():
-        raise VerificationError(f"{name}: missing")
-    size = path.stat().st_size
-    if size != entry.get("bytes"):
-        raise VerificationError(f"{name}: {size} bytes on disk, manifest says {entry.get('bytes')} (truncated or replaced)")
-    if sha256_file(path) != entry.get("sha256"):
-        raise VerificationError(f"{name}: sha256 differs from the manifest (corrupt)")
-    try:
-        parquet = pq.ParquetFile(path)
-        schema = parquet.schema_arrow
-        rows = parquet.metadata.num_rows
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise VerificationError(f"{name}: not a readable Parquet file ({exc})") from None
-    header = decode_header(schema.metadata)
-    if header is None or header.get("fingerprint") != manifest.get("fingerprint"):
-        raise VerificationError(f"{name}: header belongs to another run (fingerprint differs)")
-    if rows != entry.get("rows"):
-        raise VerificationError(f"{name}: {rows} rows, manifest says {entry.get('rows')}")
-    codec_fields = {key: manifest[key] for key in ("logprob_dtype", "logprob_scale") if key in manifest}
-    expected = shard_schema(pa.schema([]), manifest["vocab_size"], manifest["top_k"], len(manifest["teachers"]), codec_fields)
-    for field in expected:
-        if schema.get_field_index(field.name) < 0 or schema.field(field.name).type != field.type:
-            raise VerificationError(f"{name}: column {field.name!r} missing or of the wrong type")

@@ -25,9 +25,9 @@ import torch
 
 from .errors import UserError
 from .inputs import TeacherInputs
-from .manifest import sha256_file
+from .storage import sha256_file
 
-__all__ = ["Teacher", "autocast", "load_model", "load_teacher", "load_weights", "resolve_device"]
+__all__ = ["Teacher", "autocast", "load_model", "load_teacher", "load_weights", "portable_name", "resolve_device"]
 
 
 @dataclass
@@ -58,6 +58,25 @@ class Teacher:
             shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
             raise UserError(f"--teacher {self.spec}: expected logits [B, C] or [B, T, C], got {shape}")
         return output
+
+
+def portable_name(spec: str) -> str:
+    """A SPEC without the machine's directories: what a shard header may record of a teacher.
+
+    ``/home/me/models/t.pt2`` -> ``t.pt2``; ``pkg.mod:factory@/abs/w.safetensors`` ->
+    ``pkg.mod:factory@w.safetensors``; ``hf:/abs/SmolLM2`` -> ``hf:SmolLM2``. The teacher's identity
+    is its sha256, recorded beside this name.
+    """
+    def leaf(path: str) -> str:
+        return Path(path).name or path
+
+    if spec.startswith("hf:"):
+        target, at, weights = spec[len("hf:"):].partition("@")
+        return "hf:" + leaf(target.rstrip("/")) + (at + leaf(weights) if at else "")
+    if spec.endswith(".pt2"):
+        return leaf(spec)
+    target, at, weights = spec.partition("@")
+    return target + (at + leaf(weights) if at else "")
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

@@ -27,14 +27,13 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .data import SoftLabelDataset
+from .data import SoftLabelDataset, SoftLabelLoader
 from .errors import UserError, VerificationError
 from .inputs import TeacherInputs
 from .losses import IGNORE_INDEX, TAIL_MODES, dense_kd_per_position, hard_label_loss, kd_loss_per_position
-from .manifest import atomic_write_text
+from .storage import atomic_write_text
 from .teachers import autocast, load_model, resolve_device
 
 __all__ = ["TrainConfig", "TrainSummary", "train_student", "evaluate", "student_logits", "batch_losses"]
@@ -254,17 +253,14 @@ class _Stream:
         self.iterator: Iterator[dict[str, Any]] | None = None
 
     def _loader(self) -> Iterator[dict[str, Any]]:
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
-        return iter(loader)
+        return iter(SoftLabelLoader(self.dataset, num_workers=self.num_workers))
 
     def next(self) -> dict[str, Any]:
         for _ in range(2):
             if self.iterator is None:
                 self.iterator = self._loader()
             try:
-                batch = next(self.iterator)
-                self.dataset.mark_consumed(batch)
-                return batch
+                return next(self.iterator)
             except StopIteration:
                 self.iterator = None
                 self.dataset.set_epoch(self.dataset.epoch + 1)

@@ -1,4 +1,4 @@
-"""``softlabels verify``: is a directory a complete, uncorrupted ``softlabels.v1`` dataset?
+"""``softlabels verify``: is a directory a complete, uncorrupted soft-label dataset (v1 or v2)?
 
 Checks, in order: the manifest is there, complete and of this format; every shard name is
 ``shard-NNNNNN.parquet`` inside the directory; each shard's size, sha256, Parquet footer, header
@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import VerificationError
-from .manifest import SHARD_PATTERN, read_sealed_manifest, resolve_shard
-from .shards import check_shard
+from .rundir import RunDirectory, check_shard
 
 __all__ = ["VerifyReport", "verify"]
 
@@ -39,11 +38,13 @@ def verify(directory: str | Path) -> VerifyReport:
         UserError: ``directory`` does not exist.
         VerificationError: the first problem found, naming the bad file.
     """
-    root, manifest = read_sealed_manifest(directory)
+    run_directory = RunDirectory.open(directory)
+    root = run_directory.root
+    manifest = run_directory.read_sealed()
     rows = positions = size = 0
     listed = set()
     for entry in manifest["shards"]:
-        path = resolve_shard(root, entry.get("file"))
+        path = run_directory.shard_path(entry.get("file"))
         check_shard(path, entry, manifest)
         listed.add(path.name)
         rows += entry["rows"]
@@ -52,5 +53,5 @@ def verify(directory: str | Path) -> VerifyReport:
     totals = manifest["totals"]
     if (rows, positions, size) != (totals.get("rows"), totals.get("positions"), totals.get("bytes")):
         raise VerificationError(f"{root}/manifest.json: totals do not match the sum of its shards")
-    stray = sorted(p.name for p in root.iterdir() if SHARD_PATTERN.fullmatch(p.name) and p.name not in listed)
+    stray = sorted(p.name for p in run_directory.shard_files() if p.name not in listed)
     return VerifyReport(str(root), len(listed), rows, positions, size, stray)

@@ -1,0 +1,463 @@
+"""The run directory: the one owner of the on-disk contract of a soft-label dataset.
+
+Layout ``softlabels.v2`` (written by every command of this release)::
+
+    DIR/manifest.json               written last; the commit record of the run
+    DIR/data/shard-NNNNNN.parquet   the dataset, and nothing else: any Parquet reader opens DIR/data
+    DIR/_journal/rank-NNNNN.jsonl   one journal per rank: a run line, then one line per committed shard
+    DIR/_staging/                   partial shard files (local disk), renamed into data/ when whole
+
+Layout ``softlabels.v1`` (the first release, read by every command, never written): the shards,
+``journal-NNNNN.jsonl`` and ``manifest.json`` all sit in DIR itself.
+
+The commit protocol: a shard is written in ``_staging``, fsync'd and renamed into ``data/``; the
+journal line written after it (with the shard's size and sha256) makes it count; ``manifest.json``
+is written once every unit is journalled. Resume trusts a shard only while its bytes still hash to
+the journalled sha256, so a truncated, zeroed or flipped shard is simply run again. Each rank
+appends to its own journal, so processes sharing a directory never interleave writes to one file.
+
+Shard names in a manifest or journal must be ``shard-NNNNNN.parquet`` and resolve inside the data
+folder; anything else is a ``VerificationError``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypedDict
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .errors import UserError, VerificationError
+from .fidelity import Fidelity
+from .schema import FORMAT, FORMAT_V1, READABLE_FORMATS, decode_header, shard_schema, soft_columns
+from .storage import atomic_write_text, commit_file, sha256_file
+
+__all__ = [
+    "MANIFEST_NAME",
+    "DATA_DIR",
+    "JOURNAL_DIR",
+    "STAGING_DIR",
+    "SHARD_PATTERN",
+    "MANIFEST_BODY_KEYS",
+    "ShardEntry",
+    "shard_name",
+    "settings_fingerprint",
+    "build_manifest",
+    "check_shard",
+    "Journal",
+    "RunDirectory",
+]
+
+MANIFEST_NAME = "manifest.json"
+DATA_DIR = "data"
+JOURNAL_DIR = "_journal"
+STAGING_DIR = "_staging"
+SHARD_PATTERN = re.compile(r"shard-\d{6,}\.parquet")
+V1_JOURNAL_GLOB = "journal-*.jsonl"
+# Manifest keys that are not the run header (everything else in a manifest is a header field).
+MANIFEST_BODY_KEYS = ("complete", "settings", "id_column", "corpus", "shards", "totals", "fidelity", "selection")
+SHARD_FIELDS = ("file", "rows", "positions", "bytes", "sha256")
+REQUIRED_MANIFEST_KEYS = ("fingerprint", "top_k", "vocab_size", "teachers", "shards", "totals")
+
+
+class ShardEntry(TypedDict, total=False):
+    """One committed shard, as journalled (all keys) and as listed in a manifest (the first five)."""
+
+    file: str
+    rows: int
+    positions: int
+    bytes: int
+    sha256: str | None
+    unit: int
+    soft_label_bytes: int
+    fidelity: dict[str, Any]
+    skipped_nonfinite: int
+
+
+def shard_name(unit: int) -> str:
+    """Unit N always writes ``shard-NNNNNN.parquet``."""
+    return f"shard-{unit:06d}.parquet"
+
+
+def settings_fingerprint(settings: dict[str, Any]) -> str:
+    """The run fingerprint: the first 16 hex digits of the sha256 of the settings as sorted JSON."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_manifest(
+    header: dict[str, Any],
+    settings: dict[str, Any],
+    id_column: str | None,
+    corpus: list[dict[str, Any]],
+    entries: list[ShardEntry],
+) -> dict[str, Any]:
+    """The manifest of a finished directory.
+
+    Args:
+        header: the run header every shard carries (without the shard's ``unit``).
+        settings: the settings the fingerprint hashes.
+        id_column: ``--id-column`` of the run.
+        corpus: the corpus record ``[{path, rows, bytes}]``.
+        entries: one journal-style entry per shard in unit order; ``fidelity`` and
+            ``skipped_nonfinite`` where the teacher ran. The manifest has a ``fidelity`` summary
+            only when every entry has one (a selection cannot recompute it).
+    """
+    totals = {
+        "rows": sum(e["rows"] for e in entries),
+        "positions": sum(e["positions"] for e in entries),
+        "bytes": sum(e["bytes"] for e in entries),
+        "soft_label_bytes": sum(e["soft_label_bytes"] for e in entries),
+        "shards": len(entries),
+        "skipped_nonfinite": sum(e.get("skipped_nonfinite", 0) for e in entries),
+    }
+    manifest: dict[str, Any] = {
+        **header,
+        "complete": True,
+        "settings": settings,
+        "id_column": id_column,
+        "corpus": corpus,
+        "shards": [{k: e[k] for k in SHARD_FIELDS} for e in entries],
+        "totals": totals,
+    }
+    if entries and all("fidelity" in e for e in entries):
+        fidelity = Fidelity()
+        for entry in entries:
+            fidelity.merge(Fidelity.from_json(entry["fidelity"]))
+        manifest["fidelity"] = fidelity.summary()
+    return manifest
+
+
+SHARD_HEADER_KEYS = ("unit", "rows", "positions")
+"""Header keys that describe one shard, not the run: dropped when a shard header becomes a run header."""
+
+
+def run_header(shard_header: dict[str, Any]) -> dict[str, Any]:
+    """The run header within a shard's header."""
+    return {k: v for k, v in shard_header.items() if k not in SHARD_HEADER_KEYS}
+
+
+def read_shard_header(path: Path) -> dict[str, Any] | None:
+    """The run header in a shard's footer, or None when the file is unreadable or has none."""
+    try:
+        return decode_header(pq.read_schema(path).metadata)
+    except (pa.ArrowInvalid, OSError, ValueError):
+        return None
+
+
+__all__ += ["SHARD_HEADER_KEYS", "run_header", "read_shard_header"]
+
+
+def check_shard(path: Path, entry: ShardEntry, manifest: dict[str, Any], hash_bytes: bool = True) -> None:
+    """Check one committed shard against its manifest (or journal) entry.
+
+    Args:
+        hash_bytes: compare the sha256 too (about 1 s per GB); False checks sizes and footers only.
+
+    Raises:
+        VerificationError: naming the shard, for a missing file, wrong size or sha256, an unreadable
+            file, a header from another run, a row count that differs or a soft-label column missing
+            or of the wrong type.
+    """
+    name = path.name
+    if not path.is_file():
+        raise VerificationError(f"{name}: missing")
+    size = path.stat().st_size
+    if size != entry.get("bytes"):
+        raise VerificationError(f"{name}: {size} bytes on disk, manifest says {entry.get('bytes')} (truncated or replaced)")
+    if hash_bytes and entry.get("sha256") is not None and sha256_file(path) != entry.get("sha256"):
+        raise VerificationError(f"{name}: sha256 differs from the manifest (corrupt)")
+    try:
+        parquet = pq.ParquetFile(path)
+        schema = parquet.schema_arrow
+        rows = parquet.metadata.num_rows
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise VerificationError(f"{name}: not a readable Parquet file ({exc})") from None
+    header = decode_header(schema.metadata)
+    if header is None or header.get("fingerprint") != manifest.get("fingerprint"):
+        raise VerificationError(f"{name}: header belongs to another run (fingerprint differs)")
+    if rows != entry.get("rows"):
+        raise VerificationError(f"{name}: {rows} rows, manifest says {entry.get('rows')}")
+    codec_fields = {key: manifest[key] for key in ("format", "logprob_dtype", "logprob_scale") if key in manifest}
+    expected = shard_schema(pa.schema([]), manifest["vocab_size"], manifest["top_k"], len(manifest["teachers"]), codec_fields)
+    for field in expected:
+        if schema.get_field_index(field.name) < 0 or schema.field(field.name).type != field.type:
+            raise VerificationError(f"{name}: column {field.name!r} missing or of the wrong type")
+
+
+class Journal:
+    """Append-only record of committed shards for one rank: a run line, then one line per shard."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def start(self, run: dict[str, Any]) -> None:
+        """Begin a fresh journal whose first line names the run's fingerprint and settings."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path, json.dumps({"kind": "run", **run}, sort_keys=True) + "\n")
+
+    def append(self, entry: ShardEntry) -> None:
+        line = json.dumps({"kind": "shard", **entry}, sort_keys=True) + "\n"
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def read(self) -> tuple[dict[str, Any] | None, list[ShardEntry]]:
+        """The run line and the shard lines; a line torn by a crash mid-append is skipped (that shard runs again)."""
+        run: dict[str, Any] | None = None
+        shards: list[ShardEntry] = []
+        with open(self.path, encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if not isinstance(record, dict):
+                    continue
+                if record.get("kind") == "run":
+                    run = record
+                elif record.get("kind") == "shard" and run is not None:
+                    shards.append(record)  # type: ignore[arg-type]
+        return run, shards
+
+
+Layout = Literal["v1", "v2"]
+
+
+@dataclass(frozen=True)
+class RunDirectory:
+    """A soft-label directory on local disk, in layout v2 (written) or v1 (read only).
+
+    Attributes:
+        root: the directory (DIR).
+        layout: ``"v2"`` (shards under ``data/``) or ``"v1"`` (shards beside the manifest).
+    """
+
+    root: Path
+    layout: Layout = "v2"
+
+    # -- opening ------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, directory: str | os.PathLike[str]) -> "RunDirectory":
+        """An existing directory, its layout read from the manifest or, failing that, its contents.
+
+        Raises:
+            UserError: ``directory`` does not exist or is not a directory.
+        """
+        root = Path(directory)
+        if not root.is_dir():
+            raise UserError(f"{root}: no such directory")
+        return cls(root, cls._detect(root))
+
+    @classmethod
+    def for_output(cls, directory: str | os.PathLike[str], flag: str = "--out") -> "RunDirectory":
+        """The v2 directory a command writes to (it need not exist yet).
+
+        Raises:
+            UserError: it exists and is not a directory, or it holds a v1 dataset.
+        """
+        root = Path(directory)
+        if root.exists() and not root.is_dir():
+            raise UserError(f"{flag} {root} exists and is not a directory")
+        if root.is_dir() and cls._detect(root) == "v1":
+            raise UserError(
+                f"{flag} {root} holds a {FORMAT_V1} dataset (shards beside manifest.json); this release writes {FORMAT} "
+                f"with the shards under data/: use a new {flag} (every command still reads {root})"
+            )
+        return cls(root, "v2")
+
+    @staticmethod
+    def _detect(root: Path) -> Layout:
+        manifest = root / MANIFEST_NAME
+        if manifest.is_file():
+            try:
+                recorded = json.loads(manifest.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                recorded = None
+            if isinstance(recorded, dict) and recorded.get("format") == FORMAT_V1:
+                return "v1"
+            if isinstance(recorded, dict) and recorded.get("format") == FORMAT:
+                return "v2"
+        if (root / DATA_DIR).is_dir() or (root / JOURNAL_DIR).is_dir():
+            return "v2"
+        if any(root.glob(V1_JOURNAL_GLOB)) or any(SHARD_PATTERN.fullmatch(p.name) for p in root.glob("shard-*.parquet")):
+            return "v1"
+        return "v2"
+
+    # -- names --------------------------------------------------------------------------------
+    @property
+    def data_dir(self) -> Path:
+        """The folder of the shards: ``DIR/data`` (v2) or DIR itself (v1)."""
+        return self.root / DATA_DIR if self.layout == "v2" else self.root
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST_NAME
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.root / STAGING_DIR if self.layout == "v2" else self.root
+
+    def shard_path(self, name: object) -> Path:
+        """The path of a shard named in a manifest or journal, refusing anything that could escape.
+
+        Raises:
+            VerificationError: the name is not ``shard-NNNNNN.parquet`` or resolves outside the data folder.
+        """
+        if not isinstance(name, str) or not SHARD_PATTERN.fullmatch(name):
+            raise VerificationError(f"{self.root}: manifest names an invalid shard file {name!r}")
+        path = (self.data_dir / name).resolve()
+        if path.parent != self.data_dir.resolve():
+            raise VerificationError(f"{self.root}: shard {name!r} resolves outside the directory")
+        return self.data_dir / name
+
+    def unit_shard_path(self, unit: int) -> Path:
+        return self.data_dir / shard_name(unit)
+
+    def staging_path(self, unit: int) -> Path:
+        """Where unit N's shard is written before it is renamed into place."""
+        return self.staging_dir / (shard_name(unit) + ".tmp")
+
+    def shard_files(self) -> list[Path]:
+        """Every ``shard-NNNNNN.parquet`` in the data folder, in name order."""
+        if not self.data_dir.is_dir():
+            return []
+        return sorted(p for p in self.data_dir.iterdir() if SHARD_PATTERN.fullmatch(p.name))
+
+    # -- journals -----------------------------------------------------------------------------
+    def journal(self, rank: int) -> Journal:
+        if self.layout == "v1":
+            return Journal(self.root / f"journal-{rank:05d}.jsonl")
+        return Journal(self.root / JOURNAL_DIR / f"rank-{rank:05d}.jsonl")
+
+    def journal_paths(self) -> list[Path]:
+        if self.layout == "v1":
+            return sorted(self.root.glob(V1_JOURNAL_GLOB))
+        folder = self.root / JOURNAL_DIR
+        return sorted(folder.glob("rank-*.jsonl")) if folder.is_dir() else []
+
+    def read_journals(self) -> tuple[list[dict[str, Any]], dict[str, ShardEntry]]:
+        """Every rank's run line and the latest journalled entry per shard file name."""
+        runs: list[dict[str, Any]] = []
+        shards: dict[str, ShardEntry] = {}
+        for path in self.journal_paths():
+            run, entries = Journal(path).read()
+            if run is not None:
+                runs.append(run)
+            for entry in entries:
+                shards[str(entry.get("file"))] = entry
+        return runs, shards
+
+    # -- shards -------------------------------------------------------------------------------
+    def prepare_for_writing(self) -> None:
+        """Create the folders a writer needs."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.staging_dir.mkdir(parents=True, exist_ok=True)
+
+    def commit_staged(self, unit: int) -> tuple[int, str]:
+        """Move unit N's whole staged shard into the data folder; returns its (bytes, sha256)."""
+        return commit_file(self.staging_path(unit), self.unit_shard_path(unit))
+
+    def discard_staged(self, units: list[int]) -> None:
+        """Remove partial files of these units only: other ranks may be writing theirs right now."""
+        for unit in units:
+            self.staging_path(unit).unlink(missing_ok=True)
+
+    def journalled_shard_intact(self, entry: ShardEntry, hash_bytes: bool = True) -> bool:
+        """Does the journalled shard still have its size (and sha256) on disk?"""
+        path = self.shard_path(entry.get("file"))
+        if not path.is_file() or path.stat().st_size != entry.get("bytes"):
+            return False
+        return not hash_bytes or sha256_file(path) == entry.get("sha256")
+
+    # -- the manifest -------------------------------------------------------------------------
+    def has_manifest(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def read_manifest(self) -> dict[str, Any]:
+        """The parsed manifest.
+
+        Raises:
+            VerificationError: missing, unparsable, or of no format this release reads.
+        """
+        path = self.manifest_path
+        if not path.is_file():
+            raise VerificationError(f"{self.root}: no {MANIFEST_NAME}; not a sealed soft-label directory")
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise VerificationError(f"{path}: unreadable manifest ({exc})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") not in READABLE_FORMATS:
+            raise VerificationError(f"{path}: format is not one of {', '.join(READABLE_FORMATS)}")
+        return manifest
+
+    def read_sealed(self) -> dict[str, Any]:
+        """The manifest, which must be complete and hold the fields readers rely on.
+
+        Raises:
+            VerificationError: no manifest, an unfinished run, or a manifest missing a field.
+        """
+        manifest = self.read_manifest()
+        if manifest.get("complete") is not True:
+            raise VerificationError(f"{self.root}: manifest is not complete (the run has not finished)")
+        for key in REQUIRED_MANIFEST_KEYS:
+            if key not in manifest:
+                raise VerificationError(f"{self.manifest_path}: missing {key!r}")
+        return manifest
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+    def remove_manifest(self) -> None:
+        """Unseal: a unit is being redone, so the directory is not complete until it is."""
+        self.manifest_path.unlink(missing_ok=True)
+
+    def discard_stale_manifest_writes(self) -> None:
+        """Temporary manifest files of a seal interrupted by a crash."""
+        for stale in self.root.glob(f"{MANIFEST_NAME}.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+    def manifest_from_shards(self) -> dict[str, Any]:
+        """A manifest rebuilt from the shards' own headers, for a directory whose manifest is gone.
+
+        Every ``shard-NNNNNN.parquet`` in the data folder must carry a header of one run. The entries
+        have no sha256 (nothing to compare against), so reads check sizes, footers and page CRCs only.
+
+        Raises:
+            VerificationError: no shards, a shard without a readable header, or headers of several runs.
+        """
+        files = self.shard_files()
+        if not files:
+            raise VerificationError(f"{self.root}: no manifest and no shard-NNNNNN.parquet files in {self.data_dir}")
+        header: dict[str, Any] | None = None
+        entries: list[ShardEntry] = []
+        for path in files:
+            try:
+                metadata = pq.read_metadata(path)
+                shard_header = decode_header(metadata.schema.to_arrow_schema().metadata)
+            except (pa.ArrowInvalid, OSError, ValueError) as exc:
+                raise VerificationError(f"{path.name}: not a readable Parquet file ({exc})") from None
+            if shard_header is None:
+                raise VerificationError(f"{path.name}: no softlabels header in its footer")
+            if header is None:
+                header = run_header(shard_header)
+            elif shard_header.get("fingerprint") != header.get("fingerprint"):
+                raise VerificationError(
+                    f"{path.name}: header of run {shard_header.get('fingerprint')}, but {files[0].name} is of run {header.get('fingerprint')}"
+                )
+            positions = shard_header.get("positions")
+            if not isinstance(positions, int):  # shards of the first release: count the stored positions
+                ids = pq.read_table(path, columns=[soft_columns(header)[0]]).column(0)
+                positions = int(pc.sum(pc.list_value_length(ids)).as_py() or 0)
+            entries.append({"file": path.name, "rows": metadata.num_rows, "positions": positions,
+                            "bytes": path.stat().st_size, "sha256": None})
+        totals = {"rows": sum(e["rows"] for e in entries), "positions": sum(e["positions"] for e in entries),
+                  "bytes": sum(e["bytes"] for e in entries), "shards": len(entries)}
+        return {**(header or {}), "complete": False, "from_shards": True, "shards": entries, "totals": totals}
