@@ -421,7 +421,7 @@ class RunDirectory:
 
     def discard_stale_manifest_writes(self) -> None:
         """Temporary manifest files of a seal interrupted by a crash."""
-        for stale in self.root.glob(f"{MANIFEST_NAME}.*.tmp"):
+        for stale in self.root.glob(f"{MANIFEST_NAME}*.tmp"):
             stale.unlink(missing_ok=True)
 
     def manifest_from_shards(self) -> dict[str, Any]:

@@ -50,9 +50,39 @@ def run_cli_subprocess(*args: object, **popen: object) -> subprocess.CompletedPr
     )
 
 
+def data_dir(out: Path) -> Path:
+    """The folder of a (v2) output directory's shards: ``out/data``."""
+    return out / "data"
+
+
+def shard_paths(out: Path) -> list[Path]:
+    """The committed ``shard-NNNNNN.parquet`` files of a (v2) output directory, in name order."""
+    return sorted(data_dir(out).glob("shard-*.parquet"))
+
+
+def shard_path(out: Path, unit: int) -> Path:
+    """Where unit N's shard lives in a (v2) output directory."""
+    return data_dir(out) / f"shard-{unit:06d}.parquet"
+
+
+def journal_path(out: Path, rank: int = 0) -> Path:
+    """Rank ``rank``'s journal in a (v2) output directory."""
+    return out / "_journal" / f"rank-{rank:05d}.jsonl"
+
+
+def journal_paths(out: Path) -> list[Path]:
+    """Every rank's journal in a (v2) output directory, in rank order."""
+    return sorted((out / "_journal").glob("rank-*.jsonl"))
+
+
+def tmp_files(out: Path) -> list[Path]:
+    """Every partial (``*.tmp``) file anywhere under ``out`` (staging, data, the directory itself)."""
+    return sorted(out.rglob("*.tmp"))
+
+
 def journal_shards(out: Path) -> int:
     """Shards rank 0 has journalled in ``out`` so far."""
-    journal = out / "journal-00000.jsonl"
+    journal = journal_path(out)
     return journal.read_text().count('"kind": "shard"') if journal.is_file() else 0
 
 
@@ -140,7 +170,7 @@ def write_jsonl(table: pa.Table, path: Path) -> Path:
 
 def read_output(out: Path) -> pa.Table:
     """Every committed shard's rows, sorted by sample_id (ignores .tmp files)."""
-    tables = [pq.read_table(p) for p in sorted(out.glob("shard-*.parquet"))]
+    tables = [pq.read_table(p) for p in shard_paths(out)]
     return pa.concat_tables(tables).sort_by("sample_id")
 
 

@@ -23,6 +23,8 @@ from conftest import (
     read_output,
     run_cli,
     run_cli_subprocess,
+    shard_paths,
+    tmp_files,
     token_table,
     write_jsonl,
     write_parquet,
@@ -67,10 +69,10 @@ def assert_untouched(out: Path) -> None:
 def assert_not_sealed(out: Path, bad_units: list[int]) -> None:
     """After a mid-run failure: no manifest, the bad units' shards absent, no partial files."""
     assert not (out / "manifest.json").exists()
-    present = {p.name for p in out.glob("shard-*.parquet")}
+    present = {p.name for p in shard_paths(out)}
     for unit in bad_units:
         assert f"shard-{unit:06d}.parquet" not in present
-    assert not list(out.glob("*.tmp")), sorted(p.name for p in out.glob("*.tmp"))
+    assert not tmp_files(out), tmp_files(out)
 
 
 @pytest.fixture
@@ -330,7 +332,7 @@ def test_nonfinite_error_names_sample_ids_and_commits_nothing_for_them(nan_corpu
     assert set(re.findall(r"s-\d{5}", line)) == NAN_IDS
     assert_not_sealed(out, bad_units=[2, 3, 4])
     # whatever was committed before the failure is whole and correct; the directory is not a dataset
-    for shard in out.glob("shard-*.parquet"):
+    for shard in shard_paths(out):
         assert pq.read_metadata(shard).num_rows == ROWS_PER_SHARD
     assert run_cli("verify", out).code == 2
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import read_output, run_cli, save_teacher, token_table, write_parquet
+from conftest import read_output, run_cli, save_teacher, shard_paths, token_table, write_parquet
 from softlabels.codec import LOGPROB_DTYPES, UINT8_FLOOR, LogprobCodec
 from softlabels.data import SoftLabelDataset, collate
 from softlabels.inspect import inspect
@@ -100,11 +100,15 @@ def _teacher_topk(corpus, teacher):
     return torch.cat(ids), torch.cat(values)
 
 
+# where each dtype's stored values live: uint8 codes are not log-probabilities, so never in topk_logprobs
+COLUMNS = {"bfloat16": "topk_logprobs", "float16": "topk_logprobs", "uint8": "topk_logprob_codes"}
+
+
 def _stored(out):
     table = read_output(out)
-    header = json.loads(pq.read_schema(sorted(out.glob("shard-*.parquet"))[0]).metadata[b"softlabels"])
+    header = json.loads(pq.read_schema(shard_paths(out)[0]).metadata[b"softlabels"])
     ids = np.array([p for row in table.column("topk_ids").to_pylist() for p in row])
-    raw = np.array([p for row in table.column("topk_logprobs").to_pylist() for p in row])
+    raw = np.array([p for row in table.column(COLUMNS[header["logprob_dtype"]]).to_pylist() for p in row])
     return table, header, ids, raw
 
 
@@ -117,7 +121,17 @@ def test_shards_store_the_dtype_and_decode_within_bound_of_the_teacher(runs, dty
     manifest = json.loads((outs[dtype] / "manifest.json").read_text())
     assert manifest["logprob_dtype"] == dtype and manifest.get("logprob_scale") == header.get("logprob_scale")
     expected_type = {"float16": pa.float16(), "bfloat16": pa.float32(), "uint8": pa.uint8()}[dtype]
-    assert table.schema.field("topk_logprobs").type == pa.list_(pa.list_(expected_type, TOP_K))
+    column = COLUMNS[dtype]
+    assert codec.column == column
+    assert table.schema.field(column).type == pa.list_(pa.list_(expected_type, TOP_K))
+    other = ({"topk_logprobs", "topk_logprob_codes"} - {column}).pop()
+    assert other not in table.column_names
+    metadata = pq.read_schema(shard_paths(outs[dtype])[0]).field(column).metadata or {}
+    if dtype == "uint8":  # the codes say what they are and how to decode them, without the header
+        assert metadata[b"softlabels.codes"] == b"uint8-sqrt"
+        assert float(metadata[b"softlabels.scale"]) == header["logprob_scale"]
+    else:
+        assert b"softlabels.codes" not in metadata
 
     true_ids, true_values = _teacher_topk(corpus, teacher)
     np.testing.assert_array_equal(ids, true_ids.numpy())
@@ -138,9 +152,9 @@ def test_loader_collate_and_inspect_decode(runs, dtype):
     loaded = [b["topk_logprobs"][b["mask"]] for b in dataset]
     np.testing.assert_array_equal(torch.cat(loaded).numpy(), decoded)  # sorted ids = shard order here
 
-    shard = pq.read_table(sorted(outs[dtype].glob("shard-*.parquet"))[0])
+    shard = pq.read_table(shard_paths(outs[dtype])[0])
     batch = collate(shard, None, None)  # the codec comes from the shard's own header
-    first = codec.decode_numpy(np.array([p for row in shard.column("topk_logprobs").to_pylist() for p in row], dtype=codec.arrow_type.to_pandas_dtype()))
+    first = codec.decode_numpy(np.array([p for row in shard.column(COLUMNS[dtype]).to_pylist() for p in row], dtype=codec.arrow_type.to_pandas_dtype()))
     np.testing.assert_array_equal(batch["topk_logprobs"][batch["mask"]].numpy(), first)
 
     report = inspect(outs[dtype])

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import classifier_table, frame_table, read_output, run_cli, save_teacher, token_table, write_jsonl, write_parquet
+from conftest import classifier_table, frame_table, read_output, run_cli, save_teacher, shard_paths, token_table, write_jsonl, write_parquet
 
 ROWS_PER_SHARD = 25
 BATCH = 7
@@ -44,7 +44,7 @@ def manifest_of(out: Path) -> dict:
 
 def shard_ids(out: Path) -> list[list[str]]:
     """Sample ids of each shard, in shard order and row order (not re-sorted)."""
-    return [pq.read_table(p, columns=["sample_id"]).column(0).to_pylist() for p in sorted(out.glob("shard-*.parquet"))]
+    return [pq.read_table(p, columns=["sample_id"]).column(0).to_pylist() for p in shard_paths(out)]
 
 
 def by_id(table: pa.Table) -> dict[str, dict]:

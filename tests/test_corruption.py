@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import DIGITS_TEACHERS, CliResult, classifier_table, run_cli, run_cli_subprocess, write_parquet
+from conftest import DIGITS_TEACHERS, CliResult, classifier_table, data_dir, run_cli, run_cli_subprocess, shard_paths, tmp_files, write_parquet
 
 ROWS = 117
 ROWS_PER_SHARD = 25
@@ -53,8 +53,8 @@ class Original:
         self.out = root / "original"
         result = run_cli(*generate_args(self.corpus, self.out))
         assert result.code == 0, result.err
-        assert sorted(p.name for p in self.out.glob("shard-*.parquet")) == SHARDS
-        self.sha = {name: sha256(self.out / name) for name in SHARDS}
+        assert [p.name for p in shard_paths(self.out)] == SHARDS
+        self.sha = {name: sha256(data_dir(self.out) / name) for name in SHARDS}
         self.manifest_text = (self.out / "manifest.json").read_text()
         # a second, different run (k=3), for a shard that belongs to another run
         self.other = root / "other"
@@ -84,7 +84,7 @@ def write_manifest(directory: Path, data: dict) -> None:
 
 
 def file_ids(directory: Path) -> dict[str, tuple[int, int]]:
-    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in directory.glob("shard-*.parquet")}
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in shard_paths(directory)}
 
 
 def truncate(path: Path) -> None:
@@ -122,8 +122,8 @@ def test_original_verifies(original: Original, out: Path) -> None:
 def test_corrupt_shard_is_named_by_verify_and_regenerated_by_resume(
     original: Original, out: Path, corruption: str, victim: str
 ) -> None:
-    CORRUPTIONS[corruption](out / victim)
-    assert sha256(out / victim) != original.sha[victim]
+    CORRUPTIONS[corruption](data_dir(out) / victim)
+    assert sha256(data_dir(out) / victim) != original.sha[victim]
 
     line = assert_verification_failed(run_cli("verify", out), victim)
     assert not any(other in line for other in SHARDS if other != victim)
@@ -135,33 +135,33 @@ def test_corrupt_shard_is_named_by_verify_and_regenerated_by_resume(
     after = file_ids(out)
     for name, ident in untouched.items():
         assert after[name] == ident, f"{name} was rewritten"
-    assert {name: sha256(out / name) for name in SHARDS} == original.sha
+    assert {name: sha256(data_dir(out) / name) for name in SHARDS} == original.sha
     assert (out / "manifest.json").read_text() == original.manifest_text
-    assert not list(out.glob("*.tmp"))
+    assert not tmp_files(out)
     assert run_cli("verify", out).code == 0
 
 
 def test_unsealed_directory_with_a_damaged_shard_resumes(original: Original, out: Path) -> None:
     """A crash before the manifest plus a damaged shard: resume redoes that unit and seals."""
     (out / "manifest.json").unlink()
-    truncate(out / SHARDS[1])
+    truncate(data_dir(out) / SHARDS[1])
     assert_verification_failed(run_cli("verify", out), "manifest.json")
     result = run_cli(*generate_args(original.corpus, out))
     assert result.code == 0 and "(1 written this run)" in result.out, result.err
-    assert {name: sha256(out / name) for name in SHARDS} == original.sha
+    assert {name: sha256(data_dir(out) / name) for name in SHARDS} == original.sha
     assert (out / "manifest.json").read_text() == original.manifest_text
 
 
 def test_deleted_shard_is_named_and_regenerated(original: Original, out: Path) -> None:
-    (out / SHARDS[3]).unlink()
+    (data_dir(out) / SHARDS[3]).unlink()
     assert_verification_failed(run_cli("verify", out), SHARDS[3], "missing")
     result = run_cli(*generate_args(original.corpus, out))
     assert result.code == 0 and "(1 written this run)" in result.out, result.err
-    assert sha256(out / SHARDS[3]) == original.sha[SHARDS[3]]
+    assert sha256(data_dir(out) / SHARDS[3]) == original.sha[SHARDS[3]]
 
 
 def test_verify_through_the_entry_point(out: Path) -> None:
-    zero(out / SHARDS[0])
+    zero(data_dir(out) / SHARDS[0])
     proc = run_cli_subprocess("verify", out)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
@@ -174,8 +174,9 @@ def test_verify_through_the_entry_point(out: Path) -> None:
 @pytest.mark.parametrize("name", ["../x", "/etc/passwd", "shard-1.parquet", "shard-000002.parquet/../../x", "SHARD-000002.PARQUET"])
 def test_manifest_shard_names_outside_the_pattern_are_refused(out: Path, name: str) -> None:
     # give every name something real to point at, so refusing it is about the name alone
-    (out.parent / "x").write_bytes((out / SHARDS[2]).read_bytes())
-    shutil.copy2(out / SHARDS[2], out / "shard-1.parquet")
+    for target in (out.parent / "x", out / "x"):  # "../x" from DIR/data is DIR/x
+        target.write_bytes((data_dir(out) / SHARDS[2]).read_bytes())
+    shutil.copy2(data_dir(out) / SHARDS[2], data_dir(out) / "shard-1.parquet")
     data = manifest(out)
     data["shards"][2]["file"] = name
     write_manifest(out, data)
@@ -193,9 +194,9 @@ def test_shard_symlinked_outside_the_directory_is_refused(original: Original, ou
     # the link's target has exactly the right bytes: only where it resolves gives it away
     outside = tmp_path / "elsewhere" / "shard.parquet"
     outside.parent.mkdir()
-    shutil.copy2(out / SHARDS[2], outside)
-    (out / SHARDS[2]).unlink()
-    os.symlink(outside, out / SHARDS[2])
+    shutil.copy2(data_dir(out) / SHARDS[2], outside)
+    (data_dir(out) / SHARDS[2]).unlink()
+    os.symlink(outside, data_dir(out) / SHARDS[2])
     assert_verification_failed(run_cli("verify", out), SHARDS[2], "outside")
     assert sha256(outside) == original.sha[SHARDS[2]]
 
@@ -207,14 +208,14 @@ def test_resume_never_trusts_or_writes_through_an_outside_symlink(original: Orig
     outside = tmp_path / "elsewhere" / "shard.parquet"
     outside.parent.mkdir()
     outside.write_bytes(b"not mine to overwrite")
-    (out / SHARDS[2]).unlink()
-    os.symlink(outside, out / SHARDS[2])
+    (data_dir(out) / SHARDS[2]).unlink()
+    os.symlink(outside, data_dir(out) / SHARDS[2])
     result = run_cli(*generate_args(original.corpus, out))
     assert "Traceback" not in result.err
     assert outside.read_bytes() == b"not mine to overwrite"
     if result.code == 0:  # regenerated: the link was replaced by a real shard
-        assert not (out / SHARDS[2]).is_symlink()
-        assert sha256(out / SHARDS[2]) == original.sha[SHARDS[2]]
+        assert not (data_dir(out) / SHARDS[2]).is_symlink()
+        assert sha256(data_dir(out) / SHARDS[2]) == original.sha[SHARDS[2]]
         assert run_cli("verify", out).code == 0
     else:  # refused, naming the file
         assert result.code == 2 and SHARDS[2] in result.err and len(result.err.splitlines()) == 1
@@ -278,16 +279,16 @@ def test_sha_mismatch_in_manifest(out: Path) -> None:
 
 def test_shard_from_another_run_is_refused(original: Original, out: Path) -> None:
     """A whole, readable shard of a different run, with the manifest updated to its bytes and hash."""
-    shutil.copy2(original.other / SHARDS[2], out / SHARDS[2])
+    shutil.copy2(data_dir(original.other) / SHARDS[2], data_dir(out) / SHARDS[2])
     data = manifest(out)
-    data["shards"][2]["bytes"] = (out / SHARDS[2]).stat().st_size
-    data["shards"][2]["sha256"] = sha256(out / SHARDS[2])
+    data["shards"][2]["bytes"] = (data_dir(out) / SHARDS[2]).stat().st_size
+    data["shards"][2]["sha256"] = sha256(data_dir(out) / SHARDS[2])
     write_manifest(out, data)
     assert_verification_failed(run_cli("verify", out), SHARDS[2], "another run")
 
 
 def test_stray_tmp_files_are_ignored_by_verify_and_removed_by_generate(original: Original, out: Path) -> None:
-    strays = [out / f"{SHARDS[2]}.tmp", out / "manifest.json.tmp"]
+    strays = [out / "_staging" / f"{SHARDS[2]}.tmp", out / "manifest.json.tmp"]
     for stray in strays:
         stray.write_bytes(b"half a shard")
     before = file_ids(out)
@@ -304,7 +305,7 @@ def test_stray_tmp_files_are_ignored_by_verify_and_removed_by_generate(original:
 
 
 def test_stray_shard_not_in_manifest_is_reported_not_read(out: Path) -> None:
-    (out / "shard-000099.parquet").write_bytes(b"garbage that is not parquet")
+    (data_dir(out) / "shard-000099.parquet").write_bytes(b"garbage that is not parquet")
     result = run_cli("verify", out)
     assert result.code == 0, result.err
     assert "1 stray" in result.out
@@ -312,8 +313,8 @@ def test_stray_shard_not_in_manifest_is_reported_not_read(out: Path) -> None:
 
 def test_resumed_shards_are_readable_parquet(original: Original, out: Path) -> None:
     """After regeneration the shard is a full Parquet file with the original row count and header."""
-    flip_middle(out / SHARDS[4])
+    flip_middle(data_dir(out) / SHARDS[4])
     assert run_cli(*generate_args(original.corpus, out)).code == 0
-    metadata = pq.read_metadata(out / SHARDS[4])
+    metadata = pq.read_metadata(data_dir(out) / SHARDS[4])
     assert metadata.num_rows == ROWS - 4 * ROWS_PER_SHARD
     assert manifest(out)["shards"][4]["rows"] == metadata.num_rows

@@ -21,7 +21,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import DIGITS_TEACHERS, classifier_table, frame_table, run_cli, save_teacher, token_table, write_parquet
+from conftest import (DIGITS_TEACHERS, classifier_table, frame_table, journal_path, run_cli, save_teacher, shard_path,
+                      shard_paths, token_table, write_parquet)
 from softlabels.data import SoftLabelDataset, collate
 from softlabels.errors import VerificationError
 from softlabels.losses import IGNORE_INDEX
@@ -83,15 +84,17 @@ def dirs(tmp_path_factory) -> dict[str, Path]:
 def _reference(directory: Path) -> dict[str, dict[str, Any]]:
     """sample_id -> that row's values, read from the shard files with pyarrow alone."""
     rows: dict[str, dict[str, Any]] = {}
-    for path in sorted(directory.glob("shard-*.parquet")):
+    for path in shard_paths(directory):
         table = pq.read_table(path)
         for row in table.to_pylist():
             row["shard"] = path.name
             rows[row["sample_id"]] = row
-        # float16 to_pylist goes through Python floats; keep the exact stored values as numpy too
+        # to_pylist goes through Python floats; keep the exact stored values (bfloat16 in float32) as numpy too
         logprobs = table.column("topk_logprobs").combine_chunks()
+        assert logprobs.type.value_type.value_type == pa.float32()  # the default storage, bfloat16 values
         for i, sid in enumerate(table.column("sample_id").to_pylist()):
-            rows[sid]["logprobs16"] = np.asarray(logprobs[i].values.flatten().to_numpy(zero_copy_only=False), dtype=np.float16)
+            rows[sid]["stored_logprobs"] = logprobs[i].values.flatten().to_numpy(zero_copy_only=False)
+    assert rows, f"no shards in {directory}"
     return rows
 
 
@@ -183,7 +186,7 @@ def test_order_is_a_function_of_seed_and_epoch(dirs, refs):
 
 def test_unshuffled_order_is_the_shard_order(dirs, refs):
     ds = SoftLabelDataset(dirs["tok"], batch_size=BATCH, shuffle=False, rank=0, world_size=1)
-    expected = [sid for path in sorted(dirs["tok"].glob("shard-*.parquet")) for sid in pq.read_table(path).column("sample_id").to_pylist()]
+    expected = [sid for path in shard_paths(dirs["tok"]) for sid in pq.read_table(path).column("sample_id").to_pylist()]
     assert _ids(list(ds)) == expected
 
 
@@ -210,7 +213,7 @@ def _resumed(directory: Path, workers: int, seed: int, epoch: int, rank: int, wo
     iterator = iter(_loader(ds, workers))
     for _ in range(cut):
         batch = next(iterator)
-        ds.mark_consumed(batch)
+        ds.record_consumed(batch)
         head.append(batch)
     state = json.loads(json.dumps(ds.state_dict()))  # the trainer stores it as JSON
     del iterator
@@ -248,7 +251,7 @@ def test_resume_twice_equals_uninterrupted(dirs, workers):
             ds.load_state_dict(state)
         iterator = iter(_loader(ds, workers))
         for batch in iterator if cut is None else (next(iterator) for _ in range(cut)):
-            ds.mark_consumed(batch)
+            ds.mark_consumed(batch)  # the first release's name for record_consumed, kept as an alias
             got.append(batch)
         state = json.loads(json.dumps(ds.state_dict()))
         del iterator
@@ -298,7 +301,7 @@ def _check_batch(batch: dict[str, Any], ref: dict[str, dict[str, Any]], k: int, 
         n = len(row["topk_ids"])
         assert batch["mask"][b].tolist() == [True] * n + [False] * (steps - n)
         assert batch["topk_ids"][b, :n].tolist() == row["topk_ids"]
-        stored = torch.from_numpy(row["logprobs16"].astype(np.float32)).reshape(n, k)
+        stored = torch.from_numpy(row["stored_logprobs"].astype(np.float32)).reshape(n, k)
         assert torch.equal(batch["topk_logprobs"][b, :n], stored)
         if labels == "position":
             label = [IGNORE_INDEX if v is None else v for v in row["label"] or []]
@@ -336,7 +339,7 @@ def test_batches_hold_the_shard_values(dirs, refs, name, k, labels, input_dtype)
 
 
 def test_collate_of_a_raw_shard_table(dirs, refs):
-    path = sorted(dirs["tok"].glob("shard-*.parquet"))[2]
+    path = shard_paths(dirs["tok"])[2]
     table = pq.read_table(path)
     batch = collate(table, "inputs", "label")
     assert batch["sample_id"] == table.column("sample_id").to_pylist()
@@ -389,7 +392,7 @@ def _flip_in_logprobs_data_page(path: Path) -> None:
 @pytest.mark.parametrize("workers", [0, 2])
 def test_flipped_byte_fails_the_loader_naming_the_file(dirs, tmp_path, verify_sha256, workers):
     directory = _copy(dirs, tmp_path)
-    victim = directory / "shard-000002.parquet"
+    victim = shard_path(directory, 2)
     size = victim.stat().st_size
     _flip_in_logprobs_data_page(victim)
     assert victim.stat().st_size == size
@@ -414,7 +417,7 @@ def test_flipped_byte_fails_the_loader_naming_the_file(dirs, tmp_path, verify_sh
 @pytest.mark.parametrize("verify_sha256", [True, False])
 def test_truncated_shard_fails_at_construction(dirs, tmp_path, how, verify_sha256):
     directory = _copy(dirs, tmp_path)
-    victim = directory / "shard-000001.parquet"
+    victim = shard_path(directory, 1)
     data = victim.read_bytes()
     half = data[: len(data) // 2]
     victim.write_bytes(half if how == "truncated" else half + bytes(len(data) - len(half)))
@@ -431,10 +434,10 @@ def test_unsealed_directory_is_refused_unless_allow_partial(dirs, refs, tmp_path
     assert sorted(_ids(list(ds))) == sorted(refs["cls"])
 
     # a crash mid-run: shard 3 renamed into place but never journalled, shard 4 never written, a .tmp left over
-    journal = directory / "journal-00000.jsonl"
+    journal = journal_path(directory)
     kept = [line for line in journal.read_text().splitlines() if not any(f"shard-00000{i}" in line for i in (3, 4))]
     journal.write_text("\n".join(kept) + "\n")
-    (directory / "shard-000004.parquet").rename(directory / "shard-000004.parquet.tmp")
+    shard_path(directory, 4).rename(directory / "_staging" / "shard-000004.parquet.tmp")
     with pytest.raises(VerificationError):
         SoftLabelDataset(directory, batch_size=BATCH, rank=0, world_size=1)
     for workers in (0, 2):

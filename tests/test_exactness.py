@@ -3,7 +3,10 @@
 Every expectation here is recomputed in the test: the teachers are rebuilt from their factories and
 loaded with safetensors, run directly (sequences one row at a time, unpadded), and turned into
 log-probabilities with ``log_softmax`` in float64; top-k comes from ``torch.topk``. The only
-tolerance is the float16 storage of ``topk_logprobs`` (and a loose one for bf16 teacher compute).
+tolerance is the float16 storage of ``topk_logprobs`` (and a loose one for bf16 teacher compute):
+every run here passes ``--logprob-dtype float16`` explicitly, the tightest float storage, so the
+comparison sees the computation and not the (default, bfloat16) rounding. test_codec checks each
+storage dtype against its own documented bound.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from conftest import (
     read_output,
     run_cli,
     save_teacher,
+    shard_paths,
     token_table,
     write_parquet,
 )
@@ -66,7 +70,7 @@ def load_direct(spec: str) -> nn.Module:
 
 
 def generate(out: Path, corpus: Path, teachers: list[str], *flags: object) -> Path:
-    args: list[object] = ["generate", corpus, "--out", out, "--no-progress", "--id-column", "id"]
+    args: list[object] = ["generate", corpus, "--out", out, "--no-progress", "--id-column", "id", "--logprob-dtype", "float16"]
     for spec in teachers:
         args += ["--teacher", spec]
     result = run_cli(*args, *flags)
@@ -306,7 +310,8 @@ def test_id_width_follows_vocab_size(tmp_path, factory, vocab, id_type):
     source = classifier_table(30, seed=9, features=8)
     corpus = write_parquet(source, tmp_path / "corpus.parquet")
     out = generate(tmp_path / "out", corpus, [spec], "--top-k", 8, "--rows-per-shard", 13, "--batch-size", 4)
-    for shard in sorted(out.glob("shard-*.parquet")):
+    assert shard_paths(out)
+    for shard in shard_paths(out):
         field_type = pq.read_schema(shard).field("topk_ids").type
         assert field_type == pa.list_(pa.list_(id_type, 8)), field_type
     table = read_output(out)

@@ -1,8 +1,8 @@
-"""The shard format ``softlabels.v1`` of DESIGN.md section 3, checked from the outside.
+"""The shard format ``softlabels.v2`` of DESIGN.md section 3, checked from the outside.
 
-Column names and Arrow types, the per-shard JSON header, every manifest field (sha256 and byte counts
-recomputed with hashlib and os.stat), what Polars makes of the directory, the summary line and
-``generate --help``.
+The layout (shards and nothing else under ``data/``), column names and Arrow types, the per-shard
+JSON header, every manifest field (sha256 and byte counts recomputed with hashlib and os.stat), what
+Polars makes of ``DIR/data``, the summary line and ``generate --help``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from conftest import (
     run_cli,
     run_cli_subprocess,
     save_teacher,
+    shard_paths,
+    tmp_files,
     token_table,
     write_parquet,
 )
@@ -43,6 +45,12 @@ def weights_of(spec: str) -> Path:
     return Path(spec.partition("@")[2])
 
 
+def portable(spec: str) -> str:
+    """``module:factory@/abs/dir/w.safetensors`` -> ``module:factory@w.safetensors``: no local directories."""
+    target, _, weights = spec.partition("@")
+    return f"{target}@{Path(weights).name}"
+
+
 class Run:
     """One generate run, with what the test knows about its inputs."""
 
@@ -55,7 +63,7 @@ class Run:
 
     @property
     def shards(self) -> list[Path]:
-        return sorted(self.out.glob("shard-*.parquet"))
+        return shard_paths(self.out)
 
 
 def _generate(out: Path, corpora: list[tuple[Path, pa.Table]], teachers: list[str], top_k: int, vocab: int, *flags: object) -> Run:
@@ -110,7 +118,7 @@ def expected_schema(run: Run) -> pa.Schema:
         fields.append(source.schema.field("label"))
     fields += [
         pa.field("topk_ids", pa.list_(pa.list_(id_type, run.top_k))),
-        pa.field("topk_logprobs", pa.list_(pa.list_(pa.float16(), run.top_k))),
+        pa.field("topk_logprobs", pa.list_(pa.list_(pa.float32(), run.top_k))),  # bfloat16 values, the default
         pa.field("confidence", pa.float32()),
         pa.field("entropy", pa.float32()),
     ]
@@ -138,11 +146,16 @@ def test_shard_columns_and_arrow_types(request, name):
 def test_shard_files_are_named_zstd_and_complete(request, name):
     run = _run(request, name)
     names = sorted(p.name for p in run.out.iterdir())
-    shard_names = [n for n in names if n.endswith(".parquet")]
-    assert all(SHARD_NAME.fullmatch(n) for n in shard_names)
-    assert shard_names == [f"shard-{i:06d}.parquet" for i in range(len(shard_names))]
-    assert not [n for n in names if n.endswith(".tmp")]
-    assert "manifest.json" in names
+    # DIR holds the manifest and the folders; no Parquet file beside the manifest
+    assert "manifest.json" in names and "data" in names
+    assert not [n for n in names if n.endswith(".parquet")]
+    assert set(names) <= {"manifest.json", "data", "_journal", "_staging"}, names
+    # DIR/data holds the shards and nothing else, so any Parquet reader can open the folder
+    data_names = sorted(p.name for p in (run.out / "data").iterdir())
+    assert all(SHARD_NAME.fullmatch(n) for n in data_names), data_names
+    assert data_names == [f"shard-{i:06d}.parquet" for i in range(len(data_names))]
+    assert data_names == [p.name for p in run.shards]
+    assert not tmp_files(run.out)
     for shard in run.shards:
         metadata = pq.read_metadata(shard)
         for group in range(metadata.num_row_groups):
@@ -161,6 +174,8 @@ def test_positions_per_row_follow_the_inputs(request, name):
     else:
         np.testing.assert_array_equal(lengths, pc.list_value_length(table.column("inputs")).to_numpy())
     values = table.column("topk_logprobs").combine_chunks().flatten().flatten().to_numpy(zero_copy_only=False)
+    # bfloat16 storage: float32 values whose low 16 bits are zero
+    assert values.dtype == np.float32 and not (values.view(np.uint32) & 0xFFFF).any()
     per_position = values.astype(np.float64).reshape(-1, run.top_k)
     assert (per_position <= 0).all() and (np.diff(per_position, axis=1) <= 0).all()
     assert (np.exp(per_position).sum(axis=1) <= 1 + 3e-3).all()
@@ -179,13 +194,25 @@ def test_every_shard_carries_the_run_header(request, name):
         assert b"softlabels" in key_values
         header = json.loads(key_values[b"softlabels"].decode("utf-8"))
         assert pq.read_schema(shard).metadata[b"softlabels"] == key_values[b"softlabels"]
-        assert header["format"] == "softlabels.v1"
+        assert header["format"] == "softlabels.v2"
         assert header["fingerprint"] == manifest["fingerprint"]
+        assert header["targets"] == "topk"
         assert header["top_k"] == run.top_k
         assert header["vocab_size"] == run.vocab
         assert header["ensemble"] == manifest["ensemble"]
-        assert header["teachers"] == [{"spec": spec, "sha256": sha256_of(weights_of(spec))} for spec in run.teachers]
+        assert header["teachers"] == [{"name": portable(spec), "sha256": sha256_of(weights_of(spec))} for spec in run.teachers]
+        assert header["teacher_temperature"] == 1.0
+        assert header["precision"] == manifest["precision"]
+        assert header["id_column"] == manifest["id_column"] == ("id" if len(run.teachers) > 1 else None)
+        assert header["logprob_dtype"] == "bfloat16"
         assert header["unit"] == index == int(shard.stem.split("-")[1])
+        # per shard: its own rows and positions, as the manifest lists them
+        table = pq.read_table(shard)
+        assert header["rows"] == table.num_rows == manifest["shards"][index]["rows"]
+        assert header["positions"] == int(pc.sum(pc.list_value_length(table.column("topk_ids"))).as_py()) == manifest["shards"][index]["positions"]
+        # no local directories: the machine's paths stay on the machine
+        assert str(run.out.parent) not in key_values[b"softlabels"].decode("utf-8")
+        assert str(Path(DIGITS_TEACHERS[0].partition("@")[2]).parent) not in key_values[b"softlabels"].decode("utf-8")
 
 
 # --------------------------------------------------------------------------- manifest
@@ -195,16 +222,21 @@ def test_every_shard_carries_the_run_header(request, name):
 def test_manifest_fields(request, name):
     run = _run(request, name)
     manifest = run.manifest
-    assert manifest["format"] == "softlabels.v1"
+    assert manifest["format"] == "softlabels.v2"
     assert manifest["complete"] is True
     assert re.fullmatch(r"[0-9a-f]{8,64}", manifest["fingerprint"])
     assert manifest["top_k"] == run.top_k
     assert manifest["vocab_size"] == run.vocab
     if len(run.teachers) > 1:
         assert manifest["ensemble"] == "probs"
-    assert [{k: t[k] for k in ("spec", "sha256")} for t in manifest["teachers"]] == [
-        {"spec": spec, "sha256": sha256_of(weights_of(spec))} for spec in run.teachers
+    assert [{k: t[k] for k in ("name", "sha256")} for t in manifest["teachers"]] == [
+        {"name": portable(spec), "sha256": sha256_of(weights_of(spec))} for spec in run.teachers
     ]
+    assert manifest["settings"]["logprob_dtype"] == manifest["logprob_dtype"] == "bfloat16"
+    # no absolute local paths anywhere in the manifest
+    text = (run.out / "manifest.json").read_text()
+    assert str(run.out.parent) not in text
+    assert str(Path(DIGITS_TEACHERS[0].partition("@")[2]).parent) not in text
 
     # corpus files: relative paths (to their common folder) and row counts
     base = run.corpus[0][0].parent  # in both runs the first file sits in the files' common folder
@@ -249,7 +281,7 @@ def test_polars_reads_the_directory_with_the_documented_dtypes(ensemble_run, sin
             "sample_id": pl.String,
             "label": pl.Int64,
             "topk_ids": pl.List(pl.Array(pl.UInt16, 5)),
-            "topk_logprobs": pl.List(pl.Array(pl.Float16, 5)),
+            "topk_logprobs": pl.List(pl.Array(pl.Float32, 5)),
             "confidence": pl.Float32,
             "entropy": pl.Float32,
             "agreement": pl.Float32,
@@ -258,13 +290,13 @@ def test_polars_reads_the_directory_with_the_documented_dtypes(ensemble_run, sin
             "sample_id": pl.String,
             "inputs": pl.List(pl.Int64),
             "topk_ids": pl.List(pl.Array(pl.UInt16, 20)),
-            "topk_logprobs": pl.List(pl.Array(pl.Float16, 20)),
+            "topk_logprobs": pl.List(pl.Array(pl.Float32, 20)),
             "confidence": pl.Float32,
             "entropy": pl.Float32,
         },
     }
     for run, dtypes in expected.items():
-        frame = pl.scan_parquet(str(run.out) + "/*.parquet").collect()
+        frame = pl.scan_parquet(run.out / "data").collect()  # the folder, not a glob
         assert frame.height == sum(t.num_rows for _, t in run.corpus)
         for column, dtype in dtypes.items():
             assert frame.schema[column] == dtype, (column, frame.schema[column])

@@ -4,23 +4,29 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import torch
 
 from conftest import classifier_table, read_output, run_cli, save_teacher, write_parquet
 
 
-def test_minus_infinity_logits_are_masked_classes_not_errors(tmp_path):
+# the fp16 floor as each float storage keeps it: float16 exactly, bfloat16 rounded to 8 mantissa bits
+FLOORS = {"float16": float(np.finfo(np.float16).min), "bfloat16": -65536.0}
+
+
+@pytest.mark.parametrize("dtype", sorted(FLOORS))
+def test_minus_infinity_logits_are_masked_classes_not_errors(tmp_path, dtype):
     corpus = write_parquet(classifier_table(31, seed=4), tmp_path / "c.parquet")
     spec = save_teacher("fixture_teachers:masked_classifier", 0, tmp_path / "m.safetensors")
     result = run_cli("generate", corpus, "--teacher", spec, "--out", tmp_path / "out", "--id-column", "id",
-                     "--top-k", 10, "--no-progress")
+                     "--top-k", 10, "--logprob-dtype", dtype, "--no-progress")
     assert result.code == 0, result.err
     table = read_output(tmp_path / "out")
     ids = np.stack([np.asarray(r) for r in table.column("topk_ids").combine_chunks().flatten().to_pylist()])
     logprobs = np.stack([np.asarray(r, dtype=np.float32) for r in table.column("topk_logprobs").combine_chunks().flatten().to_pylist()])
     # the two masked classes have probability 0: they come last with the fp16 floor as log-probability
     assert set(ids[:, -2:].ravel()) == {1, 6}
-    assert np.all(logprobs[:, -2:] == np.float32(np.finfo(np.float16).min))
+    assert np.all(logprobs[:, -2:] == np.float32(FLOORS[dtype]))
     assert np.allclose(np.exp(logprobs[:, :-2].astype(np.float64)).sum(axis=1), 1.0, atol=5e-3)
 
 
@@ -59,7 +65,9 @@ def test_exported_program_and_pt_state_dict_teachers_equal_the_factory(tmp_path)
 
 
 def test_exported_sequence_teacher_gets_lengths(tmp_path):
-    """A .pt2 frame tagger exported with dynamic batch and time is called as model(x, lengths)."""
+    """A .pt2 frame tagger exported with dynamic batch and time is called as model(x, lengths).
+
+    float16 storage, so the comparison can hold to float16 rounding (2e-3 at these log-probabilities)."""
     from softlabels.models import frame_tagger
 
     from conftest import frame_table
@@ -72,7 +80,7 @@ def test_exported_sequence_teacher_gets_lengths(tmp_path):
     program = torch.export.export(model, example, dynamic_shapes={"x": {0: batch, 1: steps}, "lengths": {0: batch}})
     torch.export.save(program, str(tmp_path / "tagger.pt2"))
     result = run_cli("generate", corpus, "--teacher", tmp_path / "tagger.pt2", "--out", tmp_path / "out", "--id-column", "id",
-                     "--top-k", 5, "--batch-size", 6, "--no-progress")
+                     "--top-k", 5, "--batch-size", 6, "--logprob-dtype", "float16", "--no-progress")
     assert result.code == 0, result.err
     table = read_output(tmp_path / "out")
     source = pq.read_table(corpus).to_pydict()

@@ -32,10 +32,12 @@ def test_hf_teacher_equals_a_direct_transformers_forward(tmp_path, vocab_size):
     model = _tiny_llama(tmp_path / "llama", vocab_size)
     corpus = write_parquet(token_table(37, seed=5, vocab=VOCAB), tmp_path / "tokens.parquet")
     result = run_cli("generate", corpus, "--teacher", f"hf:{tmp_path / 'llama'}", "--out", tmp_path / "out",
-                     "--id-column", "id", "--top-k", 8, "--rows-per-shard", 10, "--batch-size", 4, "--no-progress")
+                     "--id-column", "id", "--top-k", 8, "--rows-per-shard", 10, "--batch-size", 4,
+                     "--logprob-dtype", "float16", "--no-progress")  # float16 storage: the 1e-3 tolerance below
     assert result.code == 0, result.err
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["vocab_size"] == vocab_size  # the logits' real size, padding included
+    assert manifest["teachers"][0]["name"] == "hf:llama"  # the folder's name, not its local path
     table = read_output(tmp_path / "out")
     inputs = dict(zip(token_table(37, seed=5, vocab=VOCAB).column("id").to_pylist(),
                       token_table(37, seed=5, vocab=VOCAB).column("inputs").to_pylist()))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, classifier_table, read_output, save_teacher, write_parquet
+from conftest import REPO, classifier_table, journal_path, journal_paths, read_output, save_teacher, write_parquet
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -48,8 +48,7 @@ def test_two_rank_torchrun_equals_one_process(tmp_path, setup):
                "-m", "softlabels.cli", *_args(corpus, teacher, out)]
     result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    journals = sorted(p.name for p in out.glob("journal-*.jsonl"))
-    assert journals == ["journal-00000.jsonl", "journal-00001.jsonl"]
+    assert journal_paths(out) == [journal_path(out, 0), journal_path(out, 1)]
     assert read_output(out).equals(read_output(single))
     assert _hashes(out) == _hashes(single)
 
@@ -65,7 +64,7 @@ def test_a_killed_rank_is_picked_up_by_a_rerun(tmp_path, setup):
     # rank 0 is killed after its first shard
     process = subprocess.Popen([sys.executable, "-m", "softlabels.cli", *_args(corpus, teacher, out)],
                                env=_env(RANK="0", WORLD_SIZE="2"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    journal = out / "journal-00000.jsonl"
+    journal = journal_path(out, 0)
     deadline = time.monotonic() + 120
     while not (journal.is_file() and '"kind": "shard"' in journal.read_text()):
         assert process.poll() is None and time.monotonic() < deadline, "rank 0 ended before it could be killed"

@@ -68,8 +68,8 @@ def roots(tmp_path_factory):
         for spec in teachers:
             args += ["--teacher", spec]
         assert run_cli(*args).code == 0
-        # a shard still being written by another run must not be picked up by the README's glob
-        (root / "out" / "digits" / "shard-000099.parquet.tmp").write_bytes(b"half a shard")
+        # a shard still being written by another run (in _staging, beside data/) must not be picked up by the README's reads
+        (root / "out" / "digits" / "_staging" / "shard-000099.parquet.tmp").write_bytes(b"half a shard")
         made[name] = root
     return made
 
@@ -78,7 +78,7 @@ def expected(root: Path) -> dict[str, object]:
     """Independent figures: pyarrow reads the shards the manifest lists, numpy computes."""
     directory = root / "out" / "digits"
     manifest = json.loads((directory / "manifest.json").read_text())
-    table = pa.concat_tables([pq.read_table(directory / s["file"]) for s in manifest["shards"]])
+    table = pa.concat_tables([pq.read_table(directory / "data" / s["file"]) for s in manifest["shards"]])
     ids = [np.array(r) for r in table.column("topk_ids").to_pylist()]
     logprobs = [np.array(r, dtype=np.float64) for r in table.column("topk_logprobs").to_pylist()]
     sample_ids = table.column("sample_id").to_pylist()

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from conftest import classifier_table, read_output, run_cli, save_teacher, token_table, write_parquet  # noqa: E402
+from conftest import classifier_table, data_dir, read_output, run_cli, save_teacher, shard_paths, token_table, write_parquet  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BINS = 10
@@ -157,5 +157,5 @@ def test_shards_read_by_the_test_are_the_manifest_shards(directories):
     """Guard for the expectations above: read_output's glob sees exactly the manifest's shards."""
     for directory in directories.values():
         manifest = json.loads((directory / "manifest.json").read_text())
-        assert sorted(s["file"] for s in manifest["shards"]) == sorted(p.name for p in directory.glob("shard-*.parquet"))
-        assert sum(pq.ParquetFile(directory / s["file"]).metadata.num_rows for s in manifest["shards"]) == manifest["totals"]["rows"]
+        assert sorted(s["file"] for s in manifest["shards"]) == [p.name for p in shard_paths(directory)]
+        assert sum(pq.ParquetFile(data_dir(directory) / s["file"]).metadata.num_rows for s in manifest["shards"]) == manifest["totals"]["rows"]

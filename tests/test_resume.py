@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, interrupt_after, journal_shards, read_output, save_teacher, token_table, classifier_table, write_parquet
+from conftest import REPO, interrupt_after, journal_shards, read_output, save_teacher, shard_paths, tmp_files, token_table, classifier_table, write_parquet
 
 
 def _generate_command(corpus: Path, teachers: list[str], out: Path) -> list[str]:
@@ -59,7 +59,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, setups, setup, 
         assert interrupted.returncode == 130
         assert "Traceback" not in interrupted.stderr
         assert "rerun" in interrupted.stderr
-        assert not list(resumed.glob("*.tmp")), "Ctrl-C must not leave partial shards"
+        assert not tmp_files(resumed), "Ctrl-C must not leave partial shards"
     else:
         assert interrupted.returncode == -signal.SIGKILL
     committed_before = journal_shards(resumed)
@@ -70,7 +70,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, setups, setup, 
     assert f"{5 - committed_before} written this run" in rerun.stdout
     assert read_output(resumed).equals(read_output(straight))
     assert _shard_hashes(resumed) == _shard_hashes(straight)
-    assert not list(resumed.glob("*.tmp"))
+    assert not tmp_files(resumed)
 
 
 def test_rerun_of_a_complete_directory_does_nothing(tmp_path, setups):
@@ -78,10 +78,11 @@ def test_rerun_of_a_complete_directory_does_nothing(tmp_path, setups):
     out = tmp_path / "out"
     command = _generate_command(corpus, teachers, out)
     assert subprocess.run(command, env=_env(), capture_output=True).returncode == 0
-    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet")}
+    mtimes = {p.name: p.stat().st_mtime_ns for p in shard_paths(out)}
+    assert len(mtimes) == 5
     again = subprocess.run(command, env=_env(), capture_output=True, text=True)
     assert again.returncode == 0 and "already complete" in again.stdout
-    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet")} == mtimes
+    assert {p.name: p.stat().st_mtime_ns for p in shard_paths(out)} == mtimes
 
 
 def test_different_settings_in_the_same_directory_are_refused(tmp_path, setups):

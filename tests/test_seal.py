@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import classifier_table, run_cli, save_teacher, write_parquet
+from conftest import classifier_table, journal_path, journal_paths, run_cli, save_teacher, shard_path, shard_paths, write_parquet
 
 UNITS = 9  # 117 rows, 13 per shard
 
@@ -43,8 +43,9 @@ def runs(tmp_path_factory):
         _generate(corpus, teacher, ranked)  # the last rank seals ...
     sealed_by_rank = _manifest(ranked)
     (ranked / "manifest.json").unlink()  # ... but was killed before its manifest reached the disk
-    assert sorted(p.name for p in ranked.glob("journal-*.jsonl")) == ["journal-00000.jsonl", "journal-00001.jsonl"]
-    assert len(list(ranked.glob("shard-*.parquet"))) == UNITS
+    assert journal_paths(ranked) == [journal_path(ranked, 0), journal_path(ranked, 1)]
+    assert [p.name for p in journal_paths(ranked)] == ["rank-00000.jsonl", "rank-00001.jsonl"]
+    assert len(shard_paths(ranked)) == UNITS
     return {"root": root, "corpus": corpus, "teacher": teacher, "single": single, "ranked": ranked,
             "rank1_only": rank1_only, "sealed_by_rank": sealed_by_rank}
 
@@ -97,7 +98,7 @@ def _refused(directory: Path, *expected: str) -> str:
 
 def test_a_missing_shard_is_named_and_nothing_is_sealed(runs, tmp_path):
     directory = _copy(runs, "ranked", tmp_path)
-    (directory / "shard-000004.parquet").unlink()
+    shard_path(directory, 4).unlink()
     message = _refused(directory, "shard-000004.parquet", f"1 of {UNITS} units")
     assert "shard-000003.parquet" not in message
 
@@ -105,7 +106,7 @@ def test_a_missing_shard_is_named_and_nothing_is_sealed(runs, tmp_path):
 def test_units_of_a_rank_that_never_ran_are_all_named(runs, tmp_path):
     """Rank 0 never started: its units are in no journal, yet the corpus record says they exist."""
     directory = _copy(runs, "rank1_only", tmp_path)
-    assert not (directory / "journal-00000.jsonl").exists()
+    assert not journal_path(directory, 0).exists() and journal_path(directory, 1).is_file()
     missing = [f"shard-{unit:06d}.parquet" for unit in range(0, UNITS, 2)]
     message = _refused(directory, f"{len(missing)} of {UNITS} units", *missing)
     assert "shard-000001.parquet" not in message
@@ -113,7 +114,7 @@ def test_units_of_a_rank_that_never_ran_are_all_named(runs, tmp_path):
 
 def test_a_missing_journal_line_counts_as_a_missing_unit(runs, tmp_path):
     directory = _copy(runs, "ranked", tmp_path)
-    journal = directory / "journal-00001.jsonl"
+    journal = journal_path(directory, 1)
     lines = journal.read_text().splitlines(keepends=True)
     kept = [line for line in lines if '"shard-000005.parquet"' not in line]
     assert len(kept) == len(lines) - 1
@@ -124,7 +125,7 @@ def test_a_missing_journal_line_counts_as_a_missing_unit(runs, tmp_path):
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_a_damaged_shard_is_named_and_nothing_is_sealed(runs, tmp_path, damage):
     directory = _copy(runs, "ranked", tmp_path)
-    path = directory / "shard-000003.parquet"
+    path = shard_path(directory, 3)
     data = bytearray(path.read_bytes())
     if damage == "flip":
         data[len(data) // 2] ^= 0xFF
@@ -137,7 +138,7 @@ def test_a_damaged_shard_is_named_and_nothing_is_sealed(runs, tmp_path, damage):
 
 def test_journals_of_different_runs_are_refused(runs, tmp_path):
     directory = _copy(runs, "ranked", tmp_path)
-    journal = directory / "journal-00001.jsonl"
+    journal = journal_path(directory, 1)
     lines = journal.read_text().splitlines(keepends=True)
     record = json.loads(lines[0])
     record["settings"]["top_k"] = 3

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import classifier_table, read_output, run_cli, save_teacher, token_table, write_parquet
+from conftest import classifier_table, data_dir, read_output, run_cli, save_teacher, shard_path, shard_paths, token_table, write_parquet
 from softlabels.data import SoftLabelDataset
 from softlabels.schema import decode_header
 
@@ -92,10 +92,10 @@ def test_selected_rows_equal_an_independent_filter(sources, tmp_path, name, inde
         assert kept.schema.remove_metadata() == source.schema.remove_metadata()
         assert kept.equals(expected)
     else:
-        assert not list(out.glob("shard-*.parquet"))
+        assert not shard_paths(out)
     # shard N of the selection is the kept rows of source shard N, in their order
-    for path in sorted(out.glob("shard-*.parquet")):
-        original = pq.read_table(directory / path.name)
+    for path in shard_paths(out):
+        original = pq.read_table(data_dir(directory) / path.name)
         ids = set(_column(expected, "sample_id"))
         keep = np.array([s in ids for s in _column(original, "sample_id")])
         assert pq.read_table(path).equals(original.filter(pa.array(keep)))
@@ -103,11 +103,11 @@ def test_selected_rows_equal_an_independent_filter(sources, tmp_path, name, inde
     manifest = json.loads((out / "manifest.json").read_text())
     source_manifest = json.loads((directory / "manifest.json").read_text())
     positions = _positions(expected)
-    files = [out / s["file"] for s in manifest["shards"]]
+    files = [data_dir(out) / s["file"] for s in manifest["shards"]]
     assert manifest["complete"] is True
     assert manifest["totals"]["rows"] == int(mask.sum()) == sum(s["rows"] for s in manifest["shards"])
     assert manifest["totals"]["positions"] == int(positions.sum())
-    assert manifest["totals"]["shards"] == len(files) == len(list(out.glob("shard-*.parquet")))
+    assert manifest["totals"]["shards"] == len(files) == len(shard_paths(out))
     assert manifest["totals"]["bytes"] == sum(f.stat().st_size for f in files)
     soft = 0
     for f in files:
@@ -115,7 +115,7 @@ def test_selected_rows_equal_an_independent_filter(sources, tmp_path, name, inde
         for g in range(metadata.num_row_groups):
             for c in range(metadata.num_columns):
                 chunk = metadata.row_group(g).column(c)
-                soft += chunk.total_compressed_size if chunk.path_in_schema.split(".")[0] in ("topk_ids", "topk_logprobs") else 0
+                soft += chunk.total_compressed_size if chunk.path_in_schema.split(".")[0] in ("topk_ids", "topk_logprobs", "topk_logprob_codes") else 0
     assert manifest["totals"]["soft_label_bytes"] == soft
     # provenance, a new fingerprint, no fidelity claimed for rows the teacher figures did not describe
     assert manifest["fingerprint"] != source_manifest["fingerprint"]
@@ -129,11 +129,14 @@ def test_selected_rows_equal_an_independent_filter(sources, tmp_path, name, inde
         assert manifest[key] == source_manifest[key], key
     for f in files:
         header = decode_header(pq.read_schema(f).metadata)
-        original = decode_header(pq.read_schema(directory / f.name).metadata)
+        original = decode_header(pq.read_schema(data_dir(directory) / f.name).metadata)
         assert header["fingerprint"] == manifest["fingerprint"]
         assert header["selections"] == manifest["settings"]["selections"]
-        assert {k: v for k, v in header.items() if k not in ("fingerprint", "selections")} == \
-            {k: v for k, v in original.items() if k != "fingerprint"}
+        # per shard: the selected shard's own rows and positions
+        table = pq.read_table(f)
+        assert header["rows"] == table.num_rows and header["positions"] == int(_positions(table).sum())
+        assert {k: v for k, v in header.items() if k not in ("fingerprint", "selections", "rows", "positions")} == \
+            {k: v for k, v in original.items() if k not in ("fingerprint", "rows", "positions")}
 
     # a dataset: verify, inspect and the loader agree with the filter
     verified = run_cli("verify", out)
@@ -192,13 +195,19 @@ def test_an_interrupted_selection_is_redone_by_the_same_command(sources, tmp_pat
     directory = sources["one_teacher"]
     out = tmp_path / "sel"
     assert run_cli("select", directory, "--where", "confidence > 0", "--out", out).code == 0
-    reference = {p.name: p.read_bytes() for p in out.iterdir()}
+    def files() -> dict[str, bytes]:
+        return {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    reference = files()
+    assert "manifest.json" in reference and len(shard_paths(out)) > 1
     (out / "manifest.json").unlink()  # killed before the manifest
-    shards = sorted(out.glob("shard-*.parquet"))
-    shards[-1].rename(shards[-1].with_name(shards[-1].name + ".tmp"))  # and in the middle of a shard
+    shards = shard_paths(out)
+    staged = out / "_staging" / (shards[-1].name + ".tmp")
+    staged.parent.mkdir(exist_ok=True)
+    shards[-1].rename(staged)  # and in the middle of a shard
     result = run_cli("select", directory, "--where", "confidence > 0", "--out", out)
     assert result.code == 0, result.err
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == reference
+    assert files() == reference
 
 
 def test_generate_refuses_to_overwrite_a_selection(sources, tmp_path):
@@ -237,7 +246,7 @@ def test_a_bad_where_is_one_line_exit_1_and_writes_nothing(sources, tmp_path, wh
 def test_a_corrupt_source_shard_is_named(sources, tmp_path):
     directory = tmp_path / "source"
     shutil.copytree(sources["one_teacher"], directory)
-    path = directory / "shard-000002.parquet"
+    path = shard_path(directory, 2)
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -256,7 +265,7 @@ def test_an_unsealed_source_or_the_source_as_out_is_refused(sources, tmp_path):
     assert unsealed.code == 2 and "manifest" in unsealed.err
 
 
-@pytest.mark.parametrize("dtype", ["uint8", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["uint8", "bfloat16", "float16"])
 def test_a_selection_keeps_the_storage_codec(sources, tmp_path, dtype):
     root = sources["one_teacher"].parent
     source_dir = tmp_path / "source"
