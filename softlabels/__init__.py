@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["__version__", "SoftLabelDataset", "SoftLabelLoader", "LogprobCodec", "collate", "kd_loss", "dense_kd_loss", "hard_label_loss"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _LAZY = {
     "SoftLabelDataset": "softlabels.data",

@@ -1,191 +1,229 @@
-"""The ``softlabels`` command line: a thin typed layer over the library.
+"""The ``softlabels`` command line, generated from the config dataclasses of ``softlabels.options``.
 
-Exit codes: 0 success, 1 bad usage or bad input (one line, no traceback), 2 verification failure,
-130 interrupted.
+Each command is a config class and a function that runs it: the typer parameters (flags, defaults,
+help) come from the config's fields, so an option is declared once. Exit codes: 0 success, 1 bad
+usage or bad input (one line, no traceback), 2 verification failure, 130 interrupted.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import sys
+import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 
+from . import __version__
 from .errors import UserError, VerificationError
+from .options import DirectoryConfig, GenerateConfig, InspectConfig, OptionSpec, SelectConfig, TrainConfig
 
 __all__ = ["app", "main", "run"]
 
 try:  # newer typer vendors click as typer._click (click is then not installed at all)
-    from typer._click.exceptions import UsageError
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
 except ImportError:  # pragma: no cover - older typer raises click's own exceptions
-    from click.exceptions import UsageError
-USAGE_ERRORS = (UsageError,)
+    from click.exceptions import NoArgsIsHelpError, UsageError
 
 INTERRUPTED = 130
+CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 app = typer.Typer(
     name="softlabels",
-    help="Offline knowledge distillation at corpus scale: top-k teacher soft labels in Parquet shards.",
+    help="Offline knowledge distillation at corpus scale: teacher soft labels in Parquet shards.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts hold [brackets] and defaults that markup would swallow
+    context_settings=CONTEXT,
 )
 
 
-@app.command()
-def generate(
-    corpus: list[str] = typer.Argument(..., help="Parquet files, directories or globs; JSONL files."),
-    teacher: list[str] = typer.Option(..., "--teacher", help="Teacher SPEC; repeat for an ensemble."),
-    out: Path = typer.Option(..., "--out", help="Output directory (resumed if it holds the same run)."),
-    input_column: str = typer.Option("inputs", "--input-column"),
-    id_column: Optional[str] = typer.Option(None, "--id-column", help="Sample id column (default: <file>#<row>)."),
-    label_column: Optional[str] = typer.Option(None, "--label-column", help="Hard-label column to pass through."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Classes stored per position [default: 20, or V if smaller]."),
-    ensemble: str = typer.Option("probs", "--ensemble", help="probs (mean of probabilities) or logprobs."),
-    batch_size: int = typer.Option(64, "--batch-size"),
-    rows_per_shard: Optional[int] = typer.Option(None, "--rows-per-shard", help="Rows per unit (shard); default auto: about 2^21 positions (~100 MB at k=20), 64..65,536 rows."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16 teacher compute."),
-    on_nonfinite: str = typer.Option("error", "--on-nonfinite", help="error or skip rows with NaN/Inf logits."),
-    logprob_dtype: str = typer.Option("bfloat16", "--logprob-dtype", help="bfloat16 (read by every client), float16 (not by Spark) or uint8 (quantised codes)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
-    engine: str = typer.Option("local", "--engine", help="local (this process) or ray (a Ray actor pool; extra [ray])."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to join [default: $RAY_ADDRESS, else a local Ray]."),
-    ray_actors: Optional[int] = typer.Option(None, "--ray-actors", help="Teacher actors [default: one per GPU of the cluster, else 1]."),
-) -> None:
-    """Run teacher(s) over a corpus and store top-k log-probabilities in Parquet shards."""
-    from .generate import GenerateConfig, generate as run_generate
-
-    config = GenerateConfig(
-        corpus=corpus, teachers=teacher, out=out, input_column=input_column, id_column=id_column,
-        label_column=label_column, top_k=top_k, ensemble=ensemble, batch_size=batch_size,
-        rows_per_shard=rows_per_shard, device=device, precision=precision, on_nonfinite=on_nonfinite,
-        logprob_dtype=logprob_dtype,
-        progress=progress, engine=engine, ray_address=ray_address, ray_actors=ray_actors,
-    )
-    typer.echo(run_generate(config).render())
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"softlabels {__version__}")
+        raise typer.Exit(0)
 
 
-@app.command("train-student")
-def train_student(
-    data_dir: Optional[list[Path]] = typer.Argument(None, help="Sealed soft-label directories (or use --data)."),
-    student: str = typer.Option(..., "--student", help="Student SPEC: module:factory[@init.safetensors]."),
-    out: Path = typer.Option(..., "--out", help="Output directory: checkpoint, metrics.jsonl, student.safetensors."),
-    data: Optional[list[Path]] = typer.Option(None, "--data", help="Another soft-label directory to mix in; repeatable."),
-    mix: Optional[str] = typer.Option(None, "--mix", help="Sampling weights of the data directories, e.g. 0.7,0.3."),
-    epochs: int = typer.Option(1, "--epochs"),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Overrides --epochs."),
-    batch_size: int = typer.Option(32, "--batch-size"),
-    lr: float = typer.Option(1e-3, "--lr"),
-    weight_decay: float = typer.Option(0.01, "--weight-decay"),
-    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="[default: 5% of the steps]"),
-    temperature: float = typer.Option(2.0, "--temperature"),
-    alpha: float = typer.Option(0.5, "--alpha", help="Weight of the KD loss; 1 - alpha weighs hard-label CE."),
-    tail: str = typer.Option("bucket", "--tail", help="bucket, renorm or uniform."),
-    label_column: Optional[str] = typer.Option(None, "--label-column", help="[default: the one passed through by generate]"),
-    eval_dir: Optional[Path] = typer.Option(None, "--eval", help="A soft-label directory to evaluate on."),
-    eval_every: Optional[int] = typer.Option(None, "--eval-every"),
-    seed: int = typer.Option(0, "--seed"),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.pt."),
-    checkpoint_every: int = typer.Option(100, "--checkpoint-every"),
-    log_every: int = typer.Option(10, "--log-every"),
-    num_workers: int = typer.Option(0, "--num-workers", help="DataLoader worker processes."),
-    grad_clip: float = typer.Option(1.0, "--grad-clip", help="Max gradient norm; 0 disables."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16 autocast."),
-    device: str = typer.Option("auto", "--device"),
-    halt_after: Optional[int] = typer.Option(None, "--halt-after", help="Checkpoint and stop after this step (preemption)."),
-    online_teacher: Optional[str] = typer.Option(None, "--online-teacher", help="Online KD: run this teacher in the loop on full logits (for comparison)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
-) -> None:
-    """Distil a student from soft-label shards (KD + hard-label CE), resumable, DDP under torchrun."""
-    from .train import TrainConfig, train_student as run_train
-
-    weights = None
-    if mix is not None:
-        try:
-            weights = [float(w) for w in mix.split(",")]
-        except ValueError:
-            raise UserError(f"--mix must be comma-separated numbers, got {mix!r}") from None
-    config = TrainConfig(
-        data=list(data_dir or []) + list(data or []), student=student, out=out, mix=weights, epochs=epochs,
-        max_steps=max_steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-        temperature=temperature, alpha=alpha, tail=tail, label_column=label_column, eval=eval_dir,
-        eval_every=eval_every, seed=seed, resume=resume, checkpoint_every=checkpoint_every, log_every=log_every,
-        num_workers=num_workers, grad_clip=grad_clip, precision=precision, device=device, halt_after=halt_after,
-        online_teacher=online_teacher, progress=progress,
-    )
-    typer.echo(run_train(config).render())
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", "-V", help="Print the version and exit.", callback=_version, is_eager=True)] = False) -> None:
+    """Offline knowledge distillation at corpus scale: teacher soft labels in Parquet shards."""
 
 
-@app.command()
-def verify(directory: Path = typer.Argument(..., help="A soft-label directory.")) -> None:
-    """Check completeness, schema, row counts and every shard's sha256 (exit 2 on failure)."""
-    from .verify import verify as run_verify
+@dataclass(frozen=True)
+class Command:
+    """One CLI command: its config class, what runs it, and how a Ctrl-C'd run is resumed."""
 
-    typer.echo(run_verify(directory).render())
-
-
-@app.command()
-def seal(directory: Path = typer.Argument(..., help="A generate output whose ranks all committed their units.")) -> None:
-    """Write the manifest of a multi-rank run nobody sealed, from its journals; runs no teacher (exit 2 if units are missing)."""
-    from .seal import seal as run_seal
-
-    typer.echo(run_seal(directory).render())
+    name: str
+    config: type
+    run: Callable[[Any], str]
+    summary: str
+    resume_advice: str
 
 
-@app.command()
-def select(
-    directory: Path = typer.Argument(..., help="A sealed soft-label directory."),
-    where: str = typer.Option(..., "--where", help="SQL condition over the shard columns, e.g. 'confidence > 0.6'."),
-    out: Path = typer.Option(..., "--out", help="New directory for the kept rows (sealed, same schema)."),
-) -> None:
-    """Keep the rows that meet --where in a new sealed directory, without re-running the teacher."""
-    from .select import select as run_select
+def _parameter(item: dataclasses.Field, annotation: Any) -> inspect.Parameter:
+    spec: OptionSpec = item.metadata["option"]
+    if item.default is not dataclasses.MISSING:
+        default = item.default
+    elif item.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        default = item.default_factory()  # type: ignore[misc]
+    else:
+        default = None
+    if spec.flag is None:
+        required = item.metadata.get("required", True)
+        info: Any = typer.Argument(help=spec.help, metavar=spec.metavar, show_default=False)
+        annotation = annotation if required else Optional[annotation]
+        default = ... if required else None
+    else:
+        names = [f"{spec.flag}/--no-{spec.flag[2:]}" if spec.negatable else spec.flag]
+        if spec.short:
+            names.append(spec.short)
+        required = spec.shown_default == "required"
+        shown: Any = spec.shown_default if spec.shown_default is not None and not required else not required
+        metavar = spec.metavar or _metavar(spec, annotation)
+        info = typer.Option(*names, help=spec.help, metavar=metavar, show_default=shown, hidden=spec.hidden)
+        if required:
+            default = ...
+        elif isinstance(default, list) and not default:
+            default = None
+            annotation = Optional[annotation]
+    return inspect.Parameter(item.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[annotation, info])
 
-    typer.echo(run_select(directory, where, out).render())
+
+def _metavar(spec: OptionSpec, annotation: Any) -> str | None:
+    if spec.choices:
+        return "|".join(spec.choices)
+    base = next((a for a in typing.get_args(annotation) if a is not type(None)), annotation)
+    if typing.get_origin(base) is list:
+        base = typing.get_args(base)[0]
+    return {int: "N", float: "X", str: "TEXT", Path: "PATH"}.get(base)
 
 
-@app.command()
-def inspect(
-    directory: Path = typer.Argument(..., help="A sealed soft-label directory."),
-    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the histograms into this PNG (needs matplotlib: the plot extra)."),
-) -> None:
-    """Rows, positions, bytes, captured top-k mass, confidence, entropy, agreement, top-1 classes."""
+def _register(command: Command) -> None:
+    hints = typing.get_type_hints(command.config)
+    fields = [item for item in dataclasses.fields(command.config) if item.init and "option" in item.metadata]
+    parameters = [_parameter(item, hints[item.name]) for item in fields]
+    parameters.sort(key=lambda p: p.default is not ...)  # required positionals first
+
+    def handler(**values: Any) -> None:
+        settings = {}
+        for item in fields:
+            value = values[item.name]
+            if value is None and item.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                value = item.default_factory()  # type: ignore[misc]
+            settings[item.name] = value
+        typer.echo(command.run(command.config(**settings)))
+
+    handler.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    handler.__annotations__ = {p.name: p.annotation for p in parameters}
+    handler.__doc__ = command.summary
+    handler.__name__ = command.name.replace("-", "_")
+    app.command(command.name, context_settings=CONTEXT)(handler)
+
+
+def _generate(config: GenerateConfig) -> str:
+    from .generate import generate
+
+    return generate(config).render()
+
+
+def _train(config: TrainConfig) -> str:
+    from .train import train_student
+
+    return train_student(config).render()
+
+
+def _verify(config: DirectoryConfig) -> str:
+    from .verify import verify
+
+    return verify(config.directory).render()
+
+
+def _seal(config: DirectoryConfig) -> str:
+    from .seal import seal
+
+    return seal(config.directory).render()
+
+
+def _select(config: SelectConfig) -> str:
+    from .select import select
+
+    return select(config.directory, config.where, config.out).render()
+
+
+def _inspect(config: InspectConfig) -> str:
     from .inspect import inspect as run_inspect, render, to_json
 
-    if plot is not None:  # refused before any work: no matplotlib, or nowhere to write
+    if config.plot is not None:  # refused before any work: no matplotlib, or nowhere to write
         from .plot import check_plot_path, require_matplotlib, save_plot
 
         require_matplotlib()
-        check_plot_path(plot)
-    report = run_inspect(directory)
-    if plot is not None:
-        save_plot(report, plot)
-    typer.echo(to_json(report) if as_json else render(report) + (f"\nhistograms: {plot}" if plot is not None else ""))
+        check_plot_path(config.plot)
+    report = run_inspect(config.directory)
+    if config.plot is not None:
+        save_plot(report, config.plot)
+    return to_json(report) if config.as_json else render(report) + (f"\nhistograms: {config.plot}" if config.plot is not None else "")
+
+
+COMMANDS = [
+    Command("generate", GenerateConfig, _generate,
+            "Run teacher(s) over a corpus and store top-k log-probabilities in Parquet shards.",
+            "committed shards are kept; rerun the same command to resume"),
+    Command("train-student", TrainConfig, _train,
+            "Distil a student from soft-label shards (KD + hard-label CE); resumable, DDP under torchrun.",
+            "a checkpoint was written; rerun the same command with --resume to continue"),
+    Command("verify", DirectoryConfig, _verify,
+            "Check completeness, schema, row counts and every shard's sha256 (exit 2 on failure).",
+            "nothing was written; rerun the same command"),
+    Command("inspect", InspectConfig, _inspect,
+            "Rows, positions, bytes, captured top-k mass, confidence, entropy, agreement, top-1 classes.",
+            "nothing was written; rerun the same command"),
+    Command("select", SelectConfig, _select,
+            "Keep the rows that meet --where in a new sealed directory, without re-running the teacher.",
+            "the selection is incomplete (no manifest); rerun the same command to redo it"),
+    Command("seal", DirectoryConfig, _seal,
+            "Write the manifest of a multi-rank run nobody sealed, from its journals; runs no teacher.",
+            "nothing was sealed; rerun the same command"),
+]
+for _command in COMMANDS:
+    _register(_command)
+
+
+def _command_name(argv: list[str]) -> str | None:
+    names = {command.name for command in COMMANDS}
+    return next((arg for arg in argv if arg in names), None)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; maps errors to exit codes without tracebacks."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    name = _command_name(argv)
     try:
         # typer turns Ctrl-C into exit code 130 and, outside standalone mode, returns exit codes
-        status = app(args=argv, standalone_mode=False)
+        status = app(args=argv, prog_name="softlabels", standalone_mode=False)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except VerificationError as exc:
         print(f"verification failed: {exc}", file=sys.stderr)
         return 2
-    except USAGE_ERRORS as exc:
-        print(f"error: {exc.format_message()}" + (f" (see 'softlabels {exc.ctx.info_name} --help')" if exc.ctx else ""), file=sys.stderr)
+    except NoArgsIsHelpError as exc:
+        typer.echo(exc.ctx.get_help() if exc.ctx else "softlabels --help")
+        return 0
+    except UsageError as exc:
+        where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+        print(f"error: {exc.format_message()}{where}", file=sys.stderr)
         return 1
     except typer.Exit as exc:
         return exc.exit_code
     except (KeyboardInterrupt, typer.Abort):
         status = INTERRUPTED
     if status == INTERRUPTED:
-        print("interrupted: committed shards are kept; rerun the same command to resume", file=sys.stderr)
+        advice = next((c.resume_advice for c in COMMANDS if c.name == name), "rerun the same command")
+        print(f"interrupted: {advice}", file=sys.stderr)
     return status if isinstance(status, int) else 0
 
 

@@ -38,11 +38,10 @@ import pyarrow as pa
 import torch
 
 from .errors import UserError
+from .options import DEFAULT_LOGPROB_DTYPE, LOGPROB_DTYPES
 
 __all__ = ["LOGPROB_DTYPES", "DEFAULT_LOGPROB_DTYPE", "LOGPROB_COLUMN", "CODES_COLUMN", "UINT8_FLOOR", "LogprobCodec"]
 
-LOGPROB_DTYPES = ("bfloat16", "float16", "uint8")
-DEFAULT_LOGPROB_DTYPE = "bfloat16"
 LOGPROB_COLUMN = "topk_logprobs"
 CODES_COLUMN = "topk_logprob_codes"
 CODES_KEY = b"softlabels.codes"

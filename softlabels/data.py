@@ -348,6 +348,12 @@ class SoftLabelDataset(IterableDataset):
         workers = max(num_workers, 1)
         return sum(self._worker_batches(self._worker_pieces(epoch, rank, w, workers)) for w in range(workers))
 
+    def columns(self) -> list[str]:
+        """The column names of the shards (of the first one)."""
+        if not self.shards:
+            return []
+        return pq.read_schema(self.shards[0]).names
+
     # -- state --------------------------------------------------------------------------------
     @property
     def epoch(self) -> int:

@@ -4,7 +4,7 @@ Two figures per position, accumulated over every position of a run (not a sample
 
 * captured mass: the probability of the k stored ids (mean and 5th percentile);
 * KL(full || stored-with-tail): the full teacher distribution against what a student can rebuild
-  from the shard (the fp16 log-probabilities of the k ids, the remaining mass spread evenly over
+  from the shard (the stored log-probabilities of the k ids, the remaining mass spread evenly over
   the other V - k ids), in nats.
 
 The KL needs no extra pass over the vocabulary: with H the entropy already computed for the

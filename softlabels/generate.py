@@ -25,11 +25,12 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .codec import DEFAULT_LOGPROB_DTYPE, LOGPROB_DTYPES, LogprobCodec
+from .codec import LogprobCodec
 from .corpus import Corpus, Unit, corpus_record, open_corpus
-from .errors import UserError, VerificationError
+from .errors import UserError
 from .fidelity import Fidelity
 from .inputs import TeacherInputs, check_input_type, to_teacher_inputs
+from .options import GenerateConfig, flag_of
 from .rundir import Journal, RunDirectory, ShardEntry, build_manifest, settings_fingerprint, shard_name
 from .schema import FORMAT
 from .shards import ShardPayload, build_shard, soft_label_bytes, write_shard
@@ -38,94 +39,36 @@ from .topk import soft_labels, valid_positions
 
 __all__ = ["GenerateConfig", "GenerateSummary", "GenerationRun", "generate", "process_unit", "commit_unit"]
 
-ENSEMBLE_MODES = ("probs", "logprobs")
-PRECISIONS = ("fp32", "bf16")
-NONFINITE_MODES = ("error", "skip")
-DEVICES = ("auto", "cpu", "cuda")
-ENGINES = ("local", "ray")
 PROBE_ROWS = 2
 DEFAULT_TOP_K = 20
 
-# Settings that change what is written, with the flag a user changes them by.
-FINGERPRINT_FLAGS = {
-    "top_k": "--top-k",
-    "ensemble": "--ensemble",
-    "teachers": "--teacher",
-    "corpus": "CORPUS",
-    "input_column": "--input-column",
-    "id_column": "--id-column",
-    "label_column": "--label-column",
-    "rows_per_shard": "--rows-per-shard",
-    "logprob_dtype": "--logprob-dtype",
-    "precision": "--precision",
-    "on_nonfinite": "--on-nonfinite",
-    "vocab_size": "--teacher (vocabulary size)",
-}
+# Settings that change what is written, and the flag a user changes each by (options.flag_of for the rest).
+SETTING_FLAGS = {"corpus": "CORPUS", "teachers": "--teacher", "vocab_size": "--teacher (vocabulary size)", "format": "the softlabels version"}
 
 
-@dataclass
-class GenerateConfig:
-    """Settings of one ``generate`` run; validates itself and names the offending flag."""
+def _check_out_apart_from_corpus(config: GenerateConfig) -> None:
+    """``--out`` may neither be nor hold nor lie inside a CORPUS folder or file."""
+    out = config.out.resolve()
+    for argument in config.corpus:
+        path = Path(argument)
+        if not path.exists():
+            continue  # a glob or a missing file: open_corpus names it
+        corpus = path.resolve()
+        if out == corpus or corpus.is_relative_to(out) or (path.is_dir() and out.is_relative_to(corpus)):
+            raise UserError(f"--out {config.out} overlaps CORPUS {argument}; write the soft labels to a directory outside the corpus")
 
-    corpus: list[str]
-    teachers: list[str]
-    out: Path
-    input_column: str = "inputs"
-    id_column: str | None = None
-    label_column: str | None = None
-    top_k: int | None = None
-    ensemble: str = "probs"
-    batch_size: int = 64
-    rows_per_shard: int | None = None
-    device: str = "auto"
-    precision: str = "fp32"
-    on_nonfinite: str = "error"
-    logprob_dtype: str = DEFAULT_LOGPROB_DTYPE
-    progress: bool = True
-    engine: str = "local"
-    ray_address: str | None = None
-    ray_actors: int | None = None
 
-    def __post_init__(self) -> None:
-        self.out = Path(self.out)
-        if not self.corpus:
-            raise UserError("no CORPUS given")
-        if not self.teachers:
-            raise UserError("--teacher is required (repeat it for an ensemble)")
-        rows_per_shard = 1 if self.rows_per_shard is None else self.rows_per_shard
-        for flag, value in (("--top-k", 1 if self.top_k is None else self.top_k), ("--batch-size", self.batch_size), ("--rows-per-shard", rows_per_shard)):
-            if value < 1:
-                raise UserError(f"{flag} must be at least 1, got {value}")
-        for flag, value, allowed in (
-            ("--ensemble", self.ensemble, ENSEMBLE_MODES),
-            ("--precision", self.precision, PRECISIONS),
-            ("--on-nonfinite", self.on_nonfinite, NONFINITE_MODES),
-            ("--device", self.device, DEVICES),
-            ("--logprob-dtype", self.logprob_dtype, LOGPROB_DTYPES),
-        ):
-            if value not in allowed:
-                raise UserError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
-        RunDirectory.for_output(self.out)  # not a file, not a v1 dataset
-        self._check_engine()
+def _check_engine(config: GenerateConfig) -> None:
+    """``--engine ray`` needs Ray and, with ``--ray-address``, a cluster that answers."""
+    if config.engine != "ray":
+        return
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise UserError("--engine ray needs Ray: pip install 'softlabels[ray]'") from None
+    from .ray_engine import check_address
 
-    def _check_engine(self) -> None:
-        """``--engine`` and the Ray flags; the engine changes where units run, never what they hold."""
-        if self.engine not in ENGINES:
-            raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
-        if self.engine != "ray":
-            for flag, value in (("--ray-address", self.ray_address), ("--ray-actors", self.ray_actors)):
-                if value is not None:
-                    raise UserError(f"{flag} needs --engine ray")
-            return
-        if self.ray_actors is not None and self.ray_actors < 1:
-            raise UserError(f"--ray-actors must be at least 1, got {self.ray_actors}")
-        try:
-            import ray  # noqa: F401
-        except ImportError:
-            raise UserError("--engine ray needs Ray: pip install 'softlabels[ray]'") from None
-        from .ray_engine import check_address
-
-        check_address(self.ray_address)
+    check_address(config.ray_address)
 
 
 @dataclass
@@ -175,7 +118,12 @@ def _fingerprint(settings: dict[str, Any]) -> str:
 
 
 def _describe_difference(key: str, ours: Any, theirs: Any) -> str:
-    flag = FINGERPRINT_FLAGS.get(key, key)
+    try:
+        flag = SETTING_FLAGS.get(key) or flag_of(GenerateConfig, key)
+    except KeyError:
+        flag = key
+    if not isinstance(theirs, type(ours)) and ours is not None and theirs is not None:
+        return f"{flag}: DIR records {theirs!r}, this run {ours!r}"
     if key == "teachers":
         return f"{flag}: the teachers differ (sha256 {[t['sha256'][:12] for t in theirs]} in DIR, {[t['sha256'][:12] for t in ours]} now)"
     if key == "corpus":
@@ -257,7 +205,6 @@ def _prepare(config: GenerateConfig) -> GenerationRun:
         "label_column": config.label_column,
         "rows_per_shard": config.rows_per_shard,
         "precision": config.precision,
-        "on_nonfinite": config.on_nonfinite,
         "vocab_size": vocab_size,
     }
     codec = LogprobCodec.named(config.logprob_dtype)
@@ -483,16 +430,16 @@ def generate(config: GenerateConfig) -> GenerateSummary:
         KeyboardInterrupt: after committing whole shards only and removing partial files.
     """
     started = time.perf_counter()
+    output = RunDirectory.for_output(config.out)  # not a file, not a v1 dataset
+    _check_out_apart_from_corpus(config)
+    output.refuse_foreign()
+    _check_engine(config)
     run = _prepare(config)
     directory = run.directory
     recorded_settings = None
     if directory.has_manifest():
-        try:
-            recorded_settings = directory.read_manifest().get("settings", {})
-        except VerificationError:
-            recorded_settings = None  # an unreadable manifest is rewritten once the shards check out
-        if recorded_settings is not None:
-            _check_same_run(config.out, run.settings, recorded_settings)
+        recorded_settings = directory.read_manifest().get("settings", {})
+        _check_same_run(config.out, run.settings, recorded_settings)
     runs, journal_shards = directory.read_journals() if config.out.is_dir() else ([], {})
     for recorded in runs:
         _check_same_run(config.out, run.settings, recorded.get("settings", {}))

@@ -82,13 +82,13 @@ def _auto_class(transformers: Any, config: Any) -> Any:
     return transformers.AutoModelForCausalLM
 
 
-def load_hf_model(spec: str) -> tuple[nn.Module, str]:
+def load_hf_model(spec: str, flag: str = "--teacher") -> tuple[nn.Module, str]:
     """Load an ``hf:`` SPEC on the CPU in fp32; returns (wrapped model, sha256 identity)."""
     transformers = _transformers()
     target, _, weights = spec[len("hf:"):].partition("@")
     path = Path(target)
     if not path.exists():
-        raise UserError(f"{spec}: {path} does not exist (hf: specs load local directories only)")
+        raise UserError(f"{flag} {spec}: {path} does not exist (hf: specs load local directories only)")
     ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
     try:
         if weights:
@@ -96,11 +96,11 @@ def load_hf_model(spec: str) -> tuple[nn.Module, str]:
             wrapped = HFLogits(_auto_class(transformers, config).from_config(config))
             from .teachers import load_weights
 
-            load_weights(wrapped, Path(weights), spec)
+            load_weights(wrapped, Path(weights), spec, flag)
             return wrapped, hf_identity(Path(weights))
         if ggufs:
             if len(ggufs) > 1:
-                raise UserError(f"{spec}: {path} holds several .gguf files ({', '.join(p.name for p in ggufs)}); keep one")
+                raise UserError(f"{flag} {spec}: {path} holds several .gguf files ({', '.join(p.name for p in ggufs)}); keep one")
             config = transformers.AutoConfig.from_pretrained(str(path), gguf_file=ggufs[0].name)
             model = _auto_class(transformers, config).from_pretrained(str(path), gguf_file=ggufs[0].name, dtype=torch.float32)
             identity = hf_identity(ggufs[0])
@@ -117,5 +117,5 @@ def load_hf_model(spec: str) -> tuple[nn.Module, str]:
         raise
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{spec}: cannot load the model ({first})") from None
+        raise UserError(f"{flag} {spec}: cannot load the model ({first})") from None
     return HFLogits(model), identity  # fp32 already: GGUF models refuse .float()

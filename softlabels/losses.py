@@ -19,9 +19,10 @@ import math
 
 import torch
 
+from .options import TAIL_MODES
+
 __all__ = ["TAIL_MODES", "masked_mean", "kd_loss", "kd_loss_per_position", "dense_kd_per_position", "dense_kd_loss", "hard_label_loss", "IGNORE_INDEX"]
 
-TAIL_MODES = ("bucket", "renorm", "uniform")
 IGNORE_INDEX = -100
 
 

@@ -287,9 +287,65 @@ class RunDirectory:
                 return "v2"
         if (root / DATA_DIR).is_dir() or (root / JOURNAL_DIR).is_dir():
             return "v2"
-        if any(root.glob(V1_JOURNAL_GLOB)) or any(SHARD_PATTERN.fullmatch(p.name) for p in root.glob("shard-*.parquet")):
+        if any(root.glob(V1_JOURNAL_GLOB)):
             return "v1"
         return "v2"
+
+    def foreign_file(self, fingerprint: str | None = None) -> str | None:
+        """The first file in the directory that softlabels did not write (relative to the root), or None.
+
+        softlabels writes only ``manifest.json`` (and its temporary names), ``data/shard-NNNNNN.parquet``
+        carrying a softlabels header (of run ``fingerprint`` when given), ``_journal/rank-NNNNN.jsonl``
+        and ``_staging/*.tmp``. Journalled shards are recognised by name; only the others are opened.
+        """
+        root = self.root
+        if not root.is_dir():
+            return None
+        journalled = set(self.read_journals()[1]) if (root / JOURNAL_DIR).is_dir() else set()
+        for path in sorted(root.iterdir()):
+            name = path.name
+            if name == MANIFEST_NAME:
+                try:
+                    manifest = self.read_manifest()
+                except VerificationError:
+                    return name
+                if fingerprint is not None and manifest.get("fingerprint") != fingerprint:
+                    return name
+            elif name.startswith(MANIFEST_NAME) and name.endswith(".tmp"):
+                continue
+            elif name == DATA_DIR and path.is_dir():
+                for shard in sorted(path.iterdir()):
+                    if not SHARD_PATTERN.fullmatch(shard.name) or not shard.is_file():
+                        return f"{DATA_DIR}/{shard.name}"
+                    if shard.name in journalled and fingerprint is None:
+                        continue
+                    header = read_shard_header(shard)
+                    if header is None or (fingerprint is not None and header.get("fingerprint") != fingerprint):
+                        return f"{DATA_DIR}/{shard.name}"
+            elif name == JOURNAL_DIR and path.is_dir():
+                strays = [p.name for p in sorted(path.iterdir()) if not re.fullmatch(r"rank-\d{5,}\.jsonl(\.\d+\.tmp)?", p.name)]
+                if strays:
+                    return f"{JOURNAL_DIR}/{strays[0]}"
+            elif name == STAGING_DIR and path.is_dir():
+                strays = [p.name for p in sorted(path.iterdir()) if not p.name.endswith(".tmp")]
+                if strays:
+                    return f"{STAGING_DIR}/{strays[0]}"
+            else:
+                return name
+        return None
+
+    def refuse_foreign(self, flag: str = "--out", fingerprint: str | None = None) -> None:
+        """Raise unless every file in the directory is one softlabels writes.
+
+        Raises:
+            UserError: naming the first foreign file; nothing of the user's is ever overwritten.
+        """
+        foreign = self.foreign_file(fingerprint)
+        if foreign is not None:
+            raise UserError(
+                f"{flag} {self.root} holds {foreign}, which softlabels did not write; "
+                f"give an empty or new {flag} (softlabels never overwrites files it did not write)"
+            )
 
     # -- names --------------------------------------------------------------------------------
     @property

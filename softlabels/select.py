@@ -50,7 +50,7 @@ import pyarrow.parquet as pq
 from .codec import LogprobCodec
 from .errors import UserError, VerificationError
 from .rundir import (MANIFEST_BODY_KEYS, RunDirectory, ShardEntry, build_manifest, check_shard,
-                     read_shard_header, run_header, settings_fingerprint)
+                     run_header, settings_fingerprint)
 from .schema import FORMAT, HEADER_KEY, decode_header, encode_header
 from .shards import soft_label_bytes, write_shard
 
@@ -147,38 +147,9 @@ def _done(out: RunDirectory, fingerprint: str) -> dict[str, Any] | None:
 
 def _check_out(out: RunDirectory, source: Path, fingerprint: str) -> None:
     """``out`` must be new, empty, or hold only files of this same selection (an interrupted run)."""
-    root = out.root
-    if root.resolve() == source.resolve():
-        raise UserError(f"--out {root} is the source directory; write the selection to a new directory")
-    if not root.is_dir():
-        return
-    foreign = _foreign_file(out, fingerprint)
-    if foreign is not None:
-        raise UserError(
-            f"--out {root} is not empty and does not hold this selection ({foreign}); use another --out or delete it"
-        )
-
-
-def _foreign_file(out: RunDirectory, fingerprint: str) -> str | None:
-    """The first file in ``out`` that is not part of this selection, relative to ``out``."""
-    for path in sorted(out.root.iterdir()):
-        if path == out.manifest_path:
-            try:
-                if out.read_manifest().get("fingerprint") == fingerprint:
-                    continue
-            except VerificationError:
-                pass
-            return path.name
-        if path == out.staging_dir and path.is_dir():
-            continue  # partial files of an interrupted selection
-        if path == out.data_dir and path.is_dir():
-            for shard in sorted(path.iterdir()):
-                header = read_shard_header(shard) if shard.is_file() else None
-                if header is None or header.get("fingerprint") != fingerprint:
-                    return f"{path.name}/{shard.name}"
-            continue
-        return path.name
-    return None
+    if out.root.resolve() == source.resolve():
+        raise UserError(f"--out {out.root} is the source directory; write the selection to a new directory")
+    out.refuse_foreign(fingerprint=fingerprint)
 
 
 def _stored_as(table: pa.Table, source: LogprobCodec, target: LogprobCodec) -> pa.Table:

@@ -97,14 +97,14 @@ def autocast(device: torch.device, precision: str) -> Any:
     return torch.autocast(device.type, enabled=False)
 
 
-def _require_file(path: Path, spec: str, what: str) -> None:
+def _require_file(path: Path, spec: str, what: str, flag: str = "--teacher") -> None:
     if not path.is_file():
-        raise UserError(f"--teacher {spec}: {what} {path} does not exist")
+        raise UserError(f"{flag} {spec}: {what} {path} does not exist")
 
 
-def load_weights(module: torch.nn.Module, path: Path, spec: str) -> None:
+def load_weights(module: torch.nn.Module, path: Path, spec: str, flag: str = "--teacher") -> None:
     """Load a safetensors file or a ``.pt`` state dict (weights_only) into ``module``, strictly."""
-    _require_file(path, spec, "weights file")
+    _require_file(path, spec, "weights file", flag)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_model
@@ -113,65 +113,86 @@ def load_weights(module: torch.nn.Module, path: Path, spec: str) -> None:
         elif path.suffix in (".pt", ".pth", ".bin"):
             module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
         else:
-            raise UserError(f"--teacher {spec}: weights must be .safetensors or .pt, not {path.name}")
+            raise UserError(f"{flag} {spec}: weights must be .safetensors or .pt, not {path.name}")
     except UserError:
         raise
     except Exception as exc:  # any reader or shape error is a bad weights file for the user
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"--teacher {spec}: cannot load weights {path}: {first_line}") from None
+        raise UserError(f"{flag} {spec}: cannot load weights {path}: {first_line}") from None
 
 
-def _build_factory(spec: str) -> tuple[torch.nn.Module, str]:
+def _build_factory(spec: str, flag: str, trained: bool) -> tuple[torch.nn.Module, str]:
     target, _, weights = spec.partition("@")
     module_name, _, factory_name = target.partition(":")
     if not module_name or not factory_name:
-        raise UserError(f"--teacher {spec}: expected package.module:factory[@weights]")
+        raise UserError(f"{flag} {spec}: expected package.module:factory[@weights]")
     try:
         python_module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise UserError(f"--teacher {spec}: cannot import {module_name} ({exc})") from None
+        raise UserError(f"{flag} {spec}: cannot import {module_name} ({exc})") from None
     factory = getattr(python_module, factory_name, None)
     if not callable(factory):
-        raise UserError(f"--teacher {spec}: {module_name} has no callable {factory_name}")
+        raise UserError(f"{flag} {spec}: {module_name} has no callable {factory_name}")
     model = factory()
     if not isinstance(model, torch.nn.Module):
-        raise UserError(f"--teacher {spec}: {factory_name}() returned {type(model).__name__}, not an nn.Module")
+        raise UserError(f"{flag} {spec}: {factory_name}() returned {type(model).__name__}, not an nn.Module")
     if weights:
         path = Path(weights)
-        load_weights(model, path, spec)
+        load_weights(model, path, spec, flag)
         digest = sha256_file(path)
     else:
+        if trained and _randomly_initialised(factory, model):
+            raise UserError(
+                f"{flag} {spec}: {factory_name}() builds randomly initialised weights (two builds differ) and no "
+                f"@weights file is given; use {spec}@weights.safetensors"
+            )
         source = inspect.getsourcefile(python_module)
         text = Path(source).read_bytes() if source else spec.encode()
         digest = hashlib.sha256(text + factory_name.encode()).hexdigest()
     return model, digest
 
 
-def load_model(spec: str) -> tuple[Any, str]:
-    """The model object named by SPEC (on the CPU) and its sha256 identity."""
+def _randomly_initialised(factory: Callable[[], Any], model: torch.nn.Module) -> bool:
+    """Does a second build under another RNG seed give other weights? (A factory that loads its own
+    weights builds the same model every time.)"""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(torch.initial_seed() + 1)
+        again = factory()
+    theirs = again.state_dict() if isinstance(again, torch.nn.Module) else {}
+    return any(not torch.equal(value, theirs[name]) for name, value in model.state_dict().items()
+               if name in theirs and value.is_floating_point() and value.shape == theirs[name].shape)
+
+
+def load_model(spec: str, flag: str = "--teacher", trained: bool = False) -> tuple[Any, str]:
+    """The model object named by SPEC (on the CPU) and its sha256 identity.
+
+    Args:
+        flag: the option SPEC came from, named in every error.
+        trained: refuse a factory without ``@weights`` whose weights are random (a teacher must be trained).
+    """
     if spec.startswith("hf:"):
         from .hf import load_hf_model
 
-        return load_hf_model(spec)
+        return load_hf_model(spec, flag)
     if spec.endswith(".pt2"):
         path = Path(spec)
         _require_file(path, spec, "exported program")
         try:
             program = torch.export.load(str(path))
         except Exception as exc:  # a damaged archive is the user's file, not our bug
-            raise UserError(f"--teacher {spec}: cannot load exported program ({type(exc).__name__}: {exc})") from None
+            raise UserError(f"{flag} {spec}: cannot load exported program ({type(exc).__name__}: {exc})") from None
         return program.module(), sha256_file(path)
     if ":" in spec:
-        return _build_factory(spec)
+        return _build_factory(spec, flag, trained)
     path = Path(spec)
     if path.exists():
-        raise UserError(f"--teacher {spec}: unknown model file type; expected .pt2, module:factory[@weights] or hf:DIR")
-    raise UserError(f"--teacher {spec}: no such file, and not of the form module:factory[@weights] or hf:DIR")
+        raise UserError(f"{flag} {spec}: unknown model file type; expected .pt2, module:factory[@weights] or hf:DIR")
+    raise UserError(f"{flag} {spec}: no such file, and not of the form module:factory[@weights] or hf:DIR")
 
 
 def load_teacher(spec: str, device: torch.device) -> Teacher:
     """Load a teacher for inference on ``device``: eval mode, no gradients."""
-    model, digest = load_model(spec)
+    model, digest = load_model(spec, "--teacher", trained=True)
     if isinstance(model, torch.nn.Module):
         if not isinstance(model, torch.fx.GraphModule):
             model.eval()  # an exported program's module has no train/eval switch; it was exported in eval

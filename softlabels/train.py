@@ -21,7 +21,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,7 +32,8 @@ from tqdm import tqdm
 from .data import SoftLabelDataset, SoftLabelLoader
 from .errors import UserError, VerificationError
 from .inputs import TeacherInputs
-from .losses import IGNORE_INDEX, TAIL_MODES, dense_kd_per_position, hard_label_loss, kd_loss_per_position
+from .losses import IGNORE_INDEX, dense_kd_per_position, hard_label_loss, kd_loss_per_position
+from .options import TrainConfig, flag_of
 from .storage import atomic_write_text
 from .teachers import autocast, load_model, resolve_device
 
@@ -40,89 +41,16 @@ __all__ = ["TrainConfig", "TrainSummary", "train_student", "evaluate", "student_
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
-PRECISIONS = ("fp32", "bf16")
-
-# settings a resumed run must share with the checkpoint, with the flag that sets each
-RESUME_FLAGS = {
-    "data": "--data/DATA_DIR", "mix": "--mix", "student": "--student", "epochs": "--epochs",
-    "max_steps": "--max-steps", "batch_size": "--batch-size", "lr": "--lr", "weight_decay": "--weight-decay",
-    "warmup_steps": "--warmup-steps", "temperature": "--temperature", "alpha": "--alpha", "tail": "--tail",
-    "label_column": "--label-column", "seed": "--seed", "num_workers": "--num-workers",
-    "grad_clip": "--grad-clip", "precision": "--precision", "world_size": "torchrun --nproc-per-node",
-    "online_teacher": "--online-teacher",
-}
+OUTPUT_NAMES = (CHECKPOINT_NAME, METRICS_NAME, "student.safetensors", "student.json")
+"""Every file ``train-student`` writes in ``--out`` (and their ``.tmp`` names while writing)."""
 
 
-@dataclass
-class TrainConfig:
-    """Settings of one ``train-student`` run; validates itself and names the offending flag."""
-
-    data: list[Path]
-    student: str
-    out: Path
-    mix: list[float] | None = None
-    epochs: int = 1
-    max_steps: int | None = None
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_steps: int | None = None
-    temperature: float = 2.0
-    alpha: float = 0.5
-    tail: str = "bucket"
-    label_column: str | None = None
-    eval: Path | None = None
-    eval_every: int | None = None
-    seed: int = 0
-    resume: bool = False
-    checkpoint_every: int = 100
-    log_every: int = 10
-    num_workers: int = 0
-    grad_clip: float = 1.0
-    precision: str = "fp32"
-    device: str = "auto"
-    halt_after: int | None = None
-    online_teacher: str | None = None
-    progress: bool = True
-    world_size: int = field(default=1, init=False)
-
-    def __post_init__(self) -> None:
-        self.data = [Path(d) for d in self.data]
-        self.out = Path(self.out)
-        self.eval = Path(self.eval) if self.eval is not None else None
-        if not self.data:
-            raise UserError("no DATA_DIR given")
-        for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--checkpoint-every", self.checkpoint_every), ("--log-every", self.log_every)):
-            if value < 1:
-                raise UserError(f"{flag} must be at least 1, got {value}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise UserError(f"--max-steps must be at least 1, got {self.max_steps}")
-        if not self.lr > 0:
-            raise UserError(f"--lr must be positive, got {self.lr}")
-        if not self.temperature > 0:
-            raise UserError(f"--temperature must be positive, got {self.temperature}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise UserError(f"--alpha must be between 0 and 1, got {self.alpha}")
-        if self.tail not in TAIL_MODES:
-            raise UserError(f"--tail must be one of {', '.join(TAIL_MODES)}, got {self.tail!r}")
-        if self.precision not in PRECISIONS:
-            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.num_workers < 0:
-            raise UserError(f"--num-workers must be at least 0, got {self.num_workers}")
-        if self.mix is None:
-            self.mix = [1.0 / len(self.data)] * len(self.data)
-        if len(self.mix) != len(self.data):
-            raise UserError(f"--mix has {len(self.mix)} weights for {len(self.data)} data directories")
-        if any(w < 0 for w in self.mix) or sum(self.mix) <= 0:
-            raise UserError(f"--mix weights must be non-negative and not all zero, got {self.mix}")
-        total = sum(self.mix)
-        self.mix = [w / total for w in self.mix]
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
-
-    def resume_settings(self) -> dict[str, Any]:
-        settings = asdict(self)
-        settings["data"] = [str(d) for d in self.data]
-        return {k: settings[k] for k in RESUME_FLAGS}
+def _resume_flag(name: str) -> str:
+    if name == "world_size":
+        return "torchrun --nproc-per-node"
+    if name == "data":
+        return "DATA_DIR/--data"
+    return flag_of(TrainConfig, name)
 
 
 @dataclass
@@ -219,11 +147,50 @@ def batch_losses(logits: torch.Tensor, batch: dict[str, Any], config: TrainConfi
 # -- data ----------------------------------------------------------------------------------------
 
 
+def _check_out(config: TrainConfig) -> None:
+    """``--out`` may hold only what train-student writes; a checkpoint there needs ``--resume``."""
+    out = config.out
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    if out.is_dir():
+        for path in sorted(out.iterdir()):
+            if path.name not in OUTPUT_NAMES and not (path.name.endswith(".tmp") and path.name.split(".tmp")[0].startswith(OUTPUT_NAMES)):
+                raise UserError(f"--out {out} holds {path.name}, which train-student did not write; give an empty or new --out")
+    if (out / CHECKPOINT_NAME).is_file() and not config.resume:
+        raise UserError(f"--out {out} already holds a checkpoint; pass --resume to continue it or choose another --out")
+    for directory, flag in [(d, "DATA_DIR/--data") for d in config.data] + ([(config.eval, "--eval")] if config.eval else []):
+        if out.resolve() == Path(directory).resolve():
+            raise UserError(f"--out {out} is the soft-label directory {directory} ({flag}); choose another --out")
+
+
+def _verify_inputs(config: TrainConfig) -> None:
+    """Every --data and --eval directory is verified (sha256 of every shard) before step 1.
+
+    Raises:
+        UserError: a directory that does not exist or is not sealed, naming the flag.
+        VerificationError: a damaged shard, naming the directory and the file (exit 2).
+    """
+    from .verify import verify
+
+    checks = [(d, "DATA_DIR") for d in config.data] + ([(config.eval, "--eval")] if config.eval is not None else [])
+    for directory, flag in checks:
+        try:
+            verify(directory)
+        except VerificationError as exc:
+            message = str(exc)
+            if "not complete" in message or "no manifest" in message:
+                raise UserError(f"{flag} {directory}: {message}") from None
+            raise VerificationError(f"{flag} {directory}: {message}") from None
+        except UserError as exc:
+            raise UserError(f"{flag} {directory}: {exc}") from None
+
+
 def _open_sources(config: TrainConfig, rank: int, world: int) -> list[SoftLabelDataset]:
     sources = []
     for index, directory in enumerate(config.data):
         try:
-            sources.append(SoftLabelDataset(directory, batch_size=config.batch_size, shuffle=True, seed=config.seed + index, rank=rank, world_size=world))
+            sources.append(SoftLabelDataset(directory, batch_size=config.batch_size, shuffle=True, seed=config.seed + index,
+                                            rank=rank, world_size=world, verify_sha256=False))  # verified up front
         except VerificationError as exc:
             raise UserError(f"data directory {directory}: {exc}") from None
         if not any(piece.rows for piece in sources[-1].pieces):  # e.g. a select that kept nothing
@@ -292,7 +259,7 @@ def _seed_step(seed: int, step: int, rank: int) -> None:
 
 
 def _build_student(spec: str) -> tuple[torch.nn.Module, str]:
-    model, _ = load_model(spec)
+    model, _ = load_model(spec, "--student")
     if not isinstance(model, torch.nn.Module) or isinstance(model, torch.fx.GraphModule):
         raise UserError(f"--student {spec}: a student must be a trainable module (module:factory or hf:CONFIG)")
     return model, spec.partition("@")[0]
@@ -360,7 +327,7 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
 
 def _check_resume(config: TrainConfig, recorded: dict[str, Any]) -> None:
     ours = config.resume_settings()
-    differences = [f"{RESUME_FLAGS[k]}: checkpoint has {recorded.get(k)!r}, this run {ours[k]!r}" for k in RESUME_FLAGS if recorded.get(k) != ours[k]]
+    differences = [f"{_resume_flag(k)}: checkpoint has {recorded.get(k)!r}, this run {ours[k]!r}" for k in ours if recorded.get(k) != ours[k]]
     if differences:
         raise UserError(f"--resume: {config.out} was trained with different settings ({'; '.join(differences)})")
 
@@ -385,21 +352,20 @@ def train_student(config: TrainConfig) -> TrainSummary:
     """
     started = time.perf_counter()
     rank, world, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    _check_out(config)
+    _verify_inputs(config)
     device = resolve_device(config.device, local_rank)
     sources = _open_sources(config, rank, world)
     manifest = sources[0].manifest
     eval_set = None
     if config.eval is not None:
-        try:
-            eval_set = SoftLabelDataset(config.eval, batch_size=config.batch_size, shuffle=False, rank=0, world_size=1)
-        except VerificationError as exc:
-            raise UserError(f"--eval {config.eval}: {exc}") from None
+        eval_set = SoftLabelDataset(config.eval, batch_size=config.batch_size, shuffle=False, rank=0, world_size=1, verify_sha256=False)
         _check_same_teachers(manifest, config.data[0], eval_set.manifest, config.eval, "--eval")
     if config.label_column is not None:
-        for source in sources:
+        for source, directory in [(s, d) for s, d in zip(sources, config.data)] + ([(eval_set, config.eval)] if eval_set else []):
+            if config.label_column not in source.columns():
+                raise UserError(f"--label-column {config.label_column}: no such column in {directory} (columns: {', '.join(source.columns())})")
             source.label_column = config.label_column
-        if eval_set is not None:
-            eval_set.label_column = config.label_column
 
     torch.manual_seed(config.seed)
     model, factory_spec = _build_student(config.student)
@@ -417,6 +383,9 @@ def train_student(config: TrainConfig) -> TrainSummary:
         raise UserError(f"--student {config.student}: forward failed on {shape}: {type(exc).__name__}: {exc}") from None
     if vocab != manifest["vocab_size"]:
         raise UserError(f"--student {config.student} has {vocab} output classes but the teachers of {config.data[0]} have {manifest['vocab_size']}")
+    if config.alpha == 0.0 and "labels" not in probe and not next_token:
+        raise UserError(f"--alpha 0 trains on hard labels only, but {config.data[0]} has no label column; "
+                        "the loss would be 0 at every step (use --alpha > 0, or --label-column)")
 
     online_teacher = None
     if config.online_teacher is not None:
@@ -433,7 +402,7 @@ def train_student(config: TrainConfig) -> TrainSummary:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else model
 
-    steps_per_epoch = math.ceil(min(sources[0].num_batches(config.num_workers, rank=r, epoch=0) for r in range(world)) / config.mix[0])
+    steps_per_epoch = math.ceil(min(sources[0].num_batches(config.num_workers, rank=r, epoch=0) for r in range(world)) / config.mix_weights[0])
     total_steps = config.max_steps if config.max_steps is not None else config.epochs * steps_per_epoch
     warmup = config.warmup_steps if config.warmup_steps is not None else max(1, total_steps // 20)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -483,7 +452,7 @@ def train_student(config: TrainConfig) -> TrainSummary:
     try:
         while step < total_steps:
             _seed_step(config.seed, step, rank)
-            batch = streams[_source_of_step(config.seed, step, config.mix)].next()
+            batch = streams[_source_of_step(config.seed, step, config.mix_weights)].next()
             teacher_logits = None
             if online_teacher is not None:
                 with torch.inference_mode(), autocast(device, config.precision):

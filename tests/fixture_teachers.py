@@ -97,3 +97,29 @@ class MaskedClassifier(torch.nn.Module):
 
 def masked_classifier() -> torch.nn.Module:
     return MaskedClassifier()
+
+
+class InterruptingStudent(nn.Module):
+    """digits_mlp-shaped student that sends its own process SIGINT on its INTERRUPT_AT-th training
+    forward: a deterministic Ctrl-C in the middle of train-student, no sleep or race."""
+
+    INTERRUPT_AT = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(64, 10)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.calls += 1
+            if self.calls == self.INTERRUPT_AT:
+                import os
+                import signal
+
+                os.kill(os.getpid(), signal.SIGINT)
+        return self.linear(x)
+
+
+def interrupting_student() -> nn.Module:
+    return InterruptingStudent()

@@ -23,6 +23,7 @@ from conftest import (
     read_output,
     run_cli,
     run_cli_subprocess,
+    save_teacher,
     shard_paths,
     tmp_files,
     token_table,
@@ -303,7 +304,7 @@ def test_unknown_flag_is_a_one_line_usage_error(corpus: Path, tmp_path: Path) ->
     out = tmp_path / "out"
     assert_one_line_error(generate(corpus, out, "--top_k", 5), "--top_k")
     assert_one_line_error(run_cli("verify", tmp_path, "--deep"), "--deep")
-    assert_one_line_error(run_cli("generate", "--teacher", TEACHER, "--out", out), "CORPUS".lower())
+    assert_one_line_error(run_cli("generate", "--teacher", TEACHER, "--out", out), "CORPUS")
     assert_untouched(out)
 
 
@@ -418,7 +419,7 @@ def test_null_and_empty_inputs_name_sample_ids(tmp_path: Path) -> None:
     sequences[42] = []
     empty = write_parquet(tokens.set_column(1, "inputs", pa.array(sequences, pa.list_(pa.int64()))), tmp_path / "empty_seq.parquet")
     out = tmp_path / "out_tokens"
-    spec = "softlabels.models:token_gru"
+    spec = save_teacher("softlabels.models:token_gru", 0, tmp_path / "token_gru.safetensors")
     assert_one_line_error(generate(empty, out, "--id-column", "id", teachers=(spec,)), "t-00042", "empty")
     assert_not_sealed(out, bad_units=[1, 2, 3, 4])
 

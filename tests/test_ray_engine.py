@@ -180,7 +180,8 @@ def test_missing_ray_is_one_line_naming_the_extra(tmp_path, corpus, monkeypatch)
 def test_engine_is_not_part_of_the_fingerprint(tmp_path, corpus):
     from softlabels.generate import GenerateConfig, _prepare
 
-    common = dict(corpus=[str(corpus)], teachers=["softlabels.models:token_gru"], out=tmp_path / "out", id_column="id")
+    teacher = save_teacher("softlabels.models:token_gru", 0, tmp_path / "token_gru.safetensors")
+    common = dict(corpus=[str(corpus)], teachers=[teacher], out=tmp_path / "out", id_column="id")
     local = _prepare(GenerateConfig(**common))
     on_ray = _prepare(GenerateConfig(**common, engine="ray", ray_actors=3))
     assert on_ray.settings == local.settings and on_ray.fingerprint == local.fingerprint
