@@ -48,6 +48,8 @@ class CorpusFile:
     schema: pa.Schema
     # JSONL only: byte offset of rows 0, rows_per_shard, 2*rows_per_shard, ..., and the file end.
     unit_offsets: list[int] = field(default_factory=list)
+    # JSONL only: the schema JSON is parsed with (lists where ``schema`` has fixed-size vectors).
+    parse_schema: pa.Schema | None = None
 
     @property
     def is_jsonl(self) -> bool:
@@ -118,16 +120,33 @@ def _scan_jsonl(path: Path, rows_per_shard: int) -> tuple[int, list[int]]:
     return rows, offsets
 
 
-def _jsonl_schema(path: Path) -> pa.Schema:
+def _jsonl_schema(path: Path) -> tuple[pa.Schema, pa.Schema]:
+    """(the schema JSON is parsed with, the corpus schema) from the first MiB of a JSONL file.
+
+    JSON has no fixed-size arrays, so a column of float arrays that all have the same length in
+    that sample is a vector (``fixed_size_list``: ``model(x)``), as in Parquet; arrays of integers
+    stay sequences of tokens (``model(x, lengths)``).
+    """
     with open(path, "rb") as handle:
         sample = handle.read(JSONL_SCHEMA_SAMPLE_BYTES)
     cut = sample.rfind(b"\n")
     if cut >= 0 and len(sample) == JSONL_SCHEMA_SAMPLE_BYTES:
         sample = sample[: cut + 1]
     try:
-        return pajson.read_json(io.BytesIO(sample)).schema
+        table = pajson.read_json(io.BytesIO(sample))
     except pa.ArrowInvalid as exc:
         raise UserError(f"corpus file {path}: not valid JSONL ({exc})") from None
+    fields = []
+    for field in table.schema:
+        column = table.column(field.name)
+        if pa.types.is_list(field.type) and pa.types.is_floating(field.type.value_type) and column.null_count == 0 and len(column):
+            widths = pc.list_value_length(column)
+            low, high = pc.min(widths).as_py(), pc.max(widths).as_py()
+            if low == high and low > 0:
+                fields.append(pa.field(field.name, pa.list_(field.type.value_type, low)))
+                continue
+        fields.append(field)
+    return table.schema, pa.schema(fields)
 
 
 class Corpus:
@@ -182,7 +201,7 @@ class Corpus:
         with open(corpus_file.path, "rb") as handle:
             handle.seek(begin)
             payload = handle.read(end - begin)
-        schema = corpus_file.schema
+        schema = corpus_file.parse_schema or corpus_file.schema
         options = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
         try:
             table = pajson.read_json(io.BytesIO(payload), parse_options=options)
@@ -190,6 +209,16 @@ class Corpus:
             raise UserError(
                 f"corpus file {corpus_file.path}, rows {unit.start}-{unit.stop - 1}: {exc}"
             ) from None
+        for field in corpus_file.schema:
+            if pa.types.is_fixed_size_list(field.type) and field.name in table.column_names:
+                try:
+                    vectors = table.column(field.name).cast(field.type)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                    raise UserError(
+                        f"corpus file {corpus_file.path}, rows {unit.start}-{unit.stop - 1}: column {field.name!r} holds vectors "
+                        f"of another length than the {field.type.list_size} of the file's first rows"
+                    ) from None
+                table = table.set_column(table.schema.get_field_index(field.name), field, vectors)
         # a unit may be a sub-range of its slot (the vocabulary probe reads the first rows only)
         return table.slice(unit.start - slot * self.rows_per_shard, unit.rows).select(wanted)
 
@@ -321,8 +350,8 @@ def open_corpus(
         size = path.stat().st_size
         if path.suffix == ".jsonl":
             rows, offsets = _scan_jsonl(path, rows_per_shard)
-            schema = _jsonl_schema(path) if rows else pa.schema([])
-            files.append(CorpusFile(path, relpath, rows, size, schema, offsets))
+            parse_schema, schema = _jsonl_schema(path) if rows else (pa.schema([]), pa.schema([]))
+            files.append(CorpusFile(path, relpath, rows, size, schema, offsets, parse_schema))
         else:
             try:
                 metadata = pq.read_metadata(path)

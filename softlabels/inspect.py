@@ -2,7 +2,9 @@
 
 Only the columns a figure needs are read, and per-position figures come from exploding the list
 columns inside Polars, so no Python loop touches a position. The shards are the ones the manifest
-lists (stray files are not counted). Quantiles are linear interpolations, as numpy's default.
+lists (stray files are not counted), each checked first as ``verify`` checks it (size, sha256,
+footer), so a damaged shard is a VerificationError naming it, never a page of plausible figures.
+Quantiles are linear interpolations, as numpy's default.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 import polars as pl
 
 from .codec import LogprobCodec
-from .rundir import RunDirectory
+from .rundir import RunDirectory, check_shard
 
 __all__ = ["inspect", "render"]
 
@@ -48,6 +50,8 @@ def inspect(directory: str | Path) -> dict[str, Any]:
     root = run_directory.root
     manifest = run_directory.read_sealed()
     files = [str(run_directory.shard_path(entry["file"])) for entry in manifest["shards"]]
+    for path, entry in zip(files, manifest["shards"]):  # damaged shards are named, never summarised
+        check_shard(Path(path), entry, manifest)
     totals = manifest["totals"]
     report: dict[str, Any] = {
         "directory": str(root),

@@ -57,6 +57,11 @@ class Teacher:
         if not isinstance(output, torch.Tensor) or output.dim() not in (2, 3):
             shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
             raise UserError(f"--teacher {self.spec}: expected logits [B, C] or [B, T, C], got {shape}")
+        if output.shape[0] != inputs.x.shape[0]:
+            raise UserError(
+                f"--teacher {self.spec}: returned logits for {output.shape[0]} rows from a batch of {inputs.x.shape[0]} "
+                f"(inputs {tuple(inputs.x.shape)}); the input column does not fit this model"
+            )
         return output
 
 
