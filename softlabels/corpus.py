@@ -137,15 +137,15 @@ def _jsonl_schema(path: Path) -> tuple[pa.Schema, pa.Schema]:
     except pa.ArrowInvalid as exc:
         raise UserError(f"corpus file {path}: not valid JSONL ({exc})") from None
     fields = []
-    for field in table.schema:
-        column = table.column(field.name)
-        if pa.types.is_list(field.type) and pa.types.is_floating(field.type.value_type) and column.null_count == 0 and len(column):
+    for parsed in table.schema:
+        column = table.column(parsed.name)
+        if pa.types.is_list(parsed.type) and pa.types.is_floating(parsed.type.value_type) and column.null_count == 0 and len(column):
             widths = pc.list_value_length(column)
             low, high = pc.min(widths).as_py(), pc.max(widths).as_py()
             if low == high and low > 0:
-                fields.append(pa.field(field.name, pa.list_(field.type.value_type, low)))
+                fields.append(pa.field(parsed.name, pa.list_(parsed.type.value_type, low)))
                 continue
-        fields.append(field)
+        fields.append(parsed)
     return table.schema, pa.schema(fields)
 
 
@@ -209,16 +209,16 @@ class Corpus:
             raise UserError(
                 f"corpus file {corpus_file.path}, rows {unit.start}-{unit.stop - 1}: {exc}"
             ) from None
-        for field in corpus_file.schema:
-            if pa.types.is_fixed_size_list(field.type) and field.name in table.column_names:
+        for vector in corpus_file.schema:
+            if pa.types.is_fixed_size_list(vector.type) and vector.name in table.column_names:
                 try:
-                    vectors = table.column(field.name).cast(field.type)
+                    vectors = table.column(vector.name).cast(vector.type)
                 except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
                     raise UserError(
-                        f"corpus file {corpus_file.path}, rows {unit.start}-{unit.stop - 1}: column {field.name!r} holds vectors "
-                        f"of another length than the {field.type.list_size} of the file's first rows"
+                        f"corpus file {corpus_file.path}, rows {unit.start}-{unit.stop - 1}: column {vector.name!r} holds vectors "
+                        f"of another length than the {vector.type.list_size} of the file's first rows"
                     ) from None
-                table = table.set_column(table.schema.get_field_index(field.name), field, vectors)
+                table = table.set_column(table.schema.get_field_index(vector.name), vector, vectors)
         # a unit may be a sub-range of its slot (the vocabulary probe reads the first rows only)
         return table.slice(unit.start - slot * self.rows_per_shard, unit.rows).select(wanted)
 

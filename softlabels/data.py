@@ -34,9 +34,8 @@ from .codec import LogprobCodec
 from .errors import UserError, VerificationError
 from .inputs import ColumnBlock
 from .losses import IGNORE_INDEX
-from .rundir import RunDirectory, run_header
+from .rundir import RunDirectory, read_shard_header, run_header
 from .schema import ID_COLUMN, codec_of, decode_header
-from .storage import sha256_file
 
 __all__ = ["SoftLabelDataset", "SoftLabelLoader", "collate", "Piece", "ShardRows"]
 
@@ -296,21 +295,22 @@ class SoftLabelDataset(IterableDataset):
             raise VerificationError(f"{self.directory}: no manifest and no journal; not a soft-label directory")
         settings = runs[0]["settings"]
         entries = sorted(journal.values(), key=lambda e: e["file"])
-        first = pq.read_schema(directory.shard_path(entries[0]["file"])) if entries else None
-        header = decode_header(first.metadata) if first is not None else {}
+        header = read_shard_header(directory.shard_path(entries[0]["file"])) if entries else {}
         return {**run_header(header or {}), "fingerprint": runs[0]["fingerprint"], "top_k": settings["top_k"],
                 "vocab_size": settings["vocab_size"], "shards": entries, "complete": False}
 
     def _plan_pieces(self) -> list[Piece]:
         groups: list[tuple[int, int, int]] = []
+        sizes = self.run_directory.data_dir.sizes()  # one listing, not a request per shard
         for index, (path, entry) in enumerate(zip(self.shards, self.manifest["shards"])):
-            if not path.is_file():
+            if path.name not in sizes:
                 raise VerificationError(f"{path.name}: missing")
-            if path.stat().st_size != entry["bytes"]:
-                raise VerificationError(f"{path.name}: {path.stat().st_size} bytes on disk, manifest says {entry['bytes']}")
+            if sizes[path.name] != entry["bytes"]:
+                raise VerificationError(f"{path.name}: {sizes[path.name]} bytes on disk, manifest says {entry['bytes']}")
             try:
-                metadata = pq.read_metadata(path)
-                header = decode_header(pq.read_schema(path).metadata)
+                with path.open() as handle:
+                    metadata = pq.read_metadata(handle)
+                header = decode_header(metadata.schema.to_arrow_schema().metadata)
             except (pa.ArrowInvalid, OSError) as exc:
                 raise VerificationError(f"{path.name}: not a readable Parquet file ({exc})") from None
             if header is None or header.get("fingerprint") != self.manifest["fingerprint"]:
@@ -352,7 +352,8 @@ class SoftLabelDataset(IterableDataset):
         """The column names of the shards (of the first one)."""
         if not self.shards:
             return []
-        return pq.read_schema(self.shards[0]).names
+        with self.shards[0].open() as handle:
+            return pq.read_schema(handle).names
 
     # -- state --------------------------------------------------------------------------------
     @property
@@ -428,11 +429,12 @@ class SoftLabelDataset(IterableDataset):
         try:
             if self.verify_sha256 and piece.shard not in self._hashed:
                 expected = self.manifest["shards"][piece.shard].get("sha256")
-                if expected is not None and sha256_file(path) != expected:
+                if expected is not None and path.sha256() != expected:
                     raise VerificationError(f"{path.name}: sha256 differs from the manifest (corrupt)")
                 self._hashed.add(piece.shard)
-            parquet = pq.ParquetFile(path, page_checksum_verification=True)
-            return parquet.read_row_group(piece.row_group, columns=columns)
+            with path.open() as handle:
+                parquet = pq.ParquetFile(handle, page_checksum_verification=True)
+                return parquet.read_row_group(piece.row_group, columns=columns)
         except (pa.ArrowException, OSError) as exc:
             raise VerificationError(f"{path.name}: unreadable ({type(exc).__name__}: {exc})") from None
 

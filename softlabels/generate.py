@@ -20,7 +20,6 @@ from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
@@ -33,7 +32,8 @@ from .inputs import TeacherInputs, check_input_type, to_teacher_inputs
 from .options import GenerateConfig, flag_of
 from .rundir import Journal, RunDirectory, ShardEntry, build_manifest, settings_fingerprint, shard_name
 from .schema import FORMAT
-from .shards import ShardPayload, build_shard, soft_label_bytes, write_shard
+from .shards import ShardPayload, build_shard, write_shard
+from .storage import is_uri
 from .teachers import Teacher, autocast, load_teacher, portable_name, resolve_device
 from .topk import soft_labels, valid_positions
 
@@ -48,11 +48,16 @@ SETTING_FLAGS = {"corpus": "CORPUS", "teachers": "--teacher", "vocab_size": "--t
 
 def _check_out_apart_from_corpus(config: GenerateConfig) -> None:
     """``--out`` may neither be nor hold nor lie inside a CORPUS folder or file."""
-    out = config.out.resolve()
+    if is_uri(config.out):
+        if any(str(argument).rstrip("/") == config.out.rstrip("/") or str(argument).startswith(config.out.rstrip("/") + "/")
+               or config.out.startswith(str(argument).rstrip("/") + "/") for argument in config.corpus):
+            raise UserError(f"--out {config.out} overlaps CORPUS; write the soft labels to a directory outside the corpus")
+        return
+    out = Path(config.out).resolve()
     for argument in config.corpus:
         path = Path(argument)
-        if not path.exists():
-            continue  # a glob or a missing file: open_corpus names it
+        if is_uri(argument) or not path.exists():
+            continue  # a store, a glob or a missing file: open_corpus names it
         corpus = path.resolve()
         if out == corpus or corpus.is_relative_to(out) or (path.is_dir() and out.is_relative_to(corpus)):
             raise UserError(f"--out {config.out} overlaps CORPUS {argument}; write the soft labels to a directory outside the corpus")
@@ -315,7 +320,7 @@ def commit_unit(run: GenerationRun, journal: Journal, unit: Unit, payload: Shard
     positions = int(payload.positions.sum())
     header = {**run.header, "unit": unit.index, "rows": payload.passthrough.num_rows, "positions": positions}
     table = build_shard(payload, run.vocab_size, run.config.top_k, len(run.teachers), header)
-    size, digest = write_shard(table, run.directory, unit.index, positions)
+    size, digest, soft_bytes = write_shard(table, run.directory, unit.index, positions)
     path = run.directory.unit_shard_path(unit.index)
     entry: ShardEntry = {
         "file": path.name,
@@ -323,7 +328,7 @@ def commit_unit(run: GenerationRun, journal: Journal, unit: Unit, payload: Shard
         "rows": table.num_rows,
         "positions": positions,
         "bytes": size,
-        "soft_label_bytes": soft_label_bytes(pq.read_metadata(path)),
+        "soft_label_bytes": soft_bytes,
         "sha256": digest,
         "fidelity": payload.fidelity.to_json(),
         "skipped_nonfinite": skipped,
@@ -440,7 +445,7 @@ def generate(config: GenerateConfig) -> GenerateSummary:
     if directory.has_manifest():
         recorded_settings = directory.read_manifest().get("settings", {})
         _check_same_run(config.out, run.settings, recorded_settings)
-    runs, journal_shards = directory.read_journals() if config.out.is_dir() else ([], {})
+    runs, journal_shards = directory.read_journals() if directory.root.is_dir() else ([], {})
     for recorded in runs:
         _check_same_run(config.out, run.settings, recorded.get("settings", {}))
     rank, world = _rank()
@@ -451,7 +456,7 @@ def generate(config: GenerateConfig) -> GenerateSummary:
     if rank == 0:  # a seal interrupted by a crash; ranks start together, long before anyone seals
         directory.discard_stale_manifest_writes()
     journal = directory.journal(rank)
-    if not journal.path.is_file():
+    if not journal.exists():
         journal.start({"fingerprint": run.fingerprint, "settings": run.settings})
     committed = _committed_units(run, journal_shards, mine)
     pending = [unit for unit in mine if unit.index not in committed]

@@ -49,9 +49,10 @@ def inspect(directory: str | Path) -> dict[str, Any]:
     run_directory = RunDirectory.open(directory)
     root = run_directory.root
     manifest = run_directory.read_sealed()
-    files = [str(run_directory.shard_path(entry["file"])) for entry in manifest["shards"]]
-    for path, entry in zip(files, manifest["shards"]):  # damaged shards are named, never summarised
-        check_shard(Path(path), entry, manifest)
+    shards = [run_directory.shard_path(entry["file"]) for entry in manifest["shards"]]
+    for path, entry in zip(shards, manifest["shards"]):  # damaged shards are named, never summarised
+        check_shard(path, entry, manifest)
+    files = [str(path) for path in shards]
     totals = manifest["totals"]
     report: dict[str, Any] = {
         "directory": str(root),

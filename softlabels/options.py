@@ -139,7 +139,7 @@ class GenerateConfig:
 
     corpus: list[str] = argument("Parquet files, directories (searched recursively) or globs; JSONL files.", "CORPUS", many=True)
     teachers: list[str] = option([], "--teacher", f"Teacher SPEC: {SPEC_HELP}; repeat for an ensemble.", metavar="SPEC", shown_default="required")
-    out: Path = option(None, "--out", "Output directory; resumed if it holds the same run.", metavar="DIR", shown_default="required")
+    out: str = option(None, "--out", "Output directory or store URI (s3://, gs://, ...); resumed if it holds the same run.", metavar="DIR", shown_default="required")
     input_column: str = option("inputs", "--input-column", "Column fed to the teacher: number / fixed_size_list -> model(x); list<...> -> model(x, lengths).")
     id_column: str | None = option(None, "--id-column", "Sample id column; duplicates are an error.", shown_default="<corpus file>#<row>")
     label_column: str | None = option(None, "--label-column", "Hard-label column passed through for train-student.", shown_default="none")
@@ -158,7 +158,8 @@ class GenerateConfig:
     ray_actors: int | None = option(None, "--ray-actors", "Teacher actors.", minimum=1, shown_default="one per GPU of the cluster, else 1")
 
     def __post_init__(self) -> None:
-        self.out = Path(self.out) if self.out is not None else None  # type: ignore[assignment]
+        self.out = os.fspath(self.out) if self.out is not None else None  # type: ignore[assignment]
+        self.corpus = [os.fspath(c) for c in self.corpus]
         validate(self)
         if not self.teachers:
             raise UserError("--teacher is required (repeat it for an ensemble)")
@@ -179,10 +180,10 @@ RESUME_SETTINGS = ("data", "mix", "student", "epochs", "max_steps", "batch_size"
 class TrainConfig:
     """Settings of one ``train-student`` run; validates itself and names the offending flag."""
 
-    data: list[Path] = argument("Sealed soft-label directories (or use --data).", "DATA_DIR", required=False, many=True)
+    data: list[str] = argument("Sealed soft-label directories or store URIs (or use --data).", "DATA_DIR", required=False, many=True)
     student: str = option(None, "--student", f"Student SPEC: {SPEC_HELP}; for hf:, a config.json trains from scratch.", metavar="SPEC", shown_default="required")
     out: Path = option(None, "--out", "Output directory: checkpoint.pt, metrics.jsonl, student.safetensors.", metavar="DIR", shown_default="required")
-    extra_data: list[Path] = option([], "--data", "Another soft-label directory to mix in; repeatable.", metavar="DIR", shown_default="none")
+    extra_data: list[str] = option([], "--data", "Another soft-label directory to mix in; repeatable.", metavar="DIR", shown_default="none")
     mix: str | None = option(None, "--mix", "Sampling weights of the data directories, e.g. 0.7,0.3.", shown_default="equal")
     epochs: int = option(1, "--epochs", "Passes over the data (unless --max-steps).", minimum=1)
     max_steps: int | None = option(None, "--max-steps", "Optimizer steps; overrides --epochs.", minimum=1, shown_default="from --epochs")
@@ -194,7 +195,7 @@ class TrainConfig:
     alpha: float = option(0.5, "--alpha", "Weight of the KD loss; 1 - alpha weighs hard-label CE.", minimum=0.0, maximum=1.0)
     tail: str = option("bucket", "--tail", "How the mass beyond the top-k enters the KD loss.", choices=TAIL_MODES)
     label_column: str | None = option(None, "--label-column", "Hard-label column.", shown_default="the one generate passed through")
-    eval: Path | None = option(None, "--eval", "A soft-label directory to evaluate on (checked before step 1).", metavar="DIR", shown_default="none")
+    eval: str | None = option(None, "--eval", "A soft-label directory to evaluate on (checked before step 1).", metavar="DIR", shown_default="none")
     eval_every: int | None = option(None, "--eval-every", "Evaluate every N steps.", minimum=1, shown_default="at the end")
     seed: int = option(0, "--seed", "Seed of the data order and the initialisation.")
     resume: bool = option(False, "--resume", "Continue from OUT/checkpoint.pt.")
@@ -211,10 +212,10 @@ class TrainConfig:
     mix_weights: list[float] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
-        self.data = [Path(d) for d in self.data] + [Path(d) for d in self.extra_data]
+        self.data = [os.fspath(d) for d in self.data] + [os.fspath(d) for d in self.extra_data]
         self.extra_data = []
         self.out = Path(self.out) if self.out is not None else None  # type: ignore[assignment]
-        self.eval = Path(self.eval) if self.eval is not None else None
+        self.eval = os.fspath(self.eval) if self.eval is not None else None
         validate(self)
         if not self.data:
             raise UserError("no DATA_DIR given (a soft-label directory from 'softlabels generate')")
@@ -253,18 +254,18 @@ class TrainConfig:
 class DirectoryConfig:
     """``verify`` and ``seal``: one soft-label directory."""
 
-    directory: Path = argument("A soft-label directory.", "DIR")
+    directory: str = argument("A soft-label directory or store URI.", "DIR")
 
 
 @dataclass
 class InspectConfig:
-    directory: Path = argument("A sealed soft-label directory.", "DIR")
+    directory: str = argument("A sealed soft-label directory or store URI.", "DIR")
     as_json: bool = option(False, "--json", "Print the figures as JSON.")
     plot: Path | None = option(None, "--plot", "Also draw the histograms into this PNG (extra [plot]).", metavar="FILE.png", shown_default="none")
 
 
 @dataclass
 class SelectConfig:
-    directory: Path = argument("A sealed soft-label directory.", "DIR")
+    directory: str = argument("A sealed soft-label directory or store URI.", "DIR")
     where: str = option(None, "--where", "SQL condition over the shard columns, e.g. 'confidence > 0.6'.", shown_default="required")
-    out: Path = option(None, "--out", "New directory for the kept rows (sealed, same schema).", metavar="DIR", shown_default="required")
+    out: str = option(None, "--out", "New directory or store URI for the kept rows (sealed, same schema).", metavar="DIR", shown_default="required")

@@ -16,6 +16,14 @@ is written once every unit is journalled. Resume trusts a shard only while its b
 the journalled sha256, so a truncated, zeroed or flipped shard is simply run again. Each rank
 appends to its own journal, so processes sharing a directory never interleave writes to one file.
 
+On an object store (``s3://``, ``gs://``, ...: no rename, no append, no fsync) the same protocol is
+made of whole-object writes: the shard is one PUT of the finished file straight to ``data/``, the
+journal record is a separate small object ``_journal/rank-NNNNN/shard-NNNNNN.json`` (after the
+shard), the run record ``_journal/rank-NNNNN/run.json``, and the manifest the last object. Ranks
+write disjoint units and their own journal prefixes, so they never write the same key; the
+manifest is created conditionally (If-None-Match) so two ranks finishing together cannot both
+write it. A half-uploaded object is never visible, so there is nothing to stage.
+
 Shard names in a manifest or journal must be ``shard-NNNNNN.parquet`` and resolve inside the data
 folder; anything else is a ``VerificationError``.
 """
@@ -26,6 +34,7 @@ import hashlib
 import json
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypedDict
@@ -37,7 +46,7 @@ import pyarrow.parquet as pq
 from .errors import UserError, VerificationError
 from .fidelity import Fidelity
 from .schema import FORMAT, FORMAT_V1, READABLE_FORMATS, decode_header, shard_schema, soft_columns
-from .storage import atomic_write_text, commit_file, sha256_file
+from .storage import Location, atomic_write_text, commit_file
 
 __all__ = [
     "MANIFEST_NAME",
@@ -60,7 +69,8 @@ DATA_DIR = "data"
 JOURNAL_DIR = "_journal"
 STAGING_DIR = "_staging"
 SHARD_PATTERN = re.compile(r"shard-\d{6,}\.parquet")
-V1_JOURNAL_GLOB = "journal-*.jsonl"
+JOURNAL_READERS = 32
+"""Concurrent reads of per-object journal records on an object store."""
 # Manifest keys that are not the run header (everything else in a manifest is a header field).
 MANIFEST_BODY_KEYS = ("complete", "settings", "id_column", "corpus", "shards", "totals", "fidelity", "selection")
 SHARD_FIELDS = ("file", "rows", "positions", "bytes", "sha256")
@@ -143,10 +153,11 @@ def run_header(shard_header: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in shard_header.items() if k not in SHARD_HEADER_KEYS}
 
 
-def read_shard_header(path: Path) -> dict[str, Any] | None:
+def read_shard_header(path: Location) -> dict[str, Any] | None:
     """The run header in a shard's footer, or None when the file is unreadable or has none."""
     try:
-        return decode_header(pq.read_schema(path).metadata)
+        with path.open() as handle:
+            return decode_header(pq.read_schema(handle).metadata)
     except (pa.ArrowInvalid, OSError, ValueError):
         return None
 
@@ -154,7 +165,7 @@ def read_shard_header(path: Path) -> dict[str, Any] | None:
 __all__ += ["SHARD_HEADER_KEYS", "run_header", "read_shard_header"]
 
 
-def check_shard(path: Path, entry: ShardEntry, manifest: dict[str, Any], hash_bytes: bool = True) -> None:
+def check_shard(path: Location, entry: ShardEntry, manifest: dict[str, Any], hash_bytes: bool = True) -> None:
     """Check one committed shard against its manifest (or journal) entry.
 
     Args:
@@ -168,15 +179,16 @@ def check_shard(path: Path, entry: ShardEntry, manifest: dict[str, Any], hash_by
     name = path.name
     if not path.is_file():
         raise VerificationError(f"{name}: missing")
-    size = path.stat().st_size
+    size = path.size()
     if size != entry.get("bytes"):
         raise VerificationError(f"{name}: {size} bytes on disk, manifest says {entry.get('bytes')} (truncated or replaced)")
-    if hash_bytes and entry.get("sha256") is not None and sha256_file(path) != entry.get("sha256"):
+    if hash_bytes and entry.get("sha256") is not None and path.sha256() != entry.get("sha256"):
         raise VerificationError(f"{name}: sha256 differs from the manifest (corrupt)")
     try:
-        parquet = pq.ParquetFile(path)
-        schema = parquet.schema_arrow
-        rows = parquet.metadata.num_rows
+        with path.open() as handle:
+            parquet = pq.ParquetFile(handle)
+            schema = parquet.schema_arrow
+            rows = parquet.metadata.num_rows
     except (pa.ArrowInvalid, OSError) as exc:
         raise VerificationError(f"{name}: not a readable Parquet file ({exc})") from None
     header = decode_header(schema.metadata)
@@ -191,35 +203,73 @@ def check_shard(path: Path, entry: ShardEntry, manifest: dict[str, Any], hash_by
             raise VerificationError(f"{name}: column {field.name!r} missing or of the wrong type")
 
 
-class Journal:
-    """Append-only record of committed shards for one rank: a run line, then one line per shard."""
+def _parse_record(text: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError:
+        return None  # a line torn by a crash mid-append: that shard simply runs again
+    return record if isinstance(record, dict) else None
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+
+class Journal:
+    """One rank's record of committed shards: a run record, then one record per shard.
+
+    Local disk: one append-only file, ``_journal/rank-NNNNN.jsonl`` (``journal-NNNNN.jsonl`` in v1),
+    a line per record, fsync'd. Object store: a prefix ``_journal/rank-NNNNN/`` holding ``run.json``
+    and one small object per shard, written whole.
+    """
+
+    def __init__(self, location: Location) -> None:
+        self.location = location
+
+    @property
+    def per_object(self) -> bool:
+        return not self.location.local
+
+    @property
+    def path(self) -> Path:
+        """The journal file (local disk)."""
+        return self.location.local_path
+
+    def exists(self) -> bool:
+        return (self.location / "run.json").is_file() if self.per_object else self.location.is_file()
 
     def start(self, run: dict[str, Any]) -> None:
-        """Begin a fresh journal whose first line names the run's fingerprint and settings."""
+        """Begin a fresh journal whose first record names the run's fingerprint and settings."""
+        text = json.dumps({"kind": "run", **run}, sort_keys=True) + "\n"
+        if self.per_object:
+            (self.location / "run.json").write_bytes(text.encode())
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.path, json.dumps({"kind": "run", **run}, sort_keys=True) + "\n")
+        atomic_write_text(self.path, text)
 
     def append(self, entry: ShardEntry) -> None:
         line = json.dumps({"kind": "shard", **entry}, sort_keys=True) + "\n"
+        if self.per_object:
+            (self.location / f"{entry['file'].removesuffix('.parquet')}.json").write_bytes(line.encode())
+            return
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(line)
             handle.flush()
             os.fsync(handle.fileno())
 
     def read(self) -> tuple[dict[str, Any] | None, list[ShardEntry]]:
-        """The run line and the shard lines; a line torn by a crash mid-append is skipped (that shard runs again)."""
+        """The run record and the shard records (a shard record without a run record is ignored)."""
+        if self.per_object:
+            names = self.location.listdir()
+            if "run.json" not in names:
+                return None, []
+            run = _parse_record((self.location / "run.json").read_text())
+            shard_names = [n for n in names if n.startswith("shard-") and n.endswith(".json")]
+            with ThreadPoolExecutor(max_workers=JOURNAL_READERS) as pool:
+                records = list(pool.map(lambda n: _parse_record((self.location / n).read_text()), shard_names))
+            return run, [r for r in records if r is not None and r.get("kind") == "shard"]  # type: ignore[misc]
         run: dict[str, Any] | None = None
         shards: list[ShardEntry] = []
         with open(self.path, encoding="utf-8") as handle:
             for line in handle:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if not isinstance(record, dict):
+                record = _parse_record(line)
+                if record is None:
                     continue
                 if record.get("kind") == "run":
                     run = record
@@ -233,38 +283,38 @@ Layout = Literal["v1", "v2"]
 
 @dataclass(frozen=True)
 class RunDirectory:
-    """A soft-label directory on local disk, in layout v2 (written) or v1 (read only).
+    """A soft-label directory on local disk or in an object store, layout v2 (written) or v1 (read only).
 
     Attributes:
-        root: the directory (DIR).
+        root: the directory (DIR), a local path or a store URI.
         layout: ``"v2"`` (shards under ``data/``) or ``"v1"`` (shards beside the manifest).
     """
 
-    root: Path
+    root: Location
     layout: Layout = "v2"
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
-    def open(cls, directory: str | os.PathLike[str]) -> "RunDirectory":
+    def open(cls, directory: "str | os.PathLike[str] | Location") -> "RunDirectory":
         """An existing directory, its layout read from the manifest or, failing that, its contents.
 
         Raises:
             UserError: ``directory`` does not exist or is not a directory.
         """
-        root = Path(directory)
+        root = Location.of(directory)
         if not root.is_dir():
             raise UserError(f"{root}: no such directory")
         return cls(root, cls._detect(root))
 
     @classmethod
-    def for_output(cls, directory: str | os.PathLike[str], flag: str = "--out") -> "RunDirectory":
+    def for_output(cls, directory: "str | os.PathLike[str] | Location", flag: str = "--out") -> "RunDirectory":
         """The v2 directory a command writes to (it need not exist yet).
 
         Raises:
             UserError: it exists and is not a directory, or it holds a v1 dataset.
         """
-        root = Path(directory)
-        if root.exists() and not root.is_dir():
+        root = Location.of(directory)
+        if root.is_file():
             raise UserError(f"{flag} {root} exists and is not a directory")
         if root.is_dir() and cls._detect(root) == "v1":
             raise UserError(
@@ -274,20 +324,20 @@ class RunDirectory:
         return cls(root, "v2")
 
     @staticmethod
-    def _detect(root: Path) -> Layout:
-        manifest = root / MANIFEST_NAME
-        if manifest.is_file():
+    def _detect(root: Location) -> Layout:
+        names = root.listdir()
+        if MANIFEST_NAME in names:
             try:
-                recorded = json.loads(manifest.read_text(encoding="utf-8"))
+                recorded = json.loads((root / MANIFEST_NAME).read_text())
             except (json.JSONDecodeError, UnicodeDecodeError):
                 recorded = None
             if isinstance(recorded, dict) and recorded.get("format") == FORMAT_V1:
                 return "v1"
             if isinstance(recorded, dict) and recorded.get("format") == FORMAT:
                 return "v2"
-        if (root / DATA_DIR).is_dir() or (root / JOURNAL_DIR).is_dir():
+        if DATA_DIR in names or JOURNAL_DIR in names:
             return "v2"
-        if any(root.glob(V1_JOURNAL_GLOB)):
+        if any(re.fullmatch(r"journal-\d+\.jsonl", name) for name in names):
             return "v1"
         return "v2"
 
@@ -295,15 +345,15 @@ class RunDirectory:
         """The first file in the directory that softlabels did not write (relative to the root), or None.
 
         softlabels writes only ``manifest.json`` (and its temporary names), ``data/shard-NNNNNN.parquet``
-        carrying a softlabels header (of run ``fingerprint`` when given), ``_journal/rank-NNNNN.jsonl``
-        and ``_staging/*.tmp``. Journalled shards are recognised by name; only the others are opened.
+        carrying a softlabels header (of run ``fingerprint`` when given), ``_journal/`` records and
+        ``_staging/*.tmp``. Journalled shards are recognised by name; only the others are opened.
         """
         root = self.root
-        if not root.is_dir():
+        names = root.listdir()
+        if not names:
             return None
-        journalled = set(self.read_journals()[1]) if (root / JOURNAL_DIR).is_dir() else set()
-        for path in sorted(root.iterdir()):
-            name = path.name
+        journalled = set(self.read_journals()[1]) if JOURNAL_DIR in names else set()
+        for name in names:
             if name == MANIFEST_NAME:
                 try:
                     manifest = self.read_manifest()
@@ -313,21 +363,22 @@ class RunDirectory:
                     return name
             elif name.startswith(MANIFEST_NAME) and name.endswith(".tmp"):
                 continue
-            elif name == DATA_DIR and path.is_dir():
-                for shard in sorted(path.iterdir()):
-                    if not SHARD_PATTERN.fullmatch(shard.name) or not shard.is_file():
-                        return f"{DATA_DIR}/{shard.name}"
-                    if shard.name in journalled and fingerprint is None:
+            elif name == DATA_DIR and (root / name).is_dir():
+                for shard_name_ in (root / name).listdir():
+                    shard = root / name / shard_name_
+                    if not SHARD_PATTERN.fullmatch(shard_name_) or not shard.is_file():
+                        return f"{DATA_DIR}/{shard_name_}"
+                    if shard_name_ in journalled and fingerprint is None:
                         continue
                     header = read_shard_header(shard)
                     if header is None or (fingerprint is not None and header.get("fingerprint") != fingerprint):
-                        return f"{DATA_DIR}/{shard.name}"
-            elif name == JOURNAL_DIR and path.is_dir():
-                strays = [p.name for p in sorted(path.iterdir()) if not re.fullmatch(r"rank-\d{5,}\.jsonl(\.\d+\.tmp)?", p.name)]
+                        return f"{DATA_DIR}/{shard_name_}"
+            elif name == JOURNAL_DIR and (root / name).is_dir():
+                strays = [n for n in (root / name).listdir() if not re.fullmatch(r"rank-\d{5,}(\.jsonl(\.\d+\.tmp)?)?", n)]
                 if strays:
                     return f"{JOURNAL_DIR}/{strays[0]}"
-            elif name == STAGING_DIR and path.is_dir():
-                strays = [p.name for p in sorted(path.iterdir()) if not p.name.endswith(".tmp")]
+            elif name == STAGING_DIR and (root / name).is_dir():
+                strays = [n for n in (root / name).listdir() if not n.endswith(".tmp")]
                 if strays:
                     return f"{STAGING_DIR}/{strays[0]}"
             else:
@@ -349,62 +400,67 @@ class RunDirectory:
 
     # -- names --------------------------------------------------------------------------------
     @property
-    def data_dir(self) -> Path:
+    def data_dir(self) -> Location:
         """The folder of the shards: ``DIR/data`` (v2) or DIR itself (v1)."""
         return self.root / DATA_DIR if self.layout == "v2" else self.root
 
     @property
-    def manifest_path(self) -> Path:
+    def manifest_path(self) -> Location:
         return self.root / MANIFEST_NAME
 
     @property
-    def staging_dir(self) -> Path:
+    def staging_dir(self) -> Location:
         return self.root / STAGING_DIR if self.layout == "v2" else self.root
 
-    def shard_path(self, name: object) -> Path:
-        """The path of a shard named in a manifest or journal, refusing anything that could escape.
+    def shard_path(self, name: object) -> Location:
+        """The location of a shard named in a manifest or journal, refusing anything that could escape.
 
         Raises:
-            VerificationError: the name is not ``shard-NNNNNN.parquet`` or resolves outside the data folder.
+            VerificationError: the name is not ``shard-NNNNNN.parquet`` (no folders, no ``..``), or on
+                local disk it resolves outside the data folder (a link).
         """
         if not isinstance(name, str) or not SHARD_PATTERN.fullmatch(name):
             raise VerificationError(f"{self.root}: manifest names an invalid shard file {name!r}")
-        path = (self.data_dir / name).resolve()
-        if path.parent != self.data_dir.resolve():
-            raise VerificationError(f"{self.root}: shard {name!r} resolves outside the directory")
-        return self.data_dir / name
+        path = self.data_dir / name
+        if path.local and Path(path.path).resolve().parent != Path(self.data_dir.path).resolve():
+            raise VerificationError(f"{self.root}: shard {name!r} resolves outside the directory (a link?)")
+        return path
 
-    def unit_shard_path(self, unit: int) -> Path:
+    def unit_shard_path(self, unit: int) -> Location:
         return self.data_dir / shard_name(unit)
 
     def staging_path(self, unit: int) -> Path:
-        """Where unit N's shard is written before it is renamed into place."""
-        return self.staging_dir / (shard_name(unit) + ".tmp")
+        """Where unit N's shard is written (local disk) before it is renamed into place."""
+        return self.staging_dir.local_path / (shard_name(unit) + ".tmp")
 
-    def shard_files(self) -> list[Path]:
+    def shard_files(self) -> list[Location]:
         """Every ``shard-NNNNNN.parquet`` in the data folder, in name order."""
-        if not self.data_dir.is_dir():
-            return []
-        return sorted(p for p in self.data_dir.iterdir() if SHARD_PATTERN.fullmatch(p.name))
+        return [self.data_dir / name for name in self.data_dir.listdir() if SHARD_PATTERN.fullmatch(name)]
 
     # -- journals -----------------------------------------------------------------------------
     def journal(self, rank: int) -> Journal:
         if self.layout == "v1":
             return Journal(self.root / f"journal-{rank:05d}.jsonl")
-        return Journal(self.root / JOURNAL_DIR / f"rank-{rank:05d}.jsonl")
+        if self.root.local:
+            return Journal(self.root / JOURNAL_DIR / f"rank-{rank:05d}.jsonl")
+        return Journal(self.root / JOURNAL_DIR / f"rank-{rank:05d}")
 
-    def journal_paths(self) -> list[Path]:
+    def journals(self) -> list[Journal]:
         if self.layout == "v1":
-            return sorted(self.root.glob(V1_JOURNAL_GLOB))
+            return [Journal(self.root / n) for n in self.root.listdir() if re.fullmatch(r"journal-\d+\.jsonl", n)]
         folder = self.root / JOURNAL_DIR
-        return sorted(folder.glob("rank-*.jsonl")) if folder.is_dir() else []
+        pattern = r"rank-\d+\.jsonl" if self.root.local else r"rank-\d+"
+        return [Journal(folder / n) for n in folder.listdir() if re.fullmatch(pattern, n)]
+
+    def journal_paths(self) -> list[Location]:
+        return [journal.location for journal in self.journals()]
 
     def read_journals(self) -> tuple[list[dict[str, Any]], dict[str, ShardEntry]]:
-        """Every rank's run line and the latest journalled entry per shard file name."""
+        """Every rank's run record and the latest journalled entry per shard file name."""
         runs: list[dict[str, Any]] = []
         shards: dict[str, ShardEntry] = {}
-        for path in self.journal_paths():
-            run, entries = Journal(path).read()
+        for journal in self.journals():
+            run, entries = journal.read()
             if run is not None:
                 runs.append(run)
             for entry in entries:
@@ -413,25 +469,34 @@ class RunDirectory:
 
     # -- shards -------------------------------------------------------------------------------
     def prepare_for_writing(self) -> None:
-        """Create the folders a writer needs."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.staging_dir.mkdir(parents=True, exist_ok=True)
+        """Create the folders a writer needs (local disk; an object store has none to create)."""
+        if self.root.local:
+            self.data_dir.mkdir()
+            self.staging_dir.mkdir()
 
     def commit_staged(self, unit: int) -> tuple[int, str]:
-        """Move unit N's whole staged shard into the data folder; returns its (bytes, sha256)."""
-        return commit_file(self.staging_path(unit), self.unit_shard_path(unit))
+        """Move unit N's whole staged shard into the data folder (local disk); returns its (bytes, sha256)."""
+        return commit_file(self.staging_path(unit), self.unit_shard_path(unit).local_path)
+
+    def commit_bytes(self, unit: int, data: bytes) -> tuple[int, str]:
+        """Write unit N's finished shard as one whole object (object store); returns its (bytes, sha256)."""
+        self.unit_shard_path(unit).write_bytes(data)
+        return len(data), hashlib.sha256(data).hexdigest()
 
     def discard_staged(self, units: list[int]) -> None:
         """Remove partial files of these units only: other ranks may be writing theirs right now."""
+        if not self.root.local:
+            return  # an object store never shows a partial object
         for unit in units:
             self.staging_path(unit).unlink(missing_ok=True)
 
-    def journalled_shard_intact(self, entry: ShardEntry, hash_bytes: bool = True) -> bool:
-        """Does the journalled shard still have its size (and sha256) on disk?"""
+    def journalled_shard_intact(self, entry: ShardEntry, hash_bytes: bool = True, sizes: dict[str, int] | None = None) -> bool:
+        """Does the journalled shard still have its size (and sha256)? ``sizes`` is a listing of the data folder."""
         path = self.shard_path(entry.get("file"))
-        if not path.is_file() or path.stat().st_size != entry.get("bytes"):
+        size = sizes.get(path.name) if sizes is not None else (path.size() if path.is_file() else None)
+        if size is None or size != entry.get("bytes"):
             return False
-        return not hash_bytes or sha256_file(path) == entry.get("sha256")
+        return not hash_bytes or path.sha256() == entry.get("sha256")
 
     # -- the manifest -------------------------------------------------------------------------
     def has_manifest(self) -> bool:
@@ -447,7 +512,7 @@ class RunDirectory:
         if not path.is_file():
             raise VerificationError(f"{self.root}: no {MANIFEST_NAME}; not a sealed soft-label directory")
         try:
-            manifest = json.loads(path.read_text(encoding="utf-8"))
+            manifest = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise VerificationError(f"{path}: unreadable manifest ({exc})") from None
         if not isinstance(manifest, dict) or manifest.get("format") not in READABLE_FORMATS:
@@ -469,16 +534,25 @@ class RunDirectory:
         return manifest
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
-        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+        if self.root.local:
+            atomic_write_text(self.manifest_path.local_path, text)
+        elif not self.manifest_path.write_bytes(text.encode(), exclusive=True):
+            # another rank sealed first; the same units give the same manifest, so check and keep theirs
+            if self.read_manifest().get("fingerprint") != manifest.get("fingerprint"):
+                raise VerificationError(f"{self.manifest_path}: sealed by a run with another fingerprint")
 
     def remove_manifest(self) -> None:
         """Unseal: a unit is being redone, so the directory is not complete until it is."""
-        self.manifest_path.unlink(missing_ok=True)
+        self.manifest_path.delete()
 
     def discard_stale_manifest_writes(self) -> None:
-        """Temporary manifest files of a seal interrupted by a crash."""
-        for stale in self.root.glob(f"{MANIFEST_NAME}*.tmp"):
-            stale.unlink(missing_ok=True)
+        """Temporary manifest files of a seal interrupted by a crash (local disk)."""
+        if not self.root.local:
+            return
+        for name in self.root.listdir():
+            if name.startswith(MANIFEST_NAME) and name.endswith(".tmp"):
+                (self.root / name).delete()
 
     def manifest_from_shards(self) -> dict[str, Any]:
         """A manifest rebuilt from the shards' own headers, for a directory whose manifest is gone.
@@ -496,7 +570,8 @@ class RunDirectory:
         entries: list[ShardEntry] = []
         for path in files:
             try:
-                metadata = pq.read_metadata(path)
+                with path.open() as handle:
+                    metadata = pq.read_metadata(handle)
                 shard_header = decode_header(metadata.schema.to_arrow_schema().metadata)
             except (pa.ArrowInvalid, OSError, ValueError) as exc:
                 raise VerificationError(f"{path.name}: not a readable Parquet file ({exc})") from None
@@ -510,10 +585,11 @@ class RunDirectory:
                 )
             positions = shard_header.get("positions")
             if not isinstance(positions, int):  # shards of the first release: count the stored positions
-                ids = pq.read_table(path, columns=[soft_columns(header)[0]]).column(0)
+                with path.open() as handle:
+                    ids = pq.read_table(handle, columns=[soft_columns(header)[0]]).column(0)
                 positions = int(pc.sum(pc.list_value_length(ids)).as_py() or 0)
             entries.append({"file": path.name, "rows": metadata.num_rows, "positions": positions,
-                            "bytes": path.stat().st_size, "sha256": None})
+                            "bytes": path.size(), "sha256": None})
         totals = {"rows": sum(e["rows"] for e in entries), "positions": sum(e["positions"] for e in entries),
                   "bytes": sum(e["bytes"] for e in entries), "shards": len(entries)}
         return {**(header or {}), "complete": False, "from_shards": True, "shards": entries, "totals": totals}

@@ -52,7 +52,7 @@ from .errors import UserError, VerificationError
 from .rundir import (MANIFEST_BODY_KEYS, RunDirectory, ShardEntry, build_manifest, check_shard,
                      run_header, settings_fingerprint)
 from .schema import FORMAT, HEADER_KEY, decode_header, encode_header
-from .shards import soft_label_bytes, write_shard
+from .shards import write_shard
 
 __all__ = ["SelectSummary", "select"]
 
@@ -147,7 +147,7 @@ def _done(out: RunDirectory, fingerprint: str) -> dict[str, Any] | None:
 
 def _check_out(out: RunDirectory, source: Path, fingerprint: str) -> None:
     """``out`` must be new, empty, or hold only files of this same selection (an interrupted run)."""
-    if out.root.resolve() == source.resolve():
+    if str(out.root).rstrip("/") == str(source).rstrip("/") or (out.root.local and source.local and Path(out.root.path).resolve() == Path(source.path).resolve()):
         raise UserError(f"--out {out.root} is the source directory; write the selection to a new directory")
     out.refuse_foreign(fingerprint=fingerprint)
 
@@ -193,8 +193,10 @@ def select(directory: str | os.PathLike[str], where: str, out: str | os.PathLike
     mask = _mask(files, where, sum(int(entry["rows"]) for entry in manifest["shards"]))
     target.prepare_for_writing()
     target.remove_manifest()  # an interrupted run of this selection: redone whole
-    for stale in target.staging_dir.glob("*.tmp"):
-        stale.unlink()
+    if target.root.local:
+        for name in target.staging_dir.listdir():
+            if name.endswith(".tmp"):
+                (target.staging_dir / name).delete()
 
     header = {k: v for k, v in manifest.items() if k not in MANIFEST_BODY_KEYS}
     header.update(fingerprint=fingerprint, selections=settings["selections"], format=FORMAT)
@@ -207,15 +209,15 @@ def select(directory: str | os.PathLike[str], where: str, out: str | os.PathLike
         if not keep.any():
             continue
         unit = int(path.name.removeprefix("shard-").removesuffix(".parquet"))
-        kept = _stored_as(pq.read_table(path).filter(pa.array(keep)), source_codec, target_codec)
+        with path.open() as handle:
+            kept = _stored_as(pq.read_table(handle).filter(pa.array(keep)), source_codec, target_codec)
         positions = int(pc.sum(pc.list_value_length(kept.column("topk_ids"))).as_py() or 0)
         shard_header = {**run_header(decode_header(kept.schema.metadata) or {}), **header, "unit": unit,
                         "rows": kept.num_rows, "positions": positions}
         kept = kept.replace_schema_metadata({HEADER_KEY: encode_header(shard_header)})
-        size, digest = write_shard(kept, target, unit, positions)
-        written = target.unit_shard_path(unit)
-        entries.append({"file": written.name, "unit": unit, "rows": kept.num_rows, "positions": positions,
-                        "bytes": size, "sha256": digest, "soft_label_bytes": soft_label_bytes(pq.read_metadata(written))})
+        size, digest, soft_bytes = write_shard(kept, target, unit, positions)
+        entries.append({"file": target.unit_shard_path(unit).name, "unit": unit, "rows": kept.num_rows, "positions": positions,
+                        "bytes": size, "sha256": digest, "soft_label_bytes": soft_bytes})
     result = build_manifest(header, settings, manifest.get("id_column"), manifest.get("corpus", []), entries)
     result["selection"] = {
         "source": root.name,

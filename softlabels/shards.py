@@ -17,7 +17,6 @@ values are nearly all distinct, so a dictionary only costs big readers a lookup.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -88,22 +87,36 @@ def build_shard(payload: ShardPayload, vocab_size: int, top_k: int, ensemble_siz
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def write_shard(table: pa.Table, directory: RunDirectory, unit: int, positions: int) -> tuple[int, str]:
-    """Write unit N's shard: staged, fsync'd, then renamed into the data folder whole.
+def write_shard(table: pa.Table, directory: RunDirectory, unit: int, positions: int) -> tuple[int, str, int]:
+    """Write unit N's shard whole: staged, fsync'd and renamed into ``data/`` on local disk, one
+    whole-object write on an object store.
 
-    Returns (bytes, sha256) of the committed file. On any exception the staged file is removed.
+    Returns (bytes, sha256, soft-label bytes) of the committed file. On any exception a staged
+    file is removed.
     """
-    staged = directory.staging_path(unit)
-    try:
-        write_parquet(table, staged, positions)
-        return directory.commit_staged(unit)
-    except BaseException:
-        staged.unlink(missing_ok=True)  # never leave a short shard behind
-        raise
+    footers: list[pq.FileMetaData] = []
+    if directory.root.local:
+        staged = directory.staging_path(unit)
+        try:
+            write_parquet(table, staged, positions, footers)
+            size, digest = directory.commit_staged(unit)
+        except BaseException:
+            staged.unlink(missing_ok=True)  # never leave a short shard behind
+            raise
+    else:
+        buffer = pa.BufferOutputStream()
+        write_parquet(table, buffer, positions, footers)
+        size, digest = directory.commit_bytes(unit, buffer.getvalue().to_pybytes())
+    return size, digest, soft_label_bytes(footers[0])
 
 
-def write_parquet(table: pa.Table, path: Path, positions: int) -> None:
-    """The shard's Parquet encoding, chosen so every client reads it (see the module docstring)."""
+def write_parquet(table: pa.Table, where: Any, positions: int, footers: list[pq.FileMetaData] | None = None) -> None:
+    """The shard's Parquet encoding, chosen so every client reads it (see the module docstring).
+
+    Args:
+        where: a local path or a writable pyarrow stream.
+        footers: receives the written file's footer (``FileMetaData``) when given.
+    """
     rows = max(table.num_rows, 1)
     group_rows = max(1, int(ROW_GROUP_POSITIONS * rows / max(positions, 1)))
     split = {f"{name}.list.element.list.element": "BYTE_STREAM_SPLIT" for name in table.column_names
@@ -112,8 +125,9 @@ def write_parquet(table: pa.Table, path: Path, positions: int) -> None:
     dictionary = [name for name in table.column_names if name not in SOFT_COLUMNS and name not in STAT_COLUMNS]
     # page CRCs let every later read detect a flipped byte without hashing the whole file
     pq.write_table(
-        table, path, compression="zstd", row_group_size=group_rows, write_page_checksum=True,
+        table, where, compression="zstd", row_group_size=group_rows, write_page_checksum=True,
         use_dictionary=dictionary, column_encoding=split or None, compression_level=levels or None,
+        metadata_collector=footers,
     )
 
 

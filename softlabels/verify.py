@@ -53,5 +53,5 @@ def verify(directory: str | Path) -> VerifyReport:
     totals = manifest["totals"]
     if (rows, positions, size) != (totals.get("rows"), totals.get("positions"), totals.get("bytes")):
         raise VerificationError(f"{root}/manifest.json: totals do not match the sum of its shards")
-    stray = sorted(p.name for p in run_directory.shard_files() if p.name not in listed)
+    stray = sorted(p.name for p in run_directory.shard_files() if p.name not in listed)  # names only: one listing
     return VerifyReport(str(root), len(listed), rows, positions, size, stray)
