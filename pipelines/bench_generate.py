@@ -13,9 +13,10 @@ so absolute times are noise; ratios of interleaved runs much less so):
    generate alternate (bare, generate, bare, generate, ...); the median of the per-pair ratios is
    the figure. Target: <= 1.10. One more generate run on the same data, with timers wrapped around
    the functions ``softlabels.generate`` calls, attributes its wall time to pipeline stages.
-2. Bytes per position at k=20 with uint16 ids (raw payload 20 x (2 + 2) = 80 bytes): total shard
-   bytes (sample ids, the passed-through input column, statistics and Parquet overhead included) and
-   soft-label bytes (compressed ``topk_ids`` + ``topk_logprobs`` column chunks), per position:
+2. Bytes per position at k=20 with uint16 ids and the default ``--logprob-dtype`` (bfloat16; raw
+   payload 20 x (2 + 2) = 80 bytes): total shard bytes (sample ids, the passed-through input column,
+   statistics and Parquet overhead included) and soft-label bytes (compressed ``topk_ids`` + the
+   log-prob column chunks), per position:
    (a) from the overhead runs above (small shards, as cut for timing);
    (b) from generate runs at a realistic shard size (default --rows-per-shard, tens of thousands of
        positions per shard) with a cheap V=32,000 teacher (``lm_bytes``, the output layer alone);
@@ -50,6 +51,7 @@ its in-process runs and on ``PYTHONPATH`` for the child processes).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -84,7 +86,7 @@ CLASSIFIER_CLASSES = 1000
 CLASSIFIER_FEATURES = 64
 RSS_VOCAB = 8192
 TOP_K = 20
-RAW_BYTES = TOP_K * (2 + 2)  # uint16 id + float16 log-prob per stored class
+RAW_BYTES = TOP_K * (2 + 2)  # uint16 id + 2-byte (bfloat16 or float16) log-prob per stored class
 PEAKED_TOP1 = 0.5
 
 
@@ -335,12 +337,17 @@ def run_generate(corpus_path: Path, spec: str, out: Path, batch_size: int, rows_
 
 def bytes_record(out: Path) -> dict[str, Any]:
     """Sizes of a sealed run from its manifest and the shards' Parquet footers."""
-    manifest = json.loads((out / "manifest.json").read_text())
+    from softlabels.rundir import RunDirectory
+    from softlabels.schema import soft_columns
+
+    directory = RunDirectory.open(out)
+    manifest = directory.read_sealed()
+    ids_column, logprob_column = soft_columns(manifest)
     totals = manifest["totals"]
     positions = max(int(totals["positions"]), 1)
     columns: dict[str, int] = {}
     encodings: dict[str, list[str]] = {}
-    shards = sorted(out.glob("shard-*.parquet"))
+    shards = [Path(str(shard)) for shard in directory.shard_files()]  # local disk: plain paths for pyarrow
     row_groups = 0
     for shard in shards:
         metadata = pq.read_metadata(shard)
@@ -352,7 +359,7 @@ def bytes_record(out: Path) -> dict[str, Any]:
                 columns[top] = columns.get(top, 0) + chunk.total_compressed_size
                 encodings.setdefault(top, sorted(chunk.encodings))
     schema = pq.read_schema(shards[0])
-    soft = int(totals.get("soft_label_bytes", columns.get("topk_ids", 0) + columns.get("topk_logprobs", 0)))
+    soft = int(totals.get("soft_label_bytes", columns.get(ids_column, 0) + columns.get(logprob_column, 0)))
     return {
         "rows": int(totals["rows"]),
         "positions": int(totals["positions"]),
@@ -365,8 +372,10 @@ def bytes_record(out: Path) -> dict[str, Any]:
         "soft_label_bytes_per_position": soft / positions,
         "column_bytes_per_position": {name: size / positions for name, size in columns.items()},
         "encodings": encodings,
-        "id_type": str(schema.field("topk_ids").type.value_type.value_type),
-        "logprob_type": str(schema.field("topk_logprobs").type.value_type.value_type).replace("halffloat", "float16"),
+        "id_type": str(schema.field(ids_column).type.value_type.value_type),
+        "logprob_column": logprob_column,
+        "logprob_type": manifest.get("logprob_dtype", "float16"),  # the codec: a bfloat16 column is float32 in Arrow
+        "logprob_arrow_type": str(schema.field(logprob_column).type.value_type.value_type).replace("halffloat", "float16"),
         "captured_mass": float(totals.get("captured_mass_mean", float("nan"))),
     }
 
@@ -413,7 +422,7 @@ class StageClock:
 
 
 STARTUP = "startup: open corpus, load + hash teacher, probe"
-PROCESS_UNIT = "_process_unit (a unit's batches: everything below)"
+PROCESS_UNIT = "process_unit (a unit's batches: everything below)"
 INNER = ("convert batch (Arrow -> padded tensor)", "teacher forward", "valid_positions (gather unpadded logits)",
          "soft_labels (log_softmax, top-k, entropy)")
 
@@ -431,10 +440,10 @@ def instrumented_generate(corpus_path: Path, spec: str, out: Path, batch_size: i
         (gen, "valid_positions", INNER[2]),
         (gen, "soft_labels", INNER[3]),
         (gen, "build_shard", "build_shard (Arrow table)"),
-        (gen, "write_shard", "write_shard (zstd Parquet, fsync, sha256, rename)"),
+        (gen, "write_shard", "write_shard (zstd Parquet in _staging, fsync, sha256, rename into data/)"),
         (gen, "soft_label_bytes", "soft_label_bytes (re-read footer)"),
-        (gen, "_process_unit", PROCESS_UNIT),
-        (gen, "_commit_unit", "_commit_unit (a shard: build, write, journal)"),
+        (gen, "process_unit", PROCESS_UNIT),
+        (gen, "commit_unit", "commit_unit (a shard: build, write, journal)"),
     ):
         clock.wrap(owner, name, stage)
     try:
@@ -446,7 +455,7 @@ def instrumented_generate(corpus_path: Path, spec: str, out: Path, batch_size: i
     faults = {(g, s): r[1] for (g, s), r in clock.records.items()}
     if ("main", PROCESS_UNIT) in seconds:
         rows.append({
-            "thread": "main", "stage": "rest of _process_unit (NaN/Inf check, .cpu().numpy(), bookkeeping)",
+            "thread": "main", "stage": "rest of process_unit (NaN/Inf check, .cpu().numpy(), bookkeeping)",
             "seconds": seconds["main", PROCESS_UNIT] - sum(seconds.get(("main", s), 0.0) for s in INNER),
             "minor_faults": faults["main", PROCESS_UNIT] - sum(faults.get(("main", s), 0) for s in INNER),
             "calls": clock.records["main", PROCESS_UNIT][2],
@@ -518,7 +527,9 @@ def rss_run(corpus_path: Path, spec: str, out: Path, batch_size: int, rows_per_s
     record = json.loads(lines[-1][len("BENCH-RSS "):])
     if record["code"] != 0:
         raise RuntimeError(f"softlabels generate exited {record['code']}:\n{proc.stderr}")
-    totals = json.loads((out / "manifest.json").read_text())["totals"]
+    from softlabels.rundir import RunDirectory
+
+    totals = RunDirectory.open(out).read_sealed()["totals"]
     record.update(seconds=seconds, rows=totals["rows"], positions=totals["positions"], shards=totals["shards"])
     return record
 
@@ -587,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     gen_runs: list[Timing] = []
     positions = 0
     for rep in range(pairs):
-        bare, positions = _timed(lambda: bare_forward(teacher, batches))
+        bare, positions = _timed(functools.partial(bare_forward, teacher, batches))
         gen, summary = _timed(lambda: run_generate(lm_corpus, spec, work / "out" / "lm", size.batch_size, size.rows_per_shard))
         bare_runs.append(bare)
         gen_runs.append(gen)
@@ -707,7 +718,7 @@ def render(r: dict[str, Any]) -> str:
         lines.append(
             f"| bytes/position at k={TOP_K} ({rec['id_type']} ids, {rec['logprob_type']} log-probs), {label}; "
             f"{rec['positions']:,} positions in {rec['shards']} shard(s): **soft-label** (ids + log-probs) / total | "
-            f"**{rec['soft_label_bytes_per_position']:.1f}** ({col.get('topk_ids', 0):.1f} + {col.get('topk_logprobs', 0):.1f}) / "
+            f"**{rec['soft_label_bytes_per_position']:.1f}** ({col.get('topk_ids', 0):.1f} + {col.get(rec['logprob_column'], 0):.1f}) / "
             f"{rec['bytes_per_position']:.1f} | <= {RAW_BYTES} |"
         )
     lines += [
@@ -728,7 +739,7 @@ def render(r: dict[str, Any]) -> str:
         "",
         f"Where generate's time goes (one instrumented run of the overhead case, {r['breakdown']['positions']:,} positions, "
         f"wall {r['breakdown']['wall']:.2f} s; seconds on the thread that ran the stage; main-thread rows nest: "
-        "_process_unit contains the four rows below it and the 'rest of' row):",
+        "process_unit contains the four rows below it and the 'rest of' row):",
         "",
         "| thread | stage | calls | seconds | share of wall | us/position | minor faults/position |",
         "|---|---|---|---|---|---|---|",

@@ -67,7 +67,9 @@ def run(ranks: int, cpus: int, corpus: Path, teacher: str, out: Path, rows_per_s
 def rows_of(out: Path):  # noqa: ANN201 - a pyarrow table
     import pyarrow as pa
 
-    return pa.concat_tables(pq.read_table(p) for p in sorted(out.glob("shard-*.parquet"))).sort_by("sample_id")
+    from softlabels.rundir import RunDirectory
+
+    return pa.concat_tables(pq.read_table(str(p)) for p in RunDirectory.open(out).shard_files()).sort_by("sample_id")
 
 
 def main() -> None:
@@ -89,7 +91,10 @@ def main() -> None:
         pairs.append({"one_rank_s": single, "ranks_s": multi, "speedup": single / multi})
         print(json.dumps(pairs[-1]), file=sys.stderr, flush=True)
     one, many = rows_of(args.out / "one"), rows_of(args.out / "many")
-    soft = ["sample_id", "topk_ids", "topk_logprobs", "confidence", "entropy"]
+    from softlabels.rundir import RunDirectory
+    from softlabels.schema import soft_columns
+
+    soft = ["sample_id", *soft_columns(RunDirectory.open(args.out / "one").read_sealed()), "confidence", "entropy"]
     # one thread per rank vs two threads in one process: sums may round differently in the last bit
     equal_ids = one.select(["sample_id", "topk_ids"]).equals(many.select(["sample_id", "topk_ids"]))
     identical = one.select(soft).equals(many.select(soft))

@@ -85,10 +85,18 @@ def build(out: Path, rows: int) -> tuple[Path, Path]:
 
 
 def raw_read(soft: Path) -> tuple[float, int]:
+    """A plain ``pq.read_table`` of the columns the loader reads, shard by shard, no conversion."""
+    from softlabels.rundir import RunDirectory
+    from softlabels.schema import soft_columns
+
+    directory = RunDirectory.open(soft)
+    manifest = directory.read_sealed()
+    columns = ["sample_id", manifest["input_column"], *soft_columns(manifest)]  # ids, log-probs (or uint8 codes)
+    shards = [str(path) for path in directory.shard_files()]  # local disk: plain paths for pyarrow
     started = time.perf_counter()
     positions = 0
-    for path in sorted(soft.glob("shard-*.parquet")):
-        table = pq.read_table(path, columns=["sample_id", "inputs", "topk_ids", "topk_logprobs"])
+    for path in shards:
+        table = pq.read_table(path, columns=columns)
         positions += len(table.column("topk_ids").combine_chunks().flatten())
     return time.perf_counter() - started, positions
 

@@ -239,9 +239,10 @@ def _prepare(config: GenerateConfig) -> GenerationRun:
 def _committed_units(run: GenerationRun, journal_shards: dict[str, dict[str, Any]], units: list[Unit]) -> dict[int, dict[str, Any]]:
     """Journalled shards of ``units`` whose bytes still hash to the journal; the rest run again."""
     committed: dict[int, dict[str, Any]] = {}
+    sizes = run.directory.data_dir.sizes()  # one listing, not a request per shard
     for unit in units:
         entry = journal_shards.get(shard_name(unit.index))
-        if entry is not None and run.directory.journalled_shard_intact(entry):
+        if entry is not None and run.directory.journalled_shard_intact(entry, sizes=sizes):
             committed[unit.index] = entry
     return committed
 
@@ -351,10 +352,11 @@ def _rank() -> tuple[int, int]:
 def _all_journalled(run: GenerationRun) -> dict[int, dict[str, Any]] | None:
     """Every unit's journal entry (any rank) whose file is in place, or None while some are missing."""
     _, journal_shards = run.directory.read_journals()
+    sizes = run.directory.data_dir.sizes()
     entries: dict[int, dict[str, Any]] = {}
     for unit in run.corpus.units:
         entry = journal_shards.get(shard_name(unit.index))
-        if entry is None or not run.directory.journalled_shard_intact(entry, hash_bytes=False):
+        if entry is None or not run.directory.journalled_shard_intact(entry, hash_bytes=False, sizes=sizes):
             return None
         entries[unit.index] = entry
     return entries
