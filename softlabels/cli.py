@@ -19,7 +19,7 @@ import typer
 
 from . import __version__
 from .errors import UserError, VerificationError
-from .options import DirectoryConfig, GenerateConfig, InspectConfig, OptionSpec, SelectConfig, TrainConfig
+from .options import DirectoryConfig, GenerateConfig, InspectConfig, OptionSpec, SelectConfig, TrainConfig, VerifyConfig
 
 __all__ = ["app", "main", "run"]
 
@@ -136,10 +136,10 @@ def _train(config: TrainConfig) -> str:
     return train_student(config).render()
 
 
-def _verify(config: DirectoryConfig) -> str:
+def _verify(config: VerifyConfig) -> str:
     from .verify import verify
 
-    return verify(config.directory).render()
+    return verify(config.directory, quick=config.quick).render()
 
 
 def _seal(config: DirectoryConfig) -> str:
@@ -175,8 +175,8 @@ COMMANDS = [
     Command("train-student", TrainConfig, _train,
             "Distil a student from soft-label shards (KD + hard-label CE); resumable, DDP under torchrun.",
             "a checkpoint was written; rerun the same command with --resume to continue"),
-    Command("verify", DirectoryConfig, _verify,
-            "Check completeness, schema, row counts and every shard's sha256 (exit 2 on failure).",
+    Command("verify", VerifyConfig, _verify,
+            "Check completeness, schema, row counts and every shard's sha256 (--quick: sizes and footers only; exit 2 on failure).",
             "nothing was written; rerun the same command"),
     Command("inspect", InspectConfig, _inspect,
             "Rows, positions, bytes, captured top-k mass, confidence, entropy, agreement, top-1 classes.",

@@ -10,11 +10,14 @@ row). The only whole-corpus pass is the duplicate-id check, which reads the id c
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import io
 import os
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +27,7 @@ import pyarrow.parquet as pq
 
 from .errors import UserError
 from .schema import ID_COLUMN
+from .storage import Location, is_uri
 
 __all__ = ["CorpusFile", "Unit", "Corpus", "auto_rows_per_shard", "discover_files", "open_corpus"]
 
@@ -41,7 +45,7 @@ SIZE_SAMPLE_ROWS = 1024
 class CorpusFile:
     """One corpus file: where it is, how it is named in sample ids, and its row count."""
 
-    path: Path
+    path: Location
     relpath: str
     rows: int
     size: int
@@ -70,47 +74,73 @@ class Unit:
         return self.stop - self.start
 
 
-def discover_files(arguments: list[str]) -> list[Path]:
-    """Expand CORPUS arguments (files, directories, globs) into a sorted, de-duplicated file list."""
-    found: list[Path] = []
+def discover_files(arguments: list[str]) -> list[Location]:
+    """Expand CORPUS arguments (files, directories, globs; local or store URIs) into a sorted,
+    de-duplicated file list."""
+    found: list[Location] = []
     for argument in arguments:
-        path = Path(argument)
-        if path.is_dir():
-            matches = sorted(p for p in path.rglob("*") if p.suffix in CORPUS_SUFFIXES and p.is_file())
-            if not matches:
-                raise UserError(f"corpus directory {argument} holds no .parquet or .jsonl files")
-        elif path.is_file():
-            matches = [path]
-        elif glob.has_magic(argument):
-            matches = sorted(Path(p) for p in glob.glob(argument, recursive=True) if Path(p).is_file())
+        place = Location.of(argument)
+        if glob.has_magic(argument) and not place.exists():
+            matches = _glob(argument)
             if not matches:
                 raise UserError(f"corpus glob {argument} matches no files")
+        elif place.is_file():
+            matches = [place]
+        elif place.is_dir():
+            matches = [p for p in place.walk() if p.suffix in CORPUS_SUFFIXES]
+            if not matches:
+                raise UserError(f"corpus directory {argument} holds no .parquet or .jsonl files")
         else:
             raise UserError(f"corpus file {argument} does not exist")
         for match in matches:
             if match.suffix not in CORPUS_SUFFIXES:
                 raise UserError(f"corpus file {match} is neither .parquet nor .jsonl")
         found.extend(matches)
-    unique: dict[Path, Path] = {}
-    for path in found:
-        unique.setdefault(path.resolve(), path)
+    unique: dict[str, Location] = {}
+    for place in found:
+        unique.setdefault(str(Path(place.path).resolve()) if place.local else place.uri, place)
     return list(unique.values())
 
 
-def _relative_names(paths: list[Path]) -> list[str]:
-    """Names relative to the files' common folder, so sample ids survive moving the corpus."""
-    resolved = [p.resolve() for p in paths]
-    base = Path(os.path.commonpath([p.parent for p in resolved]))
-    return [p.relative_to(base).as_posix() for p in resolved]
+def _glob(pattern: str) -> list[Location]:
+    """Files matching a glob: the local filesystem's, or a listing of the store prefix before the first wildcard."""
+    if not is_uri(pattern):
+        return [Location.of(p) for p in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(p)]
+    magic = min(i for i, c in enumerate(pattern) if c in "*?[")
+    prefix = pattern[:magic].rsplit("/", 1)[0]
+    return [p for p in Location.of(prefix).walk() if fnmatch.fnmatchcase(p.uri, pattern)]
 
 
-def _scan_jsonl(path: Path, rows_per_shard: int) -> tuple[int, list[int]]:
+def _relative_names(paths: list[Location]) -> list[str]:
+    """Names relative to the files' common folder, so sample ids survive moving the corpus (to a store too)."""
+    if all(p.local for p in paths):
+        resolved = [Path(p.path).resolve() for p in paths]
+        base = Path(os.path.commonpath([p.parent for p in resolved]))
+        return [p.relative_to(base).as_posix() for p in resolved]
+    keys = [p.uri.split("://", 1)[-1] for p in paths]
+    base = posixpath.commonpath([posixpath.dirname(k) for k in keys])
+    return [posixpath.relpath(k, base) for k in keys]
+
+
+def _lines(handle: Any) -> Iterator[bytes]:
+    """The lines of a binary file (local or remote), each with its newline."""
+    rest = b""
+    while block := handle.read(1 << 22):
+        parts = (rest + block).split(b"\n")
+        rest = parts.pop()
+        for part in parts:
+            yield part + b"\n"
+    if rest:
+        yield rest
+
+
+def _scan_jsonl(path: Location, rows_per_shard: int) -> tuple[int, list[int]]:
     """Count non-blank lines, recording the byte offset at which every unit starts."""
     rows = 0
     offsets: list[int] = []
     position = 0
-    with open(path, "rb") as handle:
-        for line in handle:
+    with path.open() as handle:
+        for line in _lines(handle):
             if line.strip():
                 if rows % rows_per_shard == 0:
                     offsets.append(position)
@@ -120,15 +150,14 @@ def _scan_jsonl(path: Path, rows_per_shard: int) -> tuple[int, list[int]]:
     return rows, offsets
 
 
-def _jsonl_schema(path: Path) -> tuple[pa.Schema, pa.Schema]:
+def _jsonl_schema(path: Location) -> tuple[pa.Schema, pa.Schema]:
     """(the schema JSON is parsed with, the corpus schema) from the first MiB of a JSONL file.
 
     JSON has no fixed-size arrays, so a column of float arrays that all have the same length in
     that sample is a vector (``fixed_size_list``: ``model(x)``), as in Parquet; arrays of integers
     stay sequences of tokens (``model(x, lengths)``).
     """
-    with open(path, "rb") as handle:
-        sample = handle.read(JSONL_SCHEMA_SAMPLE_BYTES)
+    sample = path.read_head(JSONL_SCHEMA_SAMPLE_BYTES)
     cut = sample.rfind(b"\n")
     if cut >= 0 and len(sample) == JSONL_SCHEMA_SAMPLE_BYTES:
         sample = sample[: cut + 1]
@@ -198,9 +227,7 @@ class Corpus:
     def _read_jsonl_unit(self, corpus_file: CorpusFile, unit: Unit, wanted: list[str]) -> pa.Table:
         slot = unit.start // self.rows_per_shard
         begin, end = corpus_file.unit_offsets[slot], corpus_file.unit_offsets[slot + 1]
-        with open(corpus_file.path, "rb") as handle:
-            handle.seek(begin)
-            payload = handle.read(end - begin)
+        payload = corpus_file.path.read_range(begin, end)
         schema = corpus_file.parse_schema or corpus_file.schema
         options = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
         try:
@@ -223,8 +250,12 @@ class Corpus:
         return table.slice(unit.start - slot * self.rows_per_shard, unit.rows).select(wanted)
 
 
-def _read_parquet_rows(path: Path, start: int, stop: int, columns: list[str]) -> pa.Table:
-    parquet = pq.ParquetFile(path)
+def _read_parquet_rows(path: Location, start: int, stop: int, columns: list[str]) -> pa.Table:
+    with path.open() as handle:
+        return _read_parquet_slice(pq.ParquetFile(handle), start, stop, columns)
+
+
+def _read_parquet_slice(parquet: pq.ParquetFile, start: int, stop: int, columns: list[str]) -> pa.Table:
     groups, first_row, row = [], None, 0
     for index in range(parquet.metadata.num_row_groups):
         count = parquet.metadata.row_group(index).num_rows
@@ -242,7 +273,7 @@ def _positional_ids(relpath: str, start: int, stop: int) -> pa.Array:
     return pc.binary_join_element_wise(relpath, rows, "#")
 
 
-def _ids_as_strings(column: pa.ChunkedArray, path: Path, name: str) -> pa.Array:
+def _ids_as_strings(column: pa.ChunkedArray, path: Location, name: str) -> pa.Array:
     if column.null_count:
         raise UserError(f"corpus file {path}: id column {name!r} has {column.null_count} null values")
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_integer(column.type)):
@@ -271,7 +302,8 @@ def _check_unique_ids(corpus: Corpus) -> None:
                 column = corpus._read_jsonl_unit(corpus_file, unit, [corpus.id_column]).column(0)
                 arrays.append(_ids_as_strings(column, corpus_file.path, corpus.id_column))
         else:
-            column = pq.read_table(corpus_file.path, columns=[corpus.id_column]).column(0)
+            with corpus_file.path.open() as handle:
+                column = pq.read_table(handle, columns=[corpus.id_column]).column(0)
             arrays.append(_ids_as_strings(column, corpus_file.path, corpus.id_column))
     ids = pa.chunked_array(arrays, type=pa.string())
     if pc.count_distinct(ids).as_py() == len(ids):
@@ -302,21 +334,21 @@ def auto_rows_per_shard(sample: pa.ChunkedArray | pa.Array) -> int:
     return 1 << (wanted.bit_length() - 1)
 
 
-def _sample_column(path: Path, column: str) -> pa.ChunkedArray | None:
+def _sample_column(path: Location, column: str) -> pa.ChunkedArray | None:
     """The first ``SIZE_SAMPLE_ROWS`` values of ``column`` in a corpus file, or None if it has no such column."""
     try:
         if path.suffix == ".jsonl":
-            with open(path, "rb") as handle:
-                sample = handle.read(JSONL_SCHEMA_SAMPLE_BYTES)
+            sample = path.read_head(JSONL_SCHEMA_SAMPLE_BYTES)
             cut = sample.rfind(b"\n")
             if cut >= 0 and len(sample) == JSONL_SCHEMA_SAMPLE_BYTES:
                 sample = sample[: cut + 1]
             table = pajson.read_json(io.BytesIO(sample))
         else:
-            parquet = pq.ParquetFile(path)
-            if column not in parquet.schema_arrow.names:
-                return None
-            table = pa.Table.from_batches(list(parquet.iter_batches(batch_size=SIZE_SAMPLE_ROWS, columns=[column]))[:1])
+            with path.open() as handle:
+                parquet = pq.ParquetFile(handle)
+                if column not in parquet.schema_arrow.names:
+                    return None
+                table = pa.Table.from_batches(list(parquet.iter_batches(batch_size=SIZE_SAMPLE_ROWS, columns=[column]))[:1])
     except (pa.ArrowInvalid, OSError):
         return None  # reported with the file's name when the corpus is opened
     if column not in table.column_names:
@@ -347,15 +379,16 @@ def open_corpus(
         rows_per_shard = auto_rows_per_shard(sample) if sample is not None else MAX_AUTO_ROWS
     files: list[CorpusFile] = []
     for path, relpath in zip(paths, _relative_names(paths)):
-        size = path.stat().st_size
+        size = path.size()
         if path.suffix == ".jsonl":
             rows, offsets = _scan_jsonl(path, rows_per_shard)
             parse_schema, schema = _jsonl_schema(path) if rows else (pa.schema([]), pa.schema([]))
             files.append(CorpusFile(path, relpath, rows, size, schema, offsets, parse_schema))
         else:
             try:
-                metadata = pq.read_metadata(path)
-                schema = pq.read_schema(path)
+                with path.open() as handle:
+                    metadata = pq.read_metadata(handle)
+                schema = metadata.schema.to_arrow_schema()
             except (pa.ArrowInvalid, OSError) as exc:
                 raise UserError(f"corpus file {path}: not a readable Parquet file ({exc})") from None
             files.append(CorpusFile(path, relpath, metadata.num_rows, size, schema))

@@ -30,6 +30,7 @@ __all__ = [
     "InspectConfig",
     "SelectConfig",
     "DirectoryConfig",
+    "VerifyConfig",
     "LOGPROB_DTYPES",
     "DEFAULT_LOGPROB_DTYPE",
     "TAIL_MODES",
@@ -252,9 +253,17 @@ class TrainConfig:
 
 @dataclass
 class DirectoryConfig:
-    """``verify`` and ``seal``: one soft-label directory."""
+    """``seal``: one soft-label directory."""
 
     directory: str = argument("A soft-label directory or store URI.", "DIR")
+
+
+@dataclass
+class VerifyConfig:
+    """``verify``: one soft-label directory, fully (every byte hashed) or quickly."""
+
+    directory: str = argument("A soft-label directory or store URI.", "DIR")
+    quick: bool = option(False, "--quick", "Sizes (one listing) and footers only, no hashing: seconds for 10^5 shards.")
 
 
 @dataclass

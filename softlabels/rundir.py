@@ -165,11 +165,14 @@ def read_shard_header(path: Location) -> dict[str, Any] | None:
 __all__ += ["SHARD_HEADER_KEYS", "run_header", "read_shard_header"]
 
 
-def check_shard(path: Location, entry: ShardEntry, manifest: dict[str, Any], hash_bytes: bool = True) -> None:
+def check_shard(path: Location, entry: ShardEntry, manifest: dict[str, Any], hash_bytes: bool = True,
+                sizes: dict[str, int] | None = None) -> None:
     """Check one committed shard against its manifest (or journal) entry.
 
     Args:
         hash_bytes: compare the sha256 too (about 1 s per GB); False checks sizes and footers only.
+        sizes: a listing of the data folder (name -> bytes, ``Location.sizes``), so a directory of many
+            shards costs one listing rather than a request per shard; None asks the store per shard.
 
     Raises:
         VerificationError: naming the shard, for a missing file, wrong size or sha256, an unreadable
@@ -177,9 +180,9 @@ def check_shard(path: Location, entry: ShardEntry, manifest: dict[str, Any], has
             or of the wrong type.
     """
     name = path.name
-    if not path.is_file():
+    size = sizes.get(name) if sizes is not None else (path.size() if path.is_file() else None)
+    if size is None:
         raise VerificationError(f"{name}: missing")
-    size = path.size()
     if size != entry.get("bytes"):
         raise VerificationError(f"{name}: {size} bytes on disk, manifest says {entry.get('bytes')} (truncated or replaced)")
     if hash_bytes and entry.get("sha256") is not None and path.sha256() != entry.get("sha256"):

@@ -155,6 +155,22 @@ class Location:
             return False
         return bool(self.listdir())
 
+    @property
+    def suffix(self) -> str:
+        name = self.name
+        return name[name.rfind("."):] if "." in name else ""
+
+    def walk(self) -> list["Location"]:
+        """Every file below this directory, recursively, in path order."""
+        if self.local:
+            found = [os.path.join(top, name) for top, _, names in os.walk(self.path) for name in names]
+            return [Location(os.path.join(self.uri, os.path.relpath(p, self.path)), p) for p in sorted(found)]
+        import pyarrow.fs as pafs
+
+        selector = pafs.FileSelector(self.path, recursive=True, allow_not_found=True)
+        infos = sorted((i for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File), key=lambda i: i.path)
+        return [Location(f"{self.uri.rstrip('/')}/{i.path[len(self.path):].lstrip('/')}", i.path, self.fs) for i in infos]
+
     def size(self) -> int:
         return os.path.getsize(self.path) if self.local else int(self._info().size)
 
@@ -185,6 +201,17 @@ class Location:
             return Path(self.path).read_bytes()
         with self.fs.open_input_stream(self.path) as handle:
             return handle.read()
+
+    def read_head(self, count: int) -> bytes:
+        """The first ``count`` bytes (fewer if the file is shorter)."""
+        with self.open() as handle:
+            return handle.read(count)
+
+    def read_range(self, start: int, stop: int) -> bytes:
+        """Bytes [start, stop) of the file."""
+        with self.open() as handle:
+            handle.seek(start)
+            return handle.read(stop - start)
 
     def read_text(self) -> str:
         return self.read_bytes().decode("utf-8")

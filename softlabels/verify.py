@@ -4,6 +4,11 @@ Checks, in order: the manifest is there, complete and of this format; every shar
 ``shard-NNNNNN.parquet`` inside the directory; each shard's size, sha256, Parquet footer, header
 fingerprint, row count and soft-label column types match; and the totals add up. Hashing dominates:
 about 1 s per GB read.
+
+``--quick`` skips the hashing: sizes come from one listing of the data folder and each shard's
+footer (header, rows, column types) is read, so it costs a request per shard rather than a read of
+every byte. It catches a missing, truncated, replaced or foreign shard; a flipped byte inside a data
+page is left to the full verify (or to the page checksums every read checks).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import VerificationError
-from .rundir import RunDirectory, check_shard
+from .rundir import SHARD_PATTERN, RunDirectory, check_shard
 
 __all__ = ["VerifyReport", "verify"]
 
@@ -26,13 +31,20 @@ class VerifyReport:
     bytes: int
     stray_files: list[str]
 
+    quick: bool = False
+
     def render(self) -> str:
         stray = f"; ignoring {len(self.stray_files)} stray shard file(s) not in the manifest" if self.stray_files else ""
-        return f"{self.directory}: OK, {self.shards} shards, {self.rows:,} rows, {self.positions:,} positions, {self.bytes:,} bytes{stray}"
+        quick = " (quick: sizes and footers, sha256 not checked)" if self.quick else ""
+        return (f"{self.directory}: OK{quick}, {self.shards} shards, {self.rows:,} rows, {self.positions:,} positions, "
+                f"{self.bytes:,} bytes{stray}")
 
 
-def verify(directory: str | Path) -> VerifyReport:
+def verify(directory: str | Path, quick: bool = False) -> VerifyReport:
     """Verify a soft-label directory.
+
+    Args:
+        quick: sizes (one listing of the data folder) and footers only, no hashing.
 
     Raises:
         UserError: ``directory`` does not exist.
@@ -43,9 +55,10 @@ def verify(directory: str | Path) -> VerifyReport:
     manifest = run_directory.read_sealed()
     rows = positions = size = 0
     listed = set()
+    sizes = run_directory.data_dir.sizes()  # one listing, not a request per shard
     for entry in manifest["shards"]:
         path = run_directory.shard_path(entry.get("file"))
-        check_shard(path, entry, manifest)
+        check_shard(path, entry, manifest, hash_bytes=not quick, sizes=sizes)
         listed.add(path.name)
         rows += entry["rows"]
         positions += entry["positions"]
@@ -53,5 +66,5 @@ def verify(directory: str | Path) -> VerifyReport:
     totals = manifest["totals"]
     if (rows, positions, size) != (totals.get("rows"), totals.get("positions"), totals.get("bytes")):
         raise VerificationError(f"{root}/manifest.json: totals do not match the sum of its shards")
-    stray = sorted(p.name for p in run_directory.shard_files() if p.name not in listed)  # names only: one listing
-    return VerifyReport(str(root), len(listed), rows, positions, size, stray)
+    stray = sorted(name for name in sizes if SHARD_PATTERN.fullmatch(name) and name not in listed)  # the same listing
+    return VerifyReport(str(root), len(listed), rows, positions, size, stray, quick)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -86,13 +87,15 @@ def journal_shards(out: Path) -> int:
     return journal.read_text().count('"kind": "shard"') if journal.is_file() else 0
 
 
-def interrupt_after(command: list[str], out: Path, shards: int, sig: int, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """Start ``command``, send it ``sig`` once ``shards`` shards are journalled, wait for it to end."""
+def interrupt_after(command: list[str], out: Path, shards: int, sig: int, env: dict[str, str],
+                    journalled: "Callable[[], int] | None" = None) -> subprocess.CompletedProcess[str]:
+    """Start ``command``, send it ``sig`` once ``shards`` shards are journalled (counted by
+    ``journalled``, by default rank 0's local journal in ``out``), wait for it to end."""
     import time
 
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while journal_shards(out) < shards:
+    while (journalled() if journalled is not None else journal_shards(out)) < shards:
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
             _, err = process.communicate()
@@ -177,3 +180,58 @@ def read_output(out: Path) -> pa.Table:
 @pytest.fixture
 def digits_teachers() -> list[str]:
     return list(DIGITS_TEACHERS)
+
+
+S3_ENVIRONMENT = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION",
+                  "AWS_EC2_METADATA_DISABLED")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 HTTP API in this process (moto's ThreadedMotoServer on a free port), configured the way
+    users configure a store: through the standard AWS environment variables, which pyarrow, fsspec,
+    Polars and boto3 all read (subprocesses inherit them)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    saved = {key: os.environ.get(key) for key in S3_ENVIRONMENT}
+    os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+    try:
+        yield os.environ["AWS_ENDPOINT_URL"]
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint) -> str:
+    """A new, empty bucket: ``s3://softlabels-<random>``."""
+    import uuid
+
+    import boto3
+
+    name = f"softlabels-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+def upload(local: Path, uri: str) -> str:
+    """Copy a local file to ``uri`` (an s3:// key) and return the URI."""
+    from softlabels.storage import Location
+
+    Location.of(uri).write_bytes(local.read_bytes())
+    return uri
+
+
+def s3_journal_shards(uri: str, rank: int = 0) -> int:
+    """Shard records rank ``rank`` has written to an object-store run so far."""
+    from softlabels.storage import Location
+
+    return sum(1 for n in Location.of(f"{uri}/_journal/rank-{rank:05d}").listdir() if n.startswith("shard-"))
