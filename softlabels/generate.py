@@ -1,10 +1,9 @@
 """``softlabels generate``: run teachers over a corpus and commit top-k soft-label shards.
 
-Three stages overlap so the teacher never waits on disk: a reader thread reads and converts the next
-unit while the main thread runs the teachers and top-k, and a writer thread builds, compresses,
-fsyncs and commits the previous shard. Both queues are one unit deep, so memory is bounded by
-``--rows-per-shard`` and ``--batch-size``, never by the corpus. Units never share a batch, so a unit
-rerun after a crash sees exactly the batches of an uninterrupted run and writes the same values.
+This module prepares a run (checks, corpus units, teachers, the vocabulary probe, settings and
+fingerprint, the header), decides what is left to do from the run directory's journals, hands the
+pending units to an engine (``pipeline.run_units_locally`` or ``ray_engine.run_units_on_ray``),
+and seals the directory when every unit is committed.
 """
 
 from __future__ import annotations
@@ -12,14 +11,10 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
-import pyarrow as pa
 import torch
 from tqdm import tqdm
 
@@ -27,17 +22,15 @@ from . import __version__
 from .codec import LogprobCodec
 from .corpus import Corpus, Unit, corpus_record, open_corpus
 from .errors import UserError
-from .fidelity import Fidelity
-from .inputs import TeacherInputs, check_input_type, to_teacher_inputs
+from .inputs import check_input_type, to_teacher_inputs
 from .options import GenerateConfig, flag_of
-from .rundir import Journal, RunDirectory, ShardEntry, build_manifest, settings_fingerprint, shard_name
+from .pipeline import GenerationRun, run_units_locally
+from .rundir import RunDirectory, build_manifest, settings_fingerprint, shard_name
 from .schema import FORMAT
-from .shards import ShardPayload, build_shard, write_shard
 from .storage import is_uri
 from .teachers import Teacher, autocast, load_teacher, portable_name, resolve_device
-from .topk import soft_labels, valid_positions
 
-__all__ = ["GenerateConfig", "GenerateSummary", "GenerationRun", "generate", "process_unit", "commit_unit"]
+__all__ = ["GenerateConfig", "GenerateSummary", "generate"]
 
 PROBE_ROWS = 2
 DEFAULT_TOP_K = 20
@@ -145,27 +138,6 @@ def _check_same_run(out: Path, settings: dict[str, Any], recorded: dict[str, Any
         )
 
 
-@dataclass
-class GenerationRun:
-    """A prepared run: its settings, loaded teachers, corpus units and output directory."""
-
-    config: GenerateConfig
-    directory: RunDirectory
-    corpus: Corpus
-    teachers: list[Teacher]
-    device: torch.device
-    vocab_size: int
-    settings: dict[str, Any]
-    fingerprint: str
-    codec: LogprobCodec = field(default_factory=LogprobCodec)
-    header: dict[str, Any] = field(default_factory=dict)
-
-
-def _forward(run: GenerationRun, inputs: TeacherInputs) -> list[torch.Tensor]:
-    with torch.inference_mode(), autocast(run.device, run.config.precision):
-        return [teacher.logits(inputs) for teacher in run.teachers]
-
-
 def _probe_vocab(config: GenerateConfig, corpus: Corpus, teachers: list[Teacher], device: torch.device) -> int:
     """Run every teacher on two rows so vocabulary mismatches and k > V fail before any work."""
     table = corpus.read_unit(Unit(0, 0, 0, min(PROBE_ROWS, corpus.files[0].rows)))
@@ -247,97 +219,6 @@ def _committed_units(run: GenerationRun, journal_shards: dict[str, dict[str, Any
     return committed
 
 
-def _usable_positions(logits: torch.Tensor) -> torch.Tensor:
-    """[N] True where a position's logits define a distribution: no NaN or +Inf, and not all -Inf.
-
-    -Inf alone is a legitimate logit (a masked class, a padded vocabulary entry).
-    """
-    finite_sums = logits.sum(dim=-1).isfinite()  # one pass, no [N, V] temporary
-    if bool(finite_sums.all()):
-        return finite_sums
-    bad = torch.isnan(logits).any(dim=-1) | torch.isposinf(logits).any(dim=-1) | torch.isneginf(logits).all(dim=-1)
-    return ~bad
-
-
-def process_unit(run: GenerationRun, unit: Unit, table: pa.Table, on_batch: Callable[[int, int], None]) -> ShardPayload:
-    """Teacher forward and top-k over one unit's rows, batch by batch."""
-    config = run.config
-    ids_parts, logprob_parts, positions_parts, conf_parts, ent_parts, agree_parts = [], [], [], [], [], []
-    keep = np.ones(table.num_rows, dtype=bool)
-    fidelity = Fidelity()
-    for begin in range(0, table.num_rows, config.batch_size):
-        batch = table.slice(begin, config.batch_size)
-        sample_ids = batch.column("sample_id").combine_chunks()
-        inputs = to_teacher_inputs(batch.column(config.input_column), config.input_column, sample_ids).to(run.device)
-        member_logits = _forward(run, inputs)
-        flat_members, per_row = [], None
-        for logits in member_logits:
-            flat, per_row = valid_positions(logits, inputs.lengths)
-            flat_members.append(flat)
-        row_of = torch.repeat_interleave(torch.arange(len(per_row), device=per_row.device), per_row)
-        finite = torch.stack([_usable_positions(flat) for flat in flat_members]).all(dim=0)
-        bad_rows = torch.zeros(len(per_row), dtype=torch.bool, device=finite.device).index_put_((row_of,), ~finite, accumulate=True)
-        if bool(bad_rows.any()):
-            bad_ids = sample_ids.filter(pa.array(bad_rows.cpu().numpy())).to_pylist()
-            if config.on_nonfinite == "error":
-                shown = ", ".join(bad_ids[:10]) + (f" and {len(bad_ids) - 10} more" if len(bad_ids) > 10 else "")
-                raise UserError(
-                    f"teacher output is NaN/Inf for sample ids {shown}; use --on-nonfinite skip to drop them"
-                )
-            keep[begin : begin + len(per_row)] = ~bad_rows.cpu().numpy()
-            good_positions = ~bad_rows[row_of]
-            flat_members = [flat[good_positions] for flat in flat_members]
-            per_row = per_row[~bad_rows]
-        if len(per_row):
-            labels = soft_labels(flat_members, per_row, config.top_k, config.ensemble, run.codec)
-            ids_parts.append(labels.ids.cpu().numpy())
-            logprob_parts.append(labels.logprobs.cpu().numpy())
-            conf_parts.append(labels.confidence.cpu().numpy())
-            ent_parts.append(labels.entropy.cpu().numpy())
-            if labels.agreement is not None:
-                agree_parts.append(labels.agreement.cpu().numpy())
-            positions_parts.append(per_row.cpu().numpy())
-            fidelity.add(labels.captured_mass.cpu().numpy(), labels.stored_kl.cpu().numpy())
-        on_batch(batch.num_rows, int(per_row.sum()) if len(per_row) else 0)
-
-    def joined(parts: list[np.ndarray], shape: tuple[int, ...], dtype: type) -> np.ndarray:
-        return np.concatenate(parts) if parts else np.zeros(shape, dtype=dtype)
-
-    k = config.top_k
-    return ShardPayload(
-        passthrough=table.filter(pa.array(keep)) if not keep.all() else table,
-        positions=joined(positions_parts, (0,), np.int64),
-        ids=joined(ids_parts, (0, k), np.int64),
-        logprobs=joined(logprob_parts, (0, k), np.float32),
-        confidence=joined(conf_parts, (0,), np.float32),
-        entropy=joined(ent_parts, (0,), np.float32),
-        agreement=joined(agree_parts, (0,), np.float32) if len(run.teachers) > 1 else None,
-        fidelity=fidelity,
-    )
-
-
-def commit_unit(run: GenerationRun, journal: Journal, unit: Unit, payload: ShardPayload, skipped: int) -> dict[str, Any]:
-    """Writer thread: build, write, fsync, rename, then journal the shard."""
-    positions = int(payload.positions.sum())
-    header = {**run.header, "unit": unit.index, "rows": payload.passthrough.num_rows, "positions": positions}
-    table = build_shard(payload, run.vocab_size, run.config.top_k, len(run.teachers), header)
-    size, digest, soft_bytes = write_shard(table, run.directory, unit.index, positions)
-    path = run.directory.unit_shard_path(unit.index)
-    entry: ShardEntry = {
-        "file": path.name,
-        "unit": unit.index,
-        "rows": table.num_rows,
-        "positions": positions,
-        "bytes": size,
-        "soft_label_bytes": soft_bytes,
-        "sha256": digest,
-        "fidelity": payload.fidelity.to_json(),
-        "skipped_nonfinite": skipped,
-    }
-    journal.append(entry)
-    return entry
-
-
 def _rank() -> tuple[int, int]:
     """This process's share of the units under torchrun (RANK / WORLD_SIZE), else (0, 1)."""
     try:
@@ -384,46 +265,6 @@ def _summary(run: GenerationRun, manifest: dict[str, Any], written: int, started
         seconds=time.perf_counter() - started,
         already_complete=already,
     )
-
-
-def _run_units_locally(run: GenerationRun, journal: Journal, pending: list[Unit], on_batch: Callable[[int, int], None],
-                       entries: dict[int, dict[str, Any]]) -> None:
-    """The local engine: read, compute and commit ``pending`` in this process; adds to ``entries``.
-
-    On any exception (Ctrl-C included) a shard already being written completes whole before it
-    propagates; the caller then removes partial files.
-    """
-    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="softlabels-read")
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="softlabels-write")
-    reads: deque[tuple[Unit, Future[pa.Table]]] = deque()
-    writes: deque[Future[dict[str, Any]]] = deque()
-    queue = iter(pending)
-    try:
-        for unit in queue:
-            reads.append((unit, reader.submit(run.corpus.read_unit, unit)))
-            if len(reads) >= 2:
-                break
-        while reads:
-            unit, table_future = reads.popleft()
-            next_unit = next(queue, None)
-            if next_unit is not None:
-                reads.append((next_unit, reader.submit(run.corpus.read_unit, next_unit)))
-            table = table_future.result()
-            payload = process_unit(run, unit, table, on_batch)
-            skipped = table.num_rows - payload.passthrough.num_rows
-            while len(writes) >= 1:
-                entry = writes.popleft().result()
-                entries[entry["unit"]] = entry
-            writes.append(writer.submit(commit_unit, run, journal, unit, payload, skipped))
-        while writes:
-            entry = writes.popleft().result()
-            entries[entry["unit"]] = entry
-    except BaseException:
-        reader.shutdown(wait=False, cancel_futures=True)
-        writer.shutdown(wait=True, cancel_futures=True)  # a shard already being written completes whole
-        raise
-    reader.shutdown()
-    writer.shutdown()
 
 
 def generate(config: GenerateConfig) -> GenerateSummary:
@@ -483,7 +324,7 @@ def generate(config: GenerateConfig) -> GenerateSummary:
     if config.engine == "ray":
         from .ray_engine import run_units_on_ray as run_units
     else:
-        run_units = _run_units_locally
+        run_units = run_units_locally
     try:
         run_units(run, journal, pending, on_batch, entries)
     except BaseException:

@@ -215,7 +215,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.data = [os.fspath(d) for d in self.data] + [os.fspath(d) for d in self.extra_data]
         self.extra_data = []
-        self.out = Path(self.out) if self.out is not None else None  # type: ignore[assignment]
+        if self.out is not None and "://" in os.fspath(self.out) and not os.fspath(self.out).startswith("file://"):
+            raise UserError(f"--out {self.out}: train-student writes its checkpoints to a local directory; give a local path")
+        self.out = Path(os.fspath(self.out).removeprefix("file://")) if self.out is not None else None  # type: ignore[assignment]
         self.eval = os.fspath(self.eval) if self.eval is not None else None
         validate(self)
         if not self.data:

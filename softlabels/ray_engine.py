@@ -1,61 +1,48 @@
-"""``softlabels generate --engine ray``: teacher forward passes on a pool of Ray actors.
+"""``softlabels generate --engine ray``: a pool of Ray actors that each run the unit pipeline.
 
-Only the expensive part moves. Each actor loads the teacher(s) once, from the same SPECs, on its own
-device, and runs the local engine's own ``process_unit`` on whole units (same batch size, same
-precision, same code), so a unit's numbers do not depend on the engine. Everything else stays in
-the driver, exactly as in the local engine: a reader thread reads units from the corpus, and a
-writer thread builds, writes, fsyncs, renames and journals each shard (``commit_unit``). The commit
-protocol, the journal, resume and sealing are therefore shared, and a run started with one engine
-and resumed with the other gives the same directory. The engine is not part of the run fingerprint.
+Each actor loads the teacher(s) once, from the same SPECs, on its own device, and runs the same
+``pipeline.run_pipeline`` as the local engine on its share of the units: it reads each unit's rows
+from the corpus (a local path every node sees, or a store URI), computes, and writes the shard to
+``--out`` itself. The driver sends unit indices and receives, per committed unit, its journal entry
+(a few hundred bytes: name, rows, positions, size, sha256, fidelity), which it journals; the rows
+and the shard bytes never pass through the driver, so its NIC and disk are not the ceiling. Resume,
+the journal and sealing are the local engine's, and a run started with one engine and resumed with
+the other gives the same directory; the engine is not part of the run fingerprint.
+
 CPU actors run torch with the driver's thread count, because CPU kernels may round differently with
-another one (a GRU does); with it, shards are bitwise identical to the local engine's. Several CPU
-actors on one machine therefore only oversubscribe it: the default is one actor, or one per GPU.
+another one (a GRU does); with it, shards are bitwise identical to the local engine's. Actors take
+units round-robin and stream their entries back as each shard is committed (a Ray streaming
+generator), so a unit is journalled moments after its shard is whole.
 
-The trade-off: Ray costs a few seconds to start (a local instance, when no ``--ray-address`` is
-given) and a copy of every unit's rows into the object store; the results come back as plain numpy
-arrays (no per-position Python objects, no Ray tensor extension types), and the rows themselves never
-travel back: actors return only a keep-mask when ``--on-nonfinite skip`` dropped rows. It pays off
-when teachers are spread over several GPUs or nodes of an existing cluster; on one machine the local
-engine (or ``torchrun``) is as fast and has no extra dependency. On a cluster, the teacher SPECs
-(weights files, factory modules) must resolve at the same paths on every node; actors check that
-their teachers hash to the driver's, and only the driver touches ``--out``.
-
-Memory is bounded as in the local engine: at most ``UNITS_PER_ACTOR`` units per actor are in flight,
-one more is being read and one is being written.
+On a cluster, the teacher SPECs must resolve at the same paths on every node (actors check that
+their teachers hash to the driver's), and ``--out`` and the corpus must be reachable from every
+node: an object store URI, or a shared filesystem.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import logging
 import os
 import socket
 import sys
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from .corpus import Unit
 from .errors import UserError
-from .generate import commit_unit, process_unit, GenerationRun
-from .rundir import Journal
-from .shards import ShardPayload
+from .pipeline import GenerationRun, ignore_progress, process_unit, run_pipeline, write_unit
+from .rundir import Journal, ShardEntry
 from .teachers import load_teacher, resolve_device
 
-__all__ = ["ACTOR_CPUS", "UNITS_PER_ACTOR", "TeacherWorker", "check_address", "run_units_on_ray"]
+__all__ = ["ACTOR_CPUS", "TeacherWorker", "check_address", "run_units_on_ray"]
 
 ACTOR_CPUS = 0.5
 """CPUs each actor reserves: fractional, so one actor never starves a 2-CPU machine's driver and tasks."""
-
-UNITS_PER_ACTOR = 2
-"""Units queued per actor: one running, one shipped, so an actor never waits on the driver."""
 
 CONNECT_SECONDS = 5.0
 """How long ``check_address`` waits for a TCP connection to the cluster."""
@@ -71,15 +58,11 @@ class _Failure:
     message: str
 
 
-def _ignore_progress(rows: int, positions: int) -> None:
-    """Actors report progress per unit through their results, not per batch."""
-
-
 class TeacherWorker:
-    """A Ray actor (once wrapped by ``ray.remote``) that holds the teacher(s) and processes units.
+    """A Ray actor (once wrapped by ``ray.remote``) that holds the teacher(s) and runs the unit pipeline.
 
     Args:
-        template: the driver's run without teacher modules (settings, resolved top-k, codec).
+        template: the driver's run without teacher modules (settings, corpus units, output directory).
         threads: torch intra-op threads for CPU teachers (the driver's), or None for GPU actors.
         driver_path: the driver's ``sys.path``, absolute.
     """
@@ -104,25 +87,20 @@ class TeacherWorker:
         self._run = dataclasses.replace(self._template, teachers=teachers, device=device)
         return [teacher.sha256 for teacher in teachers]
 
-    def process(self, unit: Unit, table: pa.Table) -> tuple[ShardPayload, np.ndarray | None] | _Failure:
-        """Teacher forward and top-k over one unit, as the local engine computes it.
-
-        Returns:
-            The payload without its passthrough rows (the driver still has them), and the bool
-            keep-mask of the unit's rows, or None when every row was kept; or a ``_Failure``.
-        """
-        if self._run is None:
-            raise RuntimeError("TeacherWorker.load() must run before process()")
+    def run_units(self, indices: list[int]) -> Iterator[ShardEntry | _Failure]:
+        """Read, compute and write these units here; yields each unit's journal entry once its shard is whole."""
+        run = self._run
+        if run is None:
+            raise RuntimeError("TeacherWorker.load() must run before run_units()")
+        units = [run.corpus.units[index] for index in indices]
         try:
-            payload = process_unit(self._run, unit, table, _ignore_progress)
+            yield from run_pipeline(
+                units, run.corpus.read_unit,
+                lambda unit, table: process_unit(run, unit, table, ignore_progress),
+                lambda unit, payload, skipped: write_unit(run, unit, payload, skipped),
+            )
         except UserError as exc:
-            return _Failure(str(exc))
-        keep = None
-        if payload.passthrough.num_rows != table.num_rows:  # sample ids are unique within a corpus
-            kept_ids = payload.passthrough.column("sample_id").combine_chunks()
-            keep = pc.is_in(table.column("sample_id").combine_chunks(), value_set=kept_ids).to_numpy(zero_copy_only=False)
-        payload.passthrough = table.schema.empty_table()
-        return payload, keep
+            yield _Failure(str(exc))
 
 
 def check_address(address: str | None) -> None:
@@ -194,7 +172,7 @@ def _actor_layout(ray: Any, run: GenerationRun) -> tuple[int, float, int | None]
 def _start_actors(ray: Any, run: GenerationRun) -> list[Any]:
     """Start the actor pool and wait until every actor holds teachers identical to the driver's."""
     actors_wanted, gpus, threads = _actor_layout(ray, run)
-    template = dataclasses.replace(run, teachers=[], corpus=None)  # actors never read the corpus
+    template = dataclasses.replace(run, teachers=[])
     worker_class = ray.remote(TeacherWorker).options(num_cpus=ACTOR_CPUS, num_gpus=gpus)
     driver_path = [os.path.abspath(entry or os.curdir) for entry in sys.path]
     actors = [worker_class.remote(template, threads, driver_path) for _ in range(actors_wanted)]
@@ -219,20 +197,20 @@ def _release_driver_teachers(run: GenerationRun) -> None:
 
 
 def run_units_on_ray(run: GenerationRun, journal: Journal, pending: list[Unit], on_batch: Callable[[int, int], None],
-                     entries: dict[int, dict[str, Any]]) -> None:
-    """The Ray engine: compute ``pending`` on an actor pool, commit here; adds to ``entries``.
+                     entries: dict[int, ShardEntry], received: list[int] | None = None) -> None:
+    """The Ray engine: actors read, compute and write ``pending``; the driver journals; adds to ``entries``.
 
-    Same contract as the local engine: every finished unit is committed through ``commit_unit``
-    into ``journal``; on any exception (Ctrl-C included) the actors are stopped, a shard already
-    being written completes whole, and the exception propagates so the caller removes partial files.
-    Ray is shut down at the end only if this call started it.
+    Same contract as the local engine: every unit is journalled after its shard is whole; on any
+    exception (Ctrl-C included) the actors are stopped and the exception propagates, so the caller
+    removes partial files. Ray is shut down at the end only if this call started it.
 
     Args:
         run: the prepared run (teachers already probed on the driver).
         journal: this process's journal.
         pending: the units still to compute, in order.
-        on_batch: progress callback (rows, positions), called once per finished unit.
+        on_batch: progress callback (rows, positions), called once per committed unit.
         entries: journal entries by unit index; each committed unit is added.
+        received: when given, the size in bytes (as JSON) of what the driver received for each unit.
     """
     if not pending:
         return
@@ -240,75 +218,40 @@ def run_units_on_ray(run: GenerationRun, journal: Journal, pending: list[Unit], 
 
     started = _connect(ray, run.config.ray_address)
     actors: list[Any] = []
-    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="softlabels-read")
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="softlabels-write")
     try:
         actors = _start_actors(ray, run)
         _release_driver_teachers(run)
-        _pipeline(ray, run, journal, pending, on_batch, entries, actors, reader, writer)
-    except BaseException:
-        _kill(ray, actors)
-        reader.shutdown(wait=False, cancel_futures=True)
-        writer.shutdown(wait=True, cancel_futures=True)  # a shard already being written completes whole
-        raise
+        _collect(ray, journal, pending, on_batch, entries, actors, received)
     finally:
         _kill(ray, actors)
         if started:
             ray.shutdown()
-    reader.shutdown()
-    writer.shutdown()
 
 
-def _pipeline(ray: Any, run: GenerationRun, journal: Journal, pending: list[Unit], on_batch: Callable[[int, int], None],
-              entries: dict[int, dict[str, Any]], actors: list[Any], reader: ThreadPoolExecutor,
-              writer: ThreadPoolExecutor) -> None:
-    queue = iter(pending)
-
-    def read_next() -> tuple[Unit, Future[pa.Table]] | None:
-        unit = next(queue, None)
-        return None if unit is None else (unit, reader.submit(run.corpus.read_unit, unit))
-
-    upcoming = read_next()
-    load = [0] * len(actors)
-    in_flight: dict[Any, tuple[Unit, pa.Table, int]] = {}
-    writes: deque[Future[dict[str, Any]]] = deque()
-
-    def collect(keep_outstanding: int) -> None:
-        while len(writes) > keep_outstanding:
-            entry = writes.popleft().result()
-            entries[entry["unit"]] = entry
-
-    while upcoming is not None or in_flight:
-        while upcoming is not None and len(in_flight) < UNITS_PER_ACTOR * len(actors):
-            unit, table_future = upcoming
-            table = table_future.result()
-            upcoming = read_next()
-            actor = min(range(len(actors)), key=load.__getitem__)
-            in_flight[actors[actor].process.remote(unit, table)] = (unit, table, actor)
-            load[actor] += 1
-        ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=WAIT_SECONDS)
-        for ref in ready:
-            unit, table, actor = in_flight.pop(ref)
-            load[actor] -= 1
+def _collect(ray: Any, journal: Journal, pending: list[Unit], on_batch: Callable[[int, int], None],
+             entries: dict[int, ShardEntry], actors: list[Any], received: list[int] | None) -> None:
+    """Deal the units round-robin to the actors and journal each entry as it streams back."""
+    units = {unit.index: unit for unit in pending}
+    shares = [[unit.index for unit in pending[i::len(actors)]] for i in range(len(actors))]
+    streams = [actor.run_units.options(num_returns="streaming").remote(share) for actor, share in zip(actors, shares) if share]
+    waiting = {stream: stream for stream in streams}
+    while waiting:
+        ready, _ = ray.wait(list(waiting), num_returns=1, timeout=WAIT_SECONDS)  # short, so Ctrl-C is seen
+        for stream in ready:
+            try:
+                ref = next(stream)
+            except StopIteration:
+                waiting.pop(stream)
+                continue
             result = ray.get(ref)
             if isinstance(result, _Failure):
                 raise UserError(result.message)
-            payload, keep = result
-            _own_arrays(payload)
-            payload.passthrough = table if keep is None else table.filter(pa.array(keep))  # as process_unit does
-            skipped = table.num_rows - payload.passthrough.num_rows
-            on_batch(table.num_rows, int(payload.positions.sum()))
-            collect(0)  # one shard being written at a time, as in the local engine
-            writes.append(writer.submit(commit_unit, run, journal, unit, payload, skipped))
-    collect(0)
-
-
-def _own_arrays(payload: ShardPayload) -> None:
-    """Copy result arrays out of the object store: writable, and the store can free the object."""
-    for name in ("positions", "ids", "logprobs", "confidence", "entropy", "agreement"):
-        value = getattr(payload, name)
-        if isinstance(value, np.ndarray) and not value.flags.writeable:
-            setattr(payload, name, value.copy())
+            if received is not None:
+                received.append(len(json.dumps(result)))
+            journal.append(result)
+            entries[result["unit"]] = result
+            unit = units[result["unit"]]
+            on_batch(unit.rows, int(result["positions"]))
 
 
 def _kill(ray: Any, actors: list[Any]) -> None:
