@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from .errors import UserError
 
-__all__ = ["sha256_file", "fsync_dir", "fsync_file", "atomic_write_text", "commit_file"]
+__all__ = ["sha256_file", "fsync_path", "atomic_write_text", "commit_file"]
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
@@ -30,16 +30,8 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def fsync_dir(directory: Path) -> None:
-    """Make a rename durable: the directory entry itself must reach the disk."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file's bytes, or a directory's entries (what makes a rename durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -55,16 +47,16 @@ def atomic_write_text(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def commit_file(staged: Path, target: Path) -> tuple[int, str]:
     """fsync ``staged``, hash it and rename it to ``target``; returns (bytes, sha256) of the file."""
-    fsync_file(staged)
+    fsync_path(staged)
     digest = sha256_file(staged)
     size = staged.stat().st_size
     os.replace(staged, target)
-    fsync_dir(target.parent)
+    fsync_path(target.parent)
     return size, digest
 
 
@@ -258,7 +250,7 @@ class Location:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, target)
-            fsync_dir(target.parent)
+            fsync_path(target.parent)
             return True
         if exclusive:
             try:
