@@ -430,20 +430,20 @@ INNER = ("convert batch (Arrow -> padded tensor)", "teacher forward", "valid_pos
 def instrumented_generate(corpus_path: Path, spec: str, out: Path, batch_size: int, rows_per_shard: int) -> dict[str, Any]:
     import softlabels.corpus as corpus_module
     import softlabels.generate as gen
+    import softlabels.pipeline as pipe
 
     clock = StageClock()
     for owner, name, stage in (
         (gen, "_prepare", STARTUP),
         (corpus_module.Corpus, "read_unit", "read unit (Parquet -> Arrow)"),
-        (gen, "to_teacher_inputs", INNER[0]),
-        (gen, "_forward", INNER[1]),
-        (gen, "valid_positions", INNER[2]),
-        (gen, "soft_labels", INNER[3]),
-        (gen, "build_shard", "build_shard (Arrow table)"),
-        (gen, "write_shard", "write_shard (zstd Parquet in _staging, fsync, sha256, rename into data/)"),
-        (gen, "soft_label_bytes", "soft_label_bytes (re-read footer)"),
-        (gen, "process_unit", PROCESS_UNIT),
-        (gen, "commit_unit", "commit_unit (a shard: build, write, journal)"),
+        (pipe, "to_teacher_inputs", INNER[0]),
+        (pipe, "forward", INNER[1]),
+        (pipe, "valid_positions", INNER[2]),
+        (pipe, "soft_labels", INNER[3]),
+        (pipe, "build_shard", "build_shard (Arrow table)"),
+        (pipe, "write_shard", "write_shard (zstd Parquet in _staging, fsync, sha256, rename into data/)"),
+        (pipe, "process_unit", PROCESS_UNIT),
+        (pipe, "write_unit", "write_unit (a shard: build and write; the journal line follows)"),
     ):
         clock.wrap(owner, name, stage)
     try:
