@@ -20,6 +20,7 @@ time it touches it, unless ``verify_sha256=False``. Errors name the file.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -84,8 +85,9 @@ class ShardRows:
             self.labels = ColumnBlock.from_arrow(labels, label_column)
 
     def batch(self, rows: np.ndarray) -> dict[str, Any]:
-        ids, lengths = self.topk_ids.gather(rows, 0, np.int64)
-        stored, _ = self.topk_logprobs.gather(rows, 0, self.topk_logprobs.values.dtype)
+        plan = self.topk_ids.plan(rows)  # the two soft-label columns share their offsets
+        ids, lengths = self.topk_ids.gather(rows, 0, np.int64, plan)
+        stored, _ = self.topk_logprobs.gather(rows, 0, self.topk_logprobs.values.dtype, plan)
         logprobs = self.codec.decode_numpy(stored)
         steps = ids.shape[1]
         batch: dict[str, Any] = {
@@ -300,9 +302,11 @@ class SoftLabelDataset(IterableDataset):
                 "vocab_size": settings["vocab_size"], "shards": entries, "complete": False}
 
     def _plan_pieces(self) -> list[Piece]:
-        groups: list[tuple[int, int, int]] = []
         sizes = self.run_directory.data_dir.sizes()  # one listing, not a request per shard
-        for index, (path, entry) in enumerate(zip(self.shards, self.manifest["shards"])):
+
+        def row_groups(item: tuple[Any, dict[str, Any]]) -> list[int]:
+            """The rows of each row group of one shard, after checking its size and footer."""
+            path, entry = item
             if path.name not in sizes:
                 raise VerificationError(f"{path.name}: missing")
             if sizes[path.name] != entry["bytes"]:
@@ -310,15 +314,19 @@ class SoftLabelDataset(IterableDataset):
             try:
                 with path.open() as handle:
                     metadata = pq.read_metadata(handle)
-                header = decode_header(metadata.schema.to_arrow_schema().metadata)
+                header = decode_header(metadata.metadata)  # the footer's key-value pairs: no Arrow schema to rebuild
             except (pa.ArrowInvalid, OSError) as exc:
                 raise VerificationError(f"{path.name}: not a readable Parquet file ({exc})") from None
             if header is None or header.get("fingerprint") != self.manifest["fingerprint"]:
                 raise VerificationError(f"{path.name}: header belongs to another run (fingerprint differs)")
             if metadata.num_rows != entry["rows"]:
                 raise VerificationError(f"{path.name}: {metadata.num_rows} rows, manifest says {entry['rows']}")
-            for group in range(metadata.num_row_groups):
-                groups.append((index, group, metadata.row_group(group).num_rows))
+            return [metadata.row_group(group).num_rows for group in range(metadata.num_row_groups)]
+
+        groups: list[tuple[int, int, int]] = []
+        shards = list(zip(self.shards, self.manifest["shards"]))
+        for index, rows_per_group in enumerate(self.run_directory.map_shards(row_groups, shards)):  # concurrent on an object store
+            groups.extend((index, group, rows) for group, rows in enumerate(rows_per_group))
         # Too few row groups to go round every rank and worker: cut each into a few pieces. The
         # pieces of one row group stay next to each other, so a worker reads the group once.
         split = max(1, -(-PIECES_PER_RANK * self.world_size // max(len(groups), 1)))
@@ -460,34 +468,55 @@ class SoftLabelDataset(IterableDataset):
         columns = self._columns()
         skip_rows = skip * self.batch_size
         produced = skip
-        carry: pa.Table | None = None
+        windows: list[tuple[int, list[Piece], int]] = []  # (index, pieces, rows to skip at its start)
         for window_index, begin in enumerate(range(0, len(pieces), self.shuffle_buffer)):
             window = pieces[begin : begin + self.shuffle_buffer]
             window_rows = sum(p.rows for p in window)
             if skip_rows >= window_rows:
                 skip_rows -= window_rows
                 continue
-            table = pa.concat_tables([self._read_piece(p, columns) for p in window])
-            order = np.arange(table.num_rows)
-            if self.shuffle:
-                order = np.random.default_rng([self.seed, epoch, self.rank, worker, window_index]).permutation(table.num_rows)
-            order = order[skip_rows:]
+            windows.append((window_index, window, skip_rows))
             skip_rows = 0
-            if carry is not None:  # the previous window's last rows lead this window's stream
-                order = np.concatenate([np.arange(carry.num_rows), carry.num_rows + order])
-                table = pa.concat_tables([carry, table])
-            rows = ShardRows(table.combine_chunks(), self.input_column, self.label_column, self.codec)
-            full = len(order) // self.batch_size
-            for index in range(full):
-                yield self._batch(rows, order[index * self.batch_size : (index + 1) * self.batch_size], produced, counts)
-                produced += 1
-            rest = order[full * self.batch_size :]
-            carry = table.take(pa.array(rest)) if len(rest) else None
-        if carry is not None and not self.drop_last:
-            rows = ShardRows(carry.combine_chunks(), self.input_column, self.label_column, self.codec)
-            yield self._batch(rows, np.arange(carry.num_rows), produced, counts)
+        # the next window is read and converted in a thread while this one's batches are cut and used
+        loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="softlabels-load")
+        try:
+            upcoming = loader.submit(self._load_window, windows[0][1], columns) if windows else None
+            carry: pa.Table | None = None
+            for position, (window_index, _, skip_rows) in enumerate(windows):
+                table, rows = upcoming.result()  # type: ignore[union-attr]
+                if position + 1 < len(windows):
+                    upcoming = loader.submit(self._load_window, windows[position + 1][1], columns)
+                order = np.arange(table.num_rows)
+                if self.shuffle:
+                    order = np.random.default_rng([self.seed, epoch, self.rank, worker, window_index]).permutation(table.num_rows)
+                order = order[skip_rows:]
+                if carry is not None:  # the previous window's last rows lead this window's stream
+                    head, order = order[: self.batch_size - carry.num_rows], order[self.batch_size - carry.num_rows :]
+                    carry = pa.concat_tables([carry, table.take(pa.array(head))])
+                    if carry.num_rows < self.batch_size:
+                        continue
+                    joined = ShardRows(carry.combine_chunks(), self.input_column, self.label_column, self.codec)
+                    yield self._batch(joined, np.arange(carry.num_rows), produced, counts)
+                    produced += 1
+                    carry = None
+                full = len(order) // self.batch_size
+                for index in range(full):
+                    yield self._batch(rows, order[index * self.batch_size : (index + 1) * self.batch_size], produced, counts)
+                    produced += 1
+                rest = order[full * self.batch_size :]
+                carry = table.take(pa.array(rest)) if len(rest) else None
+            if carry is not None and not self.drop_last:
+                rows = ShardRows(carry.combine_chunks(), self.input_column, self.label_column, self.codec)
+                yield self._batch(rows, np.arange(carry.num_rows), produced, counts)
+        finally:
+            loader.shutdown(wait=True, cancel_futures=True)
         if info is None:
             self.end_of_epoch()
+
+    def _load_window(self, window: list[Piece], columns: list[str]) -> tuple[pa.Table, ShardRows]:
+        """A window's rows as one table and as column blocks (runs in the loading thread)."""
+        table = pa.concat_tables([self._read_piece(p, columns) for p in window]).combine_chunks()
+        return table, ShardRows(table, self.input_column, self.label_column, self.codec)
 
     def _batch(self, window: ShardRows, rows: np.ndarray, local_index: int, counts: list[int]) -> dict[str, Any]:
         batch = window.batch(rows)

@@ -8,6 +8,7 @@ and seals the directory when every unit is committed.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -21,7 +22,7 @@ from tqdm import tqdm
 from . import __version__
 from .codec import LogprobCodec
 from .corpus import Corpus, Unit, corpus_record, open_corpus
-from .errors import UserError
+from .errors import UserError, VerificationError
 from .inputs import check_input_type, to_teacher_inputs
 from .options import GenerateConfig, flag_of
 from .pipeline import GenerationRun, run_units_locally
@@ -244,8 +245,15 @@ def _all_journalled(run: GenerationRun) -> dict[int, dict[str, Any]] | None:
 
 
 def _seal(run: GenerationRun, entries: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Write the manifest, unless the directory already holds exactly this one (a no-op rerun)."""
     shards = [entries[unit.index] for unit in run.corpus.units]
     manifest = build_manifest(run.header, run.settings, run.config.id_column, corpus_record(run.corpus), shards)
+    if run.directory.has_manifest():
+        try:
+            if run.directory.read_manifest() == json.loads(json.dumps(manifest)):
+                return manifest
+        except VerificationError:
+            pass
     run.directory.write_manifest(manifest)
     return manifest
 

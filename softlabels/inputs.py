@@ -23,7 +23,7 @@ import torch
 
 from .errors import UserError
 
-__all__ = ["TeacherInputs", "ColumnBlock", "check_input_type", "to_teacher_inputs"]
+__all__ = ["TeacherInputs", "ColumnBlock", "GatherPlan", "check_input_type", "to_teacher_inputs"]
 
 
 @dataclass
@@ -126,27 +126,56 @@ class ColumnBlock:
         """int64 [B] positions of each of ``rows`` (list columns only)."""
         return self.offsets[rows + 1] - self.offsets[rows]
 
-    def gather(self, rows: np.ndarray, fill: float | int = 0, dtype: type | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    def gather(self, rows: np.ndarray, fill: float | int = 0, dtype: type | None = None,
+               plan: "GatherPlan | None" = None) -> tuple[np.ndarray, np.ndarray | None]:
         """The given rows as [B, *shape], or padded [B, T_max, *inner] with their lengths.
 
         Args:
             rows: int [B] row numbers.
             fill: padding value for list columns.
             dtype: result dtype; default int64 for integers, float32 otherwise.
+            plan: ``plan(rows)`` of a column with the same offsets, to reuse its index arithmetic.
         """
         dtype = dtype or _number_dtype(self.values)
         if not self.ragged:
-            return self.values[rows].astype(dtype), None
+            return self.values[rows].astype(dtype, copy=False), None
+        plan = plan or self.plan(rows)
+        inner = self.values.shape[1:]
+        if plan.uniform:  # every row as long: one gather, no padding to fill
+            block = self.values[plan.source].reshape(len(rows), plan.longest, *inner)
+            return block.astype(dtype, copy=False), plan.lengths
+        padded = np.full((len(rows), plan.longest, *inner), fill, dtype=dtype)
+        padded[plan.row_of, plan.step_of] = self.values[plan.source]
+        return padded, plan.lengths
+
+    def plan(self, rows: np.ndarray) -> "GatherPlan":
+        """Where ``rows``' positions are in ``values`` and where they go in the padded block (list columns)."""
         starts = self.offsets[rows]
         lengths = self.offsets[rows + 1] - starts
-        total = int(lengths.sum())
+        longest = int(lengths.max()) if len(rows) else 0
+        if len(rows) and int(lengths.min()) == longest:
+            source = (starts[:, None] + np.arange(longest)).reshape(-1)
+            return GatherPlan(lengths, longest, source, None, None)
         first_position = np.cumsum(lengths) - lengths
         row_of = np.repeat(np.arange(len(rows)), lengths)
-        step_of = np.arange(total) - np.repeat(first_position, lengths)
-        longest = int(lengths.max()) if len(rows) else 0
-        padded = np.full((len(rows), longest, *self.values.shape[1:]), fill, dtype=dtype)
-        padded[row_of, step_of] = self.values[np.repeat(starts, lengths) + step_of]
-        return padded, lengths
+        step_of = np.arange(int(lengths.sum())) - np.repeat(first_position, lengths)
+        return GatherPlan(lengths, longest, np.repeat(starts, lengths) + step_of, row_of, step_of)
+
+
+@dataclass(frozen=True)
+class GatherPlan:
+    """The index arithmetic of one batch of a list column: int64 [B] lengths, the longest, the flat
+    source positions, and (ragged batches only) each position's row and step in the padded block."""
+
+    lengths: np.ndarray
+    longest: int
+    source: np.ndarray
+    row_of: np.ndarray | None
+    step_of: np.ndarray | None
+
+    @property
+    def uniform(self) -> bool:
+        return self.row_of is None
 
 
 def to_teacher_inputs(column: pa.Array | pa.ChunkedArray, name: str, sample_ids: pa.Array) -> TeacherInputs:

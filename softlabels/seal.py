@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from .errors import UserError, VerificationError
 from .rundir import RunDirectory, build_manifest, check_shard, read_shard_header, run_header, settings_fingerprint, shard_name
+from .storage import Location
 
 __all__ = ["SealReport", "unit_count", "seal"]
 
@@ -122,15 +122,15 @@ def seal(directory: str | os.PathLike[str]) -> SealReport:
         return done
 
     names = [shard_name(unit) for unit in range(unit_count(settings))]
+    sizes = run_directory.data_dir.sizes()  # one listing, not a request per shard
     missing: list[str] = []
-    present: list[tuple[str, Path, dict[str, Any]]] = []
+    present: list[tuple[str, Location, dict[str, Any]]] = []
     for name in names:
         entry = journal.get(name)
-        path = run_directory.shard_path(name)
-        if entry is None or not path.is_file():
+        if entry is None or name not in sizes:
             missing.append(name)
         else:
-            present.append((name, path, entry))
+            present.append((name, run_directory.shard_path(name), entry))
     # the reference for the schema check: any shard whose footer names this run
     reference: dict[str, Any] | None = None
     for _, path, _ in present:
@@ -138,19 +138,26 @@ def seal(directory: str | os.PathLike[str]) -> SealReport:
         if header is not None and header.get("fingerprint") == fingerprint:
             reference = {**header, **{k: settings[k] for k in ("top_k", "vocab_size", "teachers")}}
             break
-    damaged: list[str] = []
-    headers: dict[str, dict[str, Any]] = {}
-    for name, path, entry in present:
+    expected = reference or {**settings, "fingerprint": fingerprint}
+
+    def check(item: tuple[str, Location, dict[str, Any]]) -> tuple[str | None, dict[str, Any]]:
+        """(what is wrong with the unit or None, its shard's header)."""
+        name, path, entry = item
         if any(key not in entry for key in ENTRY_FIELDS):
-            damaged.append(f"{name} [journal entry incomplete]")
-            continue
+            return f"{name} [journal entry incomplete]", {}
         try:
-            check_shard(path, entry, reference or {**settings, "fingerprint": fingerprint})
+            return None, check_shard(path, entry, expected, sizes=sizes)
         except VerificationError as exc:
             reason = str(exc).removeprefix(f"{name}: ").replace("manifest", "journal")
-            damaged.append(f"{name} [{reason}]")
-            continue
-        headers[name] = read_shard_header(path) or {}
+            return f"{name} [{reason}]", {}
+
+    damaged: list[str] = []
+    first_header: dict[str, Any] = {}  # the manifest takes unit 0's header
+    for (name, _, _), (problem, header) in zip(present, run_directory.map_shards(check, present)):  # concurrent on an object store
+        if problem is not None:
+            damaged.append(problem)
+        elif name == names[0]:
+            first_header = header
     if missing or damaged:
         problems = []
         if missing:
@@ -160,7 +167,7 @@ def seal(directory: str | os.PathLike[str]) -> SealReport:
         raise VerificationError(
             f"{root}: cannot seal: {'; '.join(problems)}; rerun the same 'softlabels generate' command to redo them"
         )
-    header = run_header(headers[names[0]]) if names else {}
+    header = run_header(first_header) if names else {}
     entries = [journal[name] for name in names]
     manifest = build_manifest(header, settings, settings.get("id_column"), settings["corpus"], entries)
     run_directory.write_manifest(manifest)

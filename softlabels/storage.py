@@ -111,6 +111,12 @@ class Location:
     def __str__(self) -> str:
         return self.uri
 
+    def __fspath__(self) -> str:
+        """Local paths work wherever a path does (``open``, pyarrow); a store URI is not a path."""
+        if not self.local:
+            raise TypeError(f"{self.uri} is in an object store, not a local path")
+        return self.path
+
     def __truediv__(self, name: str) -> "Location":
         if self.local:
             return Location(os.path.join(self.uri, name), os.path.join(self.path, name))
@@ -210,7 +216,7 @@ class Location:
 
     def open(self) -> Any:
         """A seekable binary file for readers such as ``pyarrow.parquet.ParquetFile``."""
-        return open(self.path, "rb") if self.local else self.fs.open_input_file(self.path)
+        return pa.OSFile(self.path, "r") if self.local else self.fs.open_input_file(self.path)  # native, no GIL
 
     def sha256(self) -> str:
         if self.local:

@@ -56,10 +56,15 @@ def verify(directory: str | Path, quick: bool = False) -> VerifyReport:
     rows = positions = size = 0
     listed = set()
     sizes = run_directory.data_dir.sizes()  # one listing, not a request per shard
-    for entry in manifest["shards"]:
+    entries = manifest["shards"]
+
+    def check(entry: dict) -> str:
         path = run_directory.shard_path(entry.get("file"))
         check_shard(path, entry, manifest, hash_bytes=not quick, sizes=sizes)
-        listed.add(path.name)
+        return path.name
+
+    for entry, name in zip(entries, run_directory.map_shards(check, entries)):  # concurrent on an object store
+        listed.add(name)
         rows += entry["rows"]
         positions += entry["positions"]
         size += entry["bytes"]
