@@ -209,3 +209,29 @@ def test_no_machine_paths_in_headers_or_manifest(soft_dirs, tmp_path):
             for text in _strings(document):
                 for path in machine:
                     assert path not in text, f"{directory}: {text!r} holds {path}"
+
+
+def test_statistics_columns_are_plainly_encoded(soft_dirs):
+    for out in soft_dirs.values():
+        metadata = pq.read_metadata(sorted((out / "data").glob("*.parquet"))[0])
+        for group in range(metadata.num_row_groups):
+            for column in range(metadata.num_columns):
+                chunk = metadata.row_group(group).column(column)
+                if chunk.path_in_schema in ("confidence", "entropy", "agreement"):
+                    assert not any("DICTIONARY" in e for e in chunk.encodings), (chunk.path_in_schema, chunk.encodings)
+
+
+def test_auto_rows_per_shard_aims_at_big_shards():
+    """About 2^21 positions per shard, at most 256 MB of inputs in memory, 64..65,536 rows, a power of two."""
+    from softlabels.corpus import auto_rows_per_shard
+
+    def lists(length: int, rows: int = 50) -> pa.Array:
+        return pa.array([[1] * length] * rows, type=pa.list_(pa.int32()))
+
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(64 * 50, dtype=np.float32)), 64)
+    assert auto_rows_per_shard(vectors) == 65536  # a classifier: one position a row
+    assert auto_rows_per_shard(lists(128)) == 16384  # LLM windows of 128 tokens
+    assert auto_rows_per_shard(lists(1000)) == 2048  # 10 s utterances at 100 frames/s
+    assert auto_rows_per_shard(lists(2048)) == 1024
+    images = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(150528 * 4, dtype=np.float32)), 150528)
+    assert auto_rows_per_shard(images) == 256  # 600 KB a row: the 256 MB input cap decides

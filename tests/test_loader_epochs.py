@@ -79,3 +79,22 @@ def test_state_dict_refuses_when_workers_were_not_watched(soft_dir):
             break
     with pytest.raises(UserError, match="SoftLabelLoader"):
         dataset.state_dict()
+
+
+def test_shards_whose_manifest_is_gone_open_from_their_headers(soft_dir, tmp_path):
+    """``without_manifest=True``: the run comes from the shards' own headers; same batches, no sha256 left."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(soft_dir, copy)
+    (copy / "manifest.json").unlink()
+    shutil.rmtree(copy / "_journal")
+    with pytest.raises(Exception, match="manifest"):
+        SoftLabelDataset(copy, batch_size=9)
+    reference = SoftLabelDataset(soft_dir, batch_size=9, shuffle=True, seed=4)
+    orphan = SoftLabelDataset(copy, batch_size=9, shuffle=True, seed=4, without_manifest=True)
+    assert orphan.manifest["fingerprint"] == reference.manifest["fingerprint"]
+    assert [e["positions"] for e in orphan.manifest["shards"]] == [e["positions"] for e in reference.manifest["shards"]]
+    for ours, theirs in zip(orphan, reference, strict=True):
+        assert ours["sample_id"] == theirs["sample_id"]
+        assert (ours["topk_logprobs"] == theirs["topk_logprobs"]).all() and (ours["topk_ids"] == theirs["topk_ids"]).all()
