@@ -183,7 +183,7 @@ class TrainConfig:
 
     data: list[str] = argument("Sealed soft-label directories or store URIs (or use --data).", "DATA_DIR", required=False, many=True)
     student: str = option(None, "--student", f"Student SPEC: {SPEC_HELP}; for hf:, a config.json trains from scratch.", metavar="SPEC", shown_default="required")
-    out: Path = option(None, "--out", "Output directory: checkpoint.pt, metrics.jsonl, student.safetensors.", metavar="DIR", shown_default="required")
+    out: str = option(None, "--out", "Output directory or store URI: checkpoint.pt, metrics.jsonl, student.safetensors.", metavar="DIR", shown_default="required")
     extra_data: list[str] = option([], "--data", "Another soft-label directory to mix in; repeatable.", metavar="DIR", shown_default="none")
     mix: str | None = option(None, "--mix", "Sampling weights of the data directories, e.g. 0.7,0.3.", shown_default="equal")
     epochs: int = option(1, "--epochs", "Passes over the data (unless --max-steps).", minimum=1)
@@ -215,9 +215,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.data = [os.fspath(d) for d in self.data] + [os.fspath(d) for d in self.extra_data]
         self.extra_data = []
-        if self.out is not None and "://" in os.fspath(self.out) and not os.fspath(self.out).startswith("file://"):
-            raise UserError(f"--out {self.out}: train-student writes its checkpoints to a local directory; give a local path")
-        self.out = Path(os.fspath(self.out).removeprefix("file://")) if self.out is not None else None  # type: ignore[assignment]
+        self.out = os.fspath(self.out) if self.out is not None else None  # type: ignore[assignment]
         self.eval = os.fspath(self.eval) if self.eval is not None else None
         validate(self)
         if not self.data:

@@ -15,6 +15,7 @@ straight and N/2 + resume + N/2 give the same losses, which the tests check.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from .errors import UserError, VerificationError
 from .inputs import TeacherInputs
 from .losses import IGNORE_INDEX, dense_kd_per_position, hard_label_loss, kd_loss_per_position
 from .options import TrainConfig, flag_of
-from .storage import atomic_write_text
+from .storage import Location, atomic_write_text, is_uri
 from .teachers import autocast, load_model, resolve_device
 
 __all__ = ["TrainConfig", "TrainSummary", "train_student", "evaluate", "student_logits", "batch_losses"]
@@ -147,20 +148,22 @@ def batch_losses(logits: torch.Tensor, batch: dict[str, Any], config: TrainConfi
 # -- data ----------------------------------------------------------------------------------------
 
 
-def _check_out(config: TrainConfig) -> None:
+def _check_out(config: TrainConfig) -> Location:
     """``--out`` may hold only what train-student writes; a checkpoint there needs ``--resume``."""
-    out = config.out
-    if out.exists() and not out.is_dir():
+    out = Location.of(config.out)
+    if out.is_file():
         raise UserError(f"--out {out} exists and is not a directory")
-    if out.is_dir():
-        for path in sorted(out.iterdir()):
-            if path.name not in OUTPUT_NAMES and not (path.name.endswith(".tmp") and path.name.split(".tmp")[0].startswith(OUTPUT_NAMES)):
-                raise UserError(f"--out {out} holds {path.name}, which train-student did not write; give an empty or new --out")
+    for name in out.listdir():
+        if name not in OUTPUT_NAMES and not (name.endswith(".tmp") and name.split(".tmp")[0].startswith(OUTPUT_NAMES)):
+            raise UserError(f"--out {out} holds {name}, which train-student did not write; give an empty or new --out")
     if (out / CHECKPOINT_NAME).is_file() and not config.resume:
         raise UserError(f"--out {out} already holds a checkpoint; pass --resume to continue it or choose another --out")
     for directory, flag in [(d, "DATA_DIR/--data") for d in config.data] + ([(config.eval, "--eval")] if config.eval else []):
-        if out.resolve() == Path(directory).resolve():
+        same = out.uri.rstrip("/") == str(directory).rstrip("/") or (out.local and not is_uri(str(directory))
+                                                                      and Path(out.path).resolve() == Path(directory).resolve())
+        if same:
             raise UserError(f"--out {out} is the soft-label directory {directory} ({flag}); choose another --out")
+    return out
 
 
 def _verify_inputs(config: TrainConfig) -> None:
@@ -299,30 +302,44 @@ def evaluate(model: torch.nn.Module, dataset: SoftLabelDataset, config: TrainCon
     return metrics
 
 
-def _write_metrics(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record, sort_keys=True) + "\n")
+class MetricsLog:
+    """``metrics.jsonl``: appended on local disk; on an object store (no append) the whole small
+    object is written again with each record."""
+
+    def __init__(self, location: Location, step: int) -> None:
+        self.location = location
+        self.lines: list[str] = []
+        if location.is_file():  # a resumed run: drop records past the checkpoint, so it reads as one run
+            self.lines = [line for line in location.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+            self._write_all()
+
+    def _write_all(self) -> None:
+        if self.location.local:
+            atomic_write_text(self.location.local_path, "".join(line + "\n" for line in self.lines))
+        else:
+            self.location.write_bytes("".join(line + "\n" for line in self.lines).encode())
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, sort_keys=True)
+        self.lines.append(line)
+        if self.location.local:
+            with open(self.location.local_path, "a", encoding="utf-8") as handle:
+                handle.write(line + "\n")
+        else:
+            self._write_all()
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records past the checkpoint, so a resumed run's metrics read as one run."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
+def _save_checkpoint(location: Location, state: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    location.write_bytes(buffer.getvalue())  # staged and renamed on local disk, one object on a store
 
 
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def _load_checkpoint(path: Path) -> dict[str, Any]:
+def _load_checkpoint(location: Location) -> dict[str, Any]:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(location.read_bytes()), map_location="cpu", weights_only=True)
     except Exception as exc:  # a damaged checkpoint is the user's file
-        raise UserError(f"--resume: cannot read {path} ({type(exc).__name__}: {exc})") from None
+        raise UserError(f"--resume: cannot read {location} ({type(exc).__name__}: {exc})") from None
 
 
 def _check_resume(config: TrainConfig, recorded: dict[str, Any]) -> None:
@@ -332,15 +349,18 @@ def _check_resume(config: TrainConfig, recorded: dict[str, Any]) -> None:
         raise UserError(f"--resume: {config.out} was trained with different settings ({'; '.join(differences)})")
 
 
-def _save_student(model: torch.nn.Module, out: Path, spec: str, manifest: dict[str, Any]) -> None:
+def _save_student(model: torch.nn.Module, out: Location, spec: str, manifest: dict[str, Any]) -> None:
+    import tempfile
+
     from safetensors.torch import save_model
 
-    tmp = out / "student.safetensors.tmp"
-    save_model(model, str(tmp), metadata={"spec": spec})  # stores tied weights (LM heads) once
-    os.replace(tmp, out / "student.safetensors")
-    record = {"spec": f"{spec}@{(out / 'student.safetensors').as_posix()}", "factory": spec,
+    with tempfile.TemporaryDirectory(prefix="softlabels-student-") as scratch:
+        staged = os.path.join(scratch, "student.safetensors")
+        save_model(model, staged, metadata={"spec": spec})  # stores tied weights (LM heads) once
+        (out / "student.safetensors").write_bytes(Path(staged).read_bytes())
+    record = {"spec": f"{spec}@{(out / 'student.safetensors').uri}", "factory": spec,
               "teachers": manifest["teachers"], "vocab_size": manifest["vocab_size"]}
-    atomic_write_text(out / "student.json", json.dumps(record, indent=2) + "\n")
+    (out / "student.json").write_bytes((json.dumps(record, indent=2) + "\n").encode())
 
 
 def train_student(config: TrainConfig) -> TrainSummary:
@@ -352,7 +372,7 @@ def train_student(config: TrainConfig) -> TrainSummary:
     """
     started = time.perf_counter()
     rank, world, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-    _check_out(config)
+    out = _check_out(config)
     _verify_inputs(config)
     device = resolve_device(config.device, local_rank)
     sources = _open_sources(config, rank, world)
@@ -408,9 +428,7 @@ def train_student(config: TrainConfig) -> TrainSummary:
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total_steps, warmup))
 
-    out = config.out
     checkpoint_path = out / CHECKPOINT_NAME
-    metrics_path = out / METRICS_NAME
     step = 0
     if checkpoint_path.is_file() and not config.resume:
         raise UserError(f"--out {out} already holds a checkpoint; pass --resume to continue it or choose another --out")
@@ -424,8 +442,8 @@ def train_student(config: TrainConfig) -> TrainSummary:
         for source, loader_state in zip(sources, json.loads(state["loaders"])):
             source.load_state_dict(loader_state)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(metrics_path, step)
+        out.mkdir()
+    metrics = MetricsLog(out / METRICS_NAME, step) if rank == 0 else None
     streams = [_Stream(source, config.num_workers) for source in sources]
 
     def checkpoint() -> None:
@@ -477,13 +495,13 @@ def train_student(config: TrainConfig) -> TrainSummary:
                 last_loss = float(reduced) / world
             if rank == 0 and (step % config.log_every == 0 or step == total_steps):
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
-                _write_metrics(metrics_path, {"step": step, "loss": last_loss, "kd": float(terms["kd"].detach()), "ce": float(terms["ce"].detach()),
-                                              "lr": scheduler.get_last_lr()[0], "positions_per_s": window_positions / elapsed})
+                metrics.write({"step": step, "loss": last_loss, "kd": float(terms["kd"].detach()), "ce": float(terms["ce"].detach()),
+                               "lr": scheduler.get_last_lr()[0], "positions_per_s": window_positions / elapsed})
                 bar.set_postfix_str(f"loss {last_loss:.4f}, {window_positions / elapsed:,.0f} pos/s", refresh=False)
                 window_start, window_positions = time.perf_counter(), 0
             bar.update(1)
             if eval_set is not None and config.eval_every and step % config.eval_every == 0 and rank == 0:
-                _write_metrics(metrics_path, {"step": step, **evaluate(model, eval_set, config, device, next_token)})
+                metrics.write({"step": step, **evaluate(model, eval_set, config, device, next_token)})
             if step % config.checkpoint_every == 0 or step == total_steps:
                 checkpoint()
             if halted["signal"] is not None or (config.halt_after is not None and step >= config.halt_after and step < total_steps):
@@ -503,7 +521,7 @@ def train_student(config: TrainConfig) -> TrainSummary:
     if rank == 0:
         if eval_set is not None:
             eval_metrics = evaluate(model, eval_set, config, device, next_token)
-            _write_metrics(metrics_path, {"step": step, **eval_metrics})
+            metrics.write({"step": step, **eval_metrics})
         _save_student(model, out, factory_spec, manifest)
     if distributed:
         torch.distributed.barrier()

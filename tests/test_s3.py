@@ -168,3 +168,24 @@ def test_two_ranks_on_s3_equal_one_process(tmp_path, s3_bucket):
     assert manifests[0]["shards"] == manifests[1]["shards"] and manifests[0]["fingerprint"] == manifests[1]["fingerprint"]
     journals = Location.of(f"{s3_bucket}/ranks/_journal").listdir()
     assert journals == ["rank-00000", "rank-00001"]
+
+
+def test_train_student_checkpoints_to_s3_and_resumes_exactly(corpus, s3_bucket, tmp_path):
+    """Checkpoints, metrics and the student go to an S3 --out; halt + --resume equals a straight run."""
+    _, s3_corpus = corpus
+    data = f"{s3_bucket}/soft"
+    assert run_cli(*generate_args(s3_corpus, data)).code == 0
+    common = ["train-student", data, "--student", "softlabels.models:digits_mlp", "--max-steps", 8, "--batch-size", 16,
+              "--checkpoint-every", 4, "--log-every", 1, "--no-progress"]
+    straight = run_cli(*common, "--out", tmp_path / "straight")
+    assert straight.code == 0, straight.err
+    out = f"{s3_bucket}/student"
+    halted = run_cli(*common, "--out", out, "--halt-after", 4)
+    assert halted.code == 0 and "halted after step 4" in halted.out, halted.err
+    resumed = run_cli(*common, "--out", out, "--resume")
+    assert resumed.code == 0, resumed.err
+    remote = [json.loads(line) for line in (Location.of(out) / "metrics.jsonl").read_text().splitlines()]
+    local = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["loss"] for m in remote if "loss" in m] == [m["loss"] for m in local if "loss" in m]
+    assert (Location.of(out) / "student.safetensors").read_bytes() == (tmp_path / "straight" / "student.safetensors").read_bytes()
+    assert sorted(Location.of(out).listdir()) == ["checkpoint.pt", "metrics.jsonl", "student.json", "student.safetensors"]
