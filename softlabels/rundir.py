@@ -590,9 +590,12 @@ class RunDirectory:
         return manifest
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
+        """Seal: the manifest, written last (an empty ``_staging/`` is removed with it)."""
         text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
         if self.root.local:
             atomic_write_text(self.manifest_path.local_path, text)
+            if self.layout == "v2" and self.staging_dir.is_dir() and not self.staging_dir.listdir():
+                os.rmdir(self.staging_dir.path)
         elif not self.manifest_path.write_bytes(text.encode(), exclusive=True):
             # another rank sealed first; the same units give the same manifest, so check and keep theirs
             if self.read_manifest().get("fingerprint") != manifest.get("fingerprint"):

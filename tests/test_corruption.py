@@ -289,6 +289,7 @@ def test_shard_from_another_run_is_refused(original: Original, out: Path) -> Non
 
 def test_stray_tmp_files_are_ignored_by_verify_and_removed_by_generate(original: Original, out: Path) -> None:
     strays = [out / "_staging" / f"{SHARDS[2]}.tmp", out / "manifest.json.tmp"]
+    (out / "_staging").mkdir(exist_ok=True)  # a sealed run has none; a crash mid-write leaves one
     for stray in strays:
         stray.write_bytes(b"half a shard")
     before = file_ids(out)

@@ -437,6 +437,7 @@ def test_unsealed_directory_is_refused_unless_allow_partial(dirs, refs, tmp_path
     journal = journal_path(directory)
     kept = [line for line in journal.read_text().splitlines() if not any(f"shard-00000{i}" in line for i in (3, 4))]
     journal.write_text("\n".join(kept) + "\n")
+    (directory / "_staging").mkdir(exist_ok=True)
     shard_path(directory, 4).rename(directory / "_staging" / "shard-000004.parquet.tmp")
     with pytest.raises(VerificationError):
         SoftLabelDataset(directory, batch_size=BATCH, rank=0, world_size=1)

@@ -69,6 +69,7 @@ def roots(tmp_path_factory):
             args += ["--teacher", spec]
         assert run_cli(*args).code == 0
         # a shard still being written by another run (in _staging, beside data/) must not be picked up by the README's reads
+        (root / "out" / "digits" / "_staging").mkdir(exist_ok=True)
         (root / "out" / "digits" / "_staging" / "shard-000099.parquet.tmp").write_bytes(b"half a shard")
         made[name] = root
     return made
