@@ -1,9 +1,8 @@
 """``softlabels seal DIR``: write the manifest of a directory whose units are all committed.
 
 The manifest itself is built by ``rundir.build_manifest``, as ``generate`` and ``select`` build it.
-``seal`` is for a multi-rank run whose ranks all committed
-their units but which nobody sealed, for instance because the rank that would have sealed was killed
-at the very end. ``seal`` runs no teacher; everything comes from the directory itself:
+``seal`` is for a multi-rank run whose ranks all committed their units but which nobody sealed,
+for instance because the rank that would have sealed was killed at the very end. ``seal`` runs no teacher; everything comes from the directory itself:
 
 * the journals' run lines: the fingerprint and the settings (every journal must name the same run,
   and the settings must still hash to the fingerprint);
