@@ -53,6 +53,7 @@ from .rundir import (MANIFEST_BODY_KEYS, RunDirectory, ShardEntry, build_manifes
                      run_header, settings_fingerprint)
 from .schema import FORMAT, HEADER_KEY, decode_header, encode_header
 from .shards import write_shard
+from .storage import Location
 
 __all__ = ["SelectSummary", "select"]
 
