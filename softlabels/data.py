@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .codec import LogprobCodec
+from .distributed import distributed_env
 from .errors import UserError, VerificationError
 from .inputs import ColumnBlock
 from .losses import IGNORE_INDEX
@@ -184,7 +185,8 @@ def _classifier_inputs_fixed(table: pa.Table, input_column: str) -> pa.Table:
 def _distributed_position() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    env = distributed_env()
+    return env.rank, env.world_size
 
 
 def _round_robin_counts(counts: list[int], consumed: int) -> list[int]:

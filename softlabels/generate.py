@@ -9,7 +9,6 @@ and seals the directory when every unit is committed.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from tqdm import tqdm
 from . import __version__
 from .codec import LogprobCodec
 from .corpus import Corpus, Unit, corpus_record, open_corpus
+from .distributed import distributed_env
 from .errors import UserError, VerificationError
 from .inputs import check_input_type, to_teacher_inputs
 from .options import GenerateConfig, flag_of
@@ -169,7 +169,7 @@ def _prepare(config: GenerateConfig) -> GenerationRun:
     corpus = open_corpus(config.corpus, config.input_column, config.id_column, config.label_column, config.rows_per_shard)
     config.rows_per_shard = corpus.rows_per_shard
     check_input_type(corpus.passthrough_schema().field(config.input_column).type, config.input_column)
-    device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", 0)))
+    device = resolve_device(config.device, distributed_env().local_rank)
     teachers = [load_teacher(spec, device) for spec in config.teachers]
     vocab_size = _probe_vocab(config, corpus, teachers, device)
     settings = {
@@ -222,13 +222,8 @@ def _committed_units(run: GenerationRun, journal_shards: dict[str, dict[str, Any
 
 def _rank() -> tuple[int, int]:
     """This process's share of the units under torchrun (RANK / WORLD_SIZE), else (0, 1)."""
-    try:
-        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    except ValueError:
-        raise UserError("RANK and WORLD_SIZE must be integers") from None
-    if world < 1 or not 0 <= rank < world:
-        raise UserError(f"RANK {rank} is outside WORLD_SIZE {world}")
-    return rank, world
+    env = distributed_env()
+    return env.rank, env.world_size
 
 
 def _all_journalled(run: GenerationRun) -> dict[int, dict[str, Any]] | None:

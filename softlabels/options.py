@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .distributed import distributed_env
 from .errors import UserError
 
 __all__ = [
@@ -225,7 +226,7 @@ class TrainConfig:
         if self.out is None:
             raise UserError("--out is required")
         self.mix_weights = self._weights()
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.world_size = distributed_env().world_size
 
     def resume_settings(self) -> dict[str, Any]:
         """The settings a ``--resume`` must share with its checkpoint (``flag_of`` names each)."""

@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from .data import SoftLabelDataset, SoftLabelLoader
+from .distributed import distributed_env
 from .errors import UserError, VerificationError
 from .inputs import TeacherInputs
 from .losses import IGNORE_INDEX, dense_kd_per_position, hard_label_loss, kd_loss_per_position
@@ -371,7 +372,8 @@ def train_student(config: TrainConfig) -> TrainSummary:
             ``--resume`` whose checkpoint was made with other settings.
     """
     started = time.perf_counter()
-    rank, world, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    env = distributed_env()
+    rank, world, local_rank = env.rank, env.world_size, env.local_rank
     out = _check_out(config)
     _verify_inputs(config)
     device = resolve_device(config.device, local_rank)

@@ -80,3 +80,14 @@ def test_a_killed_rank_is_picked_up_by_a_rerun(tmp_path, setup):
     assert read_output(out).equals(read_output(single))
     assert _hashes(out) == _hashes(single)
     assert subprocess.run([sys.executable, "-m", "softlabels.cli", "verify", str(out)], env=_env()).returncode == 0
+
+
+def test_one_helper_reads_the_launcher_environment():
+    from softlabels.distributed import DistributedEnv, distributed_env
+    from softlabels.errors import UserError
+
+    assert distributed_env({}) == DistributedEnv(0, 1, 0)
+    assert distributed_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == DistributedEnv(3, 4, 1)
+    for bad in ({"RANK": "4", "WORLD_SIZE": "4"}, {"RANK": "x"}, {"WORLD_SIZE": "0"}):
+        with pytest.raises(UserError):
+            distributed_env(bad)
