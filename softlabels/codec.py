@@ -40,7 +40,7 @@ import torch
 from .errors import UserError
 from .options import DEFAULT_LOGPROB_DTYPE, LOGPROB_DTYPES
 
-__all__ = ["LOGPROB_DTYPES", "DEFAULT_LOGPROB_DTYPE", "LOGPROB_COLUMN", "CODES_COLUMN", "UINT8_FLOOR", "LogprobCodec"]
+__all__ = ["leaf_type", "LOGPROB_DTYPES", "DEFAULT_LOGPROB_DTYPE", "LOGPROB_COLUMN", "CODES_COLUMN", "UINT8_FLOOR", "LogprobCodec"]
 
 LOGPROB_COLUMN = "topk_logprobs"
 CODES_COLUMN = "topk_logprob_codes"
@@ -53,6 +53,13 @@ UINT8_LEVELS = 255
 FLOAT16_LOWEST = float(np.finfo(np.float16).min)
 _LOST_SCALE = (f"column {CODES_COLUMN!r} holds uint8 codes, but their scale is gone with the shard header and field metadata; "
                "pass the codec of the directory's manifest (LogprobCodec.from_header(manifest))")
+
+
+def leaf_type(value_type: pa.DataType) -> pa.DataType:
+    """The element type inside any nesting of (fixed-size, large) lists."""
+    while pa.types.is_list(value_type) or pa.types.is_fixed_size_list(value_type) or pa.types.is_large_list(value_type):
+        value_type = value_type.value_type
+    return value_type
 
 
 @dataclass(frozen=True)
@@ -104,9 +111,7 @@ class LogprobCodec:
                 return cls("uint8", float(metadata[SCALE_KEY]), CODES_COLUMN)
             raise UserError(_LOST_SCALE)
         if schema.get_field_index(LOGPROB_COLUMN) >= 0:
-            leaf = schema.field(LOGPROB_COLUMN).type
-            while pa.types.is_list(leaf) or pa.types.is_fixed_size_list(leaf) or pa.types.is_large_list(leaf):
-                leaf = leaf.value_type
+            leaf = leaf_type(schema.field(LOGPROB_COLUMN).type)
             if pa.types.is_integer(leaf):
                 raise UserError(f"column {LOGPROB_COLUMN!r} holds integer codes and the shard header that says how to decode them is gone; "
                                 "pass the codec of the directory's manifest (LogprobCodec.from_header)")

@@ -150,6 +150,13 @@ def _scan_jsonl(path: Location, rows_per_shard: int) -> tuple[int, list[int]]:
     return rows, offsets
 
 
+def _jsonl_head(path: Location) -> bytes:
+    """The whole lines within the first MiB of a JSONL file (all of it when it is shorter)."""
+    sample = path.read_head(JSONL_SCHEMA_SAMPLE_BYTES)
+    cut = sample.rfind(b"\n")
+    return sample[: cut + 1] if cut >= 0 and len(sample) == JSONL_SCHEMA_SAMPLE_BYTES else sample
+
+
 def _jsonl_schema(path: Location) -> tuple[pa.Schema, pa.Schema]:
     """(the schema JSON is parsed with, the corpus schema) from the first MiB of a JSONL file.
 
@@ -157,12 +164,8 @@ def _jsonl_schema(path: Location) -> tuple[pa.Schema, pa.Schema]:
     that sample is a vector (``fixed_size_list``: ``model(x)``), as in Parquet; arrays of integers
     stay sequences of tokens (``model(x, lengths)``).
     """
-    sample = path.read_head(JSONL_SCHEMA_SAMPLE_BYTES)
-    cut = sample.rfind(b"\n")
-    if cut >= 0 and len(sample) == JSONL_SCHEMA_SAMPLE_BYTES:
-        sample = sample[: cut + 1]
     try:
-        table = pajson.read_json(io.BytesIO(sample))
+        table = pajson.read_json(io.BytesIO(_jsonl_head(path)))
     except pa.ArrowInvalid as exc:
         raise UserError(f"corpus file {path}: not valid JSONL ({exc})") from None
     fields = []
@@ -338,11 +341,7 @@ def _sample_column(path: Location, column: str) -> pa.ChunkedArray | None:
     """The first ``SIZE_SAMPLE_ROWS`` values of ``column`` in a corpus file, or None if it has no such column."""
     try:
         if path.suffix == ".jsonl":
-            sample = path.read_head(JSONL_SCHEMA_SAMPLE_BYTES)
-            cut = sample.rfind(b"\n")
-            if cut >= 0 and len(sample) == JSONL_SCHEMA_SAMPLE_BYTES:
-                sample = sample[: cut + 1]
-            table = pajson.read_json(io.BytesIO(sample))
+            table = pajson.read_json(io.BytesIO(_jsonl_head(path)))
         else:
             with path.open() as handle:
                 parquet = pq.ParquetFile(handle)

@@ -148,7 +148,7 @@ def _done(out: RunDirectory, fingerprint: str) -> dict[str, Any] | None:
 
 def _check_out(out: RunDirectory, source: Location, fingerprint: str) -> None:
     """``out`` must be new, empty, or hold only files of this same selection (an interrupted run)."""
-    if str(out.root).rstrip("/") == str(source).rstrip("/") or (out.root.local and source.local and Path(out.root.path).resolve() == Path(source.path).resolve()):
+    if out.root.same_as(source):
         raise UserError(f"--out {out.root} is the source directory; write the selection to a new directory")
     out.refuse_foreign(fingerprint=fingerprint)
 

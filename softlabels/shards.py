@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .codec import LogprobCodec
+from .codec import LogprobCodec, leaf_type
 from .fidelity import Fidelity
 from .rundir import RunDirectory
 from .schema import SOFT_COLUMNS, STAT_COLUMNS, id_type, shard_schema
@@ -120,7 +120,7 @@ def write_parquet(table: pa.Table, where: Any, positions: int, footers: list[pq.
     rows = max(table.num_rows, 1)
     group_rows = max(1, int(ROW_GROUP_POSITIONS * rows / max(positions, 1)))
     split = {f"{name}.list.element.list.element": "BYTE_STREAM_SPLIT" for name in table.column_names
-             if name in SOFT_COLUMNS and not _is_float16(table.schema.field(name).type)}
+             if name in SOFT_COLUMNS and not pa.types.is_float16(leaf_type(table.schema.field(name).type))}
     levels = {f"{name}.list.element.list.element": LOGPROB_ZSTD_LEVEL for name in table.column_names if name in SOFT_COLUMNS[1:]}
     dictionary = [name for name in table.column_names if name not in SOFT_COLUMNS and name not in STAT_COLUMNS]
     # page CRCs let every later read detect a flipped byte without hashing the whole file
@@ -129,12 +129,6 @@ def write_parquet(table: pa.Table, where: Any, positions: int, footers: list[pq.
         use_dictionary=dictionary, column_encoding=split or None, compression_level=levels or None,
         metadata_collector=footers,
     )
-
-
-def _is_float16(value_type: pa.DataType) -> bool:
-    while pa.types.is_list(value_type) or pa.types.is_fixed_size_list(value_type):
-        value_type = value_type.value_type
-    return pa.types.is_float16(value_type)
 
 
 def soft_label_bytes(metadata: pq.FileMetaData) -> int:

@@ -122,6 +122,13 @@ class Location:
             return Location(os.path.join(self.uri, name), os.path.join(self.path, name))
         return Location(f"{self.uri.rstrip('/')}/{name}", f"{self.path.rstrip('/')}/{name}", self.fs)
 
+    def same_as(self, other: "str | os.PathLike[str] | Location") -> bool:
+        """Do the two name the same place? (local paths after resolving links, store URIs as written)"""
+        other = Location.of(other)
+        if self.local and other.local:
+            return Path(self.path).resolve() == Path(other.path).resolve()
+        return self.uri.rstrip("/") == other.uri.rstrip("/")
+
     @property
     def local_path(self) -> Path:
         if not self.local:

@@ -36,7 +36,7 @@ from .errors import UserError, VerificationError
 from .inputs import TeacherInputs
 from .losses import IGNORE_INDEX, dense_kd_per_position, hard_label_loss, kd_loss_per_position
 from .options import TrainConfig, flag_of
-from .storage import Location, atomic_write_text, is_uri
+from .storage import Location, atomic_write_text
 from .teachers import autocast, load_model, resolve_device
 
 __all__ = ["TrainConfig", "TrainSummary", "train_student", "evaluate", "student_logits", "batch_losses"]
@@ -160,9 +160,7 @@ def _check_out(config: TrainConfig) -> Location:
     if (out / CHECKPOINT_NAME).is_file() and not config.resume:
         raise UserError(f"--out {out} already holds a checkpoint; pass --resume to continue it or choose another --out")
     for directory, flag in [(d, "DATA_DIR/--data") for d in config.data] + ([(config.eval, "--eval")] if config.eval else []):
-        same = out.uri.rstrip("/") == str(directory).rstrip("/") or (out.local and not is_uri(str(directory))
-                                                                      and Path(out.path).resolve() == Path(directory).resolve())
-        if same:
+        if out.same_as(directory):
             raise UserError(f"--out {out} is the soft-label directory {directory} ({flag}); choose another --out")
     return out
 
