@@ -3,7 +3,8 @@
 Thin orchestration over tested parts: ``SoftLabelDataset`` streams batches, ``kd_loss`` and
 ``hard_label_loss`` make the objective ``alpha * KD + (1 - alpha) * CE``, AdamW with linear warmup and
 cosine decay, gradient clipping, optional bf16 autocast, DDP under torchrun (gloo on CPU, nccl on
-GPU).
+GPU). ``DistillationRecipe`` holds the pieces (setup, one step, evaluation, checkpoints, cleanup);
+``train_student`` drives them.
 
 Exact resume without saving RNG streams: the random state is re-seeded at every step from
 (seed, step, rank), the loaders resume at the batch after the last one consumed, and the source
@@ -37,9 +38,10 @@ from .inputs import TeacherInputs
 from .losses import IGNORE_INDEX, dense_kd_per_position, hard_label_loss, kd_loss_per_position
 from .options import TrainConfig, flag_of
 from .storage import Location, atomic_write_text
-from .teachers import autocast, load_model, resolve_device
+from .teachers import Teacher, autocast, load_model, load_teacher, resolve_device
 
-__all__ = ["TrainConfig", "TrainSummary", "train_student", "evaluate", "student_logits", "batch_losses"]
+__all__ = ["TrainConfig", "TrainSummary", "DistillationRecipe", "train_student", "evaluate", "student_logits", "hard_labels",
+           "batch_losses", "MetricsLog"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -260,11 +262,39 @@ def _seed_step(seed: int, step: int, rank: int) -> None:
     torch.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
-def _build_student(spec: str) -> tuple[torch.nn.Module, str]:
+def _load_student(spec: str) -> tuple[torch.nn.Module, str]:
+    """The trainable student of ``--student SPEC`` and its factory (the SPEC without weights)."""
     model, _ = load_model(spec, "--student")
     if not isinstance(model, torch.nn.Module) or isinstance(model, torch.fx.GraphModule):
         raise UserError(f"--student {spec}: a student must be a trainable module (module:factory or hf:CONFIG)")
     return model, spec.partition("@")[0]
+
+
+def _is_token_sequence(probe: dict[str, Any]) -> bool:
+    """Token sequences without a label column: the hard label of position j is token j + 1."""
+    inputs = probe["inputs"]
+    return "labels" not in probe and inputs.dim() == 2 and not torch.is_floating_point(inputs) and probe["topk_ids"].shape[1] > 1
+
+
+def _output_classes(model: torch.nn.Module, probe: dict[str, Any], device: torch.device, spec: str) -> int:
+    """V of the student's logits on ``probe``; a forward that rejects the data's calling convention is a UserError."""
+    try:
+        with torch.no_grad():
+            return student_logits(model, probe, device).shape[-1]
+    except UserError:
+        raise
+    except Exception as exc:  # the user's student rejected the calling convention of the data
+        shape = f"inputs {tuple(probe['inputs'].shape)}" + (", lengths [B]" if "lengths" in probe else "")
+        raise UserError(f"--student {spec}: forward failed on {shape}: {type(exc).__name__}: {exc}") from None
+
+
+def _use_label_column(config: TrainConfig, sources: list[SoftLabelDataset], eval_set: SoftLabelDataset | None) -> None:
+    """Read hard labels from ``--label-column`` in every data directory and the eval directory."""
+    pairs = list(zip(sources, config.data)) + ([(eval_set, config.eval)] if eval_set is not None else [])
+    for source, directory in pairs:
+        if config.label_column not in source.columns():
+            raise UserError(f"--label-column {config.label_column}: no such column in {directory} (columns: {', '.join(source.columns())})")
+        source.label_column = config.label_column
 
 
 @torch.no_grad()
@@ -362,168 +392,329 @@ def _save_student(model: torch.nn.Module, out: Location, spec: str, manifest: di
     (out / "student.json").write_bytes((json.dumps(record, indent=2) + "\n").encode())
 
 
+class DistillationRecipe:
+    """One ``train-student`` run in pieces, as a torchtune recipe.
+
+    ``setup()`` checks the inputs and builds everything (resuming from ``OUT/checkpoint.pt`` under
+    ``--resume``); each step is ``train_step(next_batch())``; ``evaluate()``, ``save_checkpoint()``,
+    ``load_checkpoint()`` and ``save_student()`` stand alone; ``train()`` is the loop
+    ``train_student`` runs. ``cleanup()`` must follow on every exit path (a ``finally``): it restores
+    the SIGINT/SIGTERM handlers ``train()`` installs and destroys the process group ``setup()``
+    started. Driving the pieces by hand gives the weights ``train_student`` gives.
+
+    Attributes set by ``setup``: ``model`` (the student), ``trained`` (``model``, DDP-wrapped under
+    torchrun), ``optimizer``, ``scheduler``, ``sources`` (one dataset per DATA_DIR), ``eval_set``
+    (None without ``--eval``), ``next_token`` (hard labels are the next tokens), ``total_steps``.
+    ``step`` counts the optimizer steps taken.
+    """
+
+    out: Location
+    device: torch.device
+    sources: list[SoftLabelDataset]
+    eval_set: SoftLabelDataset | None
+    manifest: dict[str, Any]
+    model: torch.nn.Module
+    trained: torch.nn.Module
+    factory_spec: str
+    next_token: bool
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    total_steps: int
+    streams: list[_Stream]
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.env = distributed_env()
+        self.started = time.perf_counter()
+        self.step = 0
+        self.positions_seen = 0
+        self.last_loss = float("nan")
+        self.metrics: MetricsLog | None = None
+        self.online_teacher: Teacher | None = None
+        self.group_started = False
+        self.halt_signal: int | None = None
+        self.bar: tqdm | None = None
+        self._previous_handlers: dict[int, Any] | None = None
+        self._window_start, self._window_positions = time.perf_counter(), 0
+
+    @property
+    def checkpoint_path(self) -> Location:
+        return self.out / CHECKPOINT_NAME
+
+    # -- setup --------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Everything before step 1, in the order of its errors.
+
+        Raises:
+            UserError: bad settings, unusable data, a student/teacher vocabulary mismatch, or a
+                ``--resume`` whose checkpoint was made with other settings.
+            VerificationError: a damaged shard in a --data or --eval directory.
+        """
+        self._open_data()
+        self._build_student()
+        self._load_online_teacher()
+        self._start_distributed()
+        self._build_optimizer()
+        if self.config.resume and self.checkpoint_path.is_file():
+            self.load_checkpoint()
+        else:
+            self._open_outputs()
+        self.trained.train()
+
+    def _open_data(self) -> None:
+        """--out checked, every directory verified, the data and eval datasets opened."""
+        config = self.config
+        self.out = _check_out(config)
+        _verify_inputs(config)
+        self.device = resolve_device(config.device, self.env.local_rank)
+        self.sources = _open_sources(config, self.env.rank, self.env.world_size)
+        self.manifest = self.sources[0].manifest
+        self.eval_set = None
+        if config.eval is not None:
+            self.eval_set = SoftLabelDataset(config.eval, batch_size=config.batch_size, shuffle=False, rank=0, world_size=1, verify_sha256=False)
+            _check_same_teachers(self.manifest, config.data[0], self.eval_set.manifest, config.eval, "--eval")
+        if config.label_column is not None:
+            _use_label_column(config, self.sources, self.eval_set)
+
+    def _build_student(self) -> None:
+        """The student, initialised from --seed, probed on one batch: its V must be the teachers'."""
+        config = self.config
+        torch.manual_seed(config.seed)
+        model, self.factory_spec = _load_student(config.student)
+        self.model = model.to(self.device)
+        self.probe = self.sources[0].first_batch()
+        self.next_token = _is_token_sequence(self.probe)
+        self.vocab = _output_classes(self.model, self.probe, self.device, config.student)
+        if self.vocab != self.manifest["vocab_size"]:
+            raise UserError(f"--student {config.student} has {self.vocab} output classes but the teachers of {config.data[0]} have {self.manifest['vocab_size']}")
+        if config.alpha == 0.0 and "labels" not in self.probe and not self.next_token:
+            raise UserError(f"--alpha 0 trains on hard labels only, but {config.data[0]} has no label column; "
+                            "the loss would be 0 at every step (use --alpha > 0, or --label-column)")
+
+    def _load_online_teacher(self) -> None:
+        """``--online-teacher``: loaded and probed; its V must be the student's."""
+        spec = self.config.online_teacher
+        if spec is None:
+            return
+        self.online_teacher = load_teacher(spec, self.device)
+        with torch.no_grad():
+            teacher_vocab = student_logits(self.online_teacher.module, self.probe, self.device).shape[-1]
+        if teacher_vocab != self.vocab:
+            raise UserError(f"--online-teacher {spec} has {teacher_vocab} classes, the student {self.vocab}")
+
+    def _start_distributed(self) -> None:
+        """Under torchrun (WORLD_SIZE > 1): the process group (nccl on GPU, gloo on CPU) and DDP."""
+        self.trained = self.model
+        if self.env.world_size == 1:
+            return
+        torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.group_started = True
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        self.trained = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+
+    def _build_optimizer(self) -> None:
+        """AdamW with linear warmup and cosine decay over ``total_steps`` (--max-steps, else --epochs
+        passes over the first directory's share of the smallest rank)."""
+        config, world = self.config, self.env.world_size
+        batches = min(self.sources[0].num_batches(config.num_workers, rank=r, epoch=0) for r in range(world))
+        steps_per_epoch = math.ceil(batches / config.mix_weights[0])
+        self.total_steps = config.max_steps if config.max_steps is not None else config.epochs * steps_per_epoch
+        warmup = config.warmup_steps if config.warmup_steps is not None else max(1, self.total_steps // 20)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(self.total_steps, warmup))
+
+    def _open_outputs(self) -> None:
+        """Batch streams from the loaders' positions; rank 0 makes --out and opens metrics.jsonl at ``step``."""
+        if self.env.rank == 0:
+            self.out.mkdir()
+            self.metrics = MetricsLog(self.out / METRICS_NAME, self.step)
+        self.streams = [_Stream(source, self.config.num_workers) for source in self.sources]
+
+    # -- one step -----------------------------------------------------------------------------
+
+    def next_batch(self) -> dict[str, Any]:
+        """The batch of step ``step``; torch's RNG is re-seeded from (seed, step, rank) first, and
+        with several directories the source is drawn from (seed, step) alone."""
+        _seed_step(self.config.seed, self.step, self.env.rank)
+        return self.streams[_source_of_step(self.config.seed, self.step, self.config.mix_weights)].next()
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        """One optimizer step on ``batch``; ``step`` goes up by one.
+
+        Returns:
+            ``loss`` (averaged over ranks), ``kd`` and ``ce`` (this rank), ``positions`` (this
+            rank's valid positions).
+        """
+        config = self.config
+        teacher_logits = None
+        if self.online_teacher is not None:
+            with torch.inference_mode(), autocast(self.device, config.precision):
+                teacher_logits = student_logits(self.online_teacher.module, batch, self.device).float().clone()
+        with autocast(self.device, config.precision):
+            logits = student_logits(self.trained, batch, self.device)
+        terms = batch_losses(logits.float(), batch, config, self.next_token, teacher_logits)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        loss = float(terms["loss"].detach())
+        if self.group_started:
+            reduced = torch.tensor([loss], device=self.device)
+            torch.distributed.all_reduce(reduced)
+            loss = float(reduced) / self.env.world_size
+        self.positions_seen += int(terms["positions"])
+        self.last_loss = loss
+        return {"loss": loss, "kd": float(terms["kd"].detach()), "ce": float(terms["ce"].detach()), "positions": int(terms["positions"])}
+
+    def log_step(self, terms: dict[str, float]) -> None:
+        """Rank 0 writes a metrics.jsonl record every --log-every steps and at the last one."""
+        self._window_positions += int(terms["positions"])
+        if self.metrics is not None and (self.step % self.config.log_every == 0 or self.step == self.total_steps):
+            rate = self._window_positions / max(time.perf_counter() - self._window_start, 1e-9)
+            self.metrics.write({"step": self.step, "loss": terms["loss"], "kd": terms["kd"], "ce": terms["ce"],
+                                "lr": self.scheduler.get_last_lr()[0], "positions_per_s": rate})
+            if self.bar is not None:
+                self.bar.set_postfix_str(f"loss {terms['loss']:.4f}, {rate:,.0f} pos/s", refresh=False)
+            self._window_start, self._window_positions = time.perf_counter(), 0
+        if self.bar is not None:
+            self.bar.update(1)
+
+    # -- evaluation and state -------------------------------------------------------------------
+
+    def evaluate(self, dataset: SoftLabelDataset | None = None) -> dict[str, float]:
+        """The student's metrics on ``dataset``, by default the --eval directory (see ``evaluate``)."""
+        dataset = self.eval_set if dataset is None else dataset
+        if dataset is None:
+            raise ValueError("no dataset to evaluate on: this run has no --eval directory")
+        return evaluate(self.model, dataset, self.config, self.device, self.next_token)
+
+    def save_checkpoint(self) -> None:
+        """Rank 0 writes OUT/checkpoint.pt: weights, optimizer, scheduler, step, loader positions, settings."""
+        if self.env.rank != 0:
+            return
+        _save_checkpoint(self.checkpoint_path, {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "step": self.step, "loaders": json.dumps([s.state_dict() for s in self.sources]),
+            "settings": json.dumps(self.config.resume_settings()),
+        })
+
+    def load_checkpoint(self) -> None:
+        """Return to OUT/checkpoint.pt: weights, optimizer, scheduler, step and loader positions;
+        metrics.jsonl records past that step are dropped.
+
+        Raises:
+            UserError: an unreadable checkpoint, or one made with other settings (naming the flags).
+        """
+        state = _load_checkpoint(self.checkpoint_path)
+        _check_resume(self.config, json.loads(state["settings"]))
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        for source, loader_state in zip(self.sources, json.loads(state["loaders"])):
+            source.load_state_dict(loader_state)
+        self._open_outputs()
+
+    def save_student(self) -> None:
+        """OUT/student.safetensors and OUT/student.json (the SPEC to load it with)."""
+        _save_student(self.model, self.out, self.factory_spec, self.manifest)
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def train(self) -> TrainSummary:
+        """Steps until the last one, ``--halt-after`` or SIGINT/SIGTERM (each stops at a step boundary
+        after a checkpoint; a signal then raises KeyboardInterrupt). After the last step rank 0
+        evaluates on --eval and saves the student."""
+        self._catch_signals()
+        self.bar = tqdm(total=self.total_steps, initial=self.step, desc="train-student", unit="step", file=sys.stderr,
+                        disable=not self.config.progress or self.env.rank != 0, dynamic_ncols=True)
+        self._window_start, self._window_positions = time.perf_counter(), 0
+        while self.step < self.total_steps:
+            self.log_step(self.train_step(self.next_batch()))
+            self._after_step()
+            if self._halt_requested():
+                self.save_checkpoint()
+                break
+        self._release_signals()
+        self.bar.close()
+        if self.halt_signal is not None:
+            raise KeyboardInterrupt
+        if self.step < self.total_steps:
+            return self._summary(None, halted=True)
+        return self._finish()
+
+    def _after_step(self) -> None:
+        """Evaluate every --eval-every steps (rank 0); checkpoint every --checkpoint-every and at the last."""
+        config, step = self.config, self.step
+        if self.eval_set is not None and config.eval_every and step % config.eval_every == 0 and self.metrics is not None:
+            self.metrics.write({"step": step, **self.evaluate()})
+        if step % config.checkpoint_every == 0 or step == self.total_steps:
+            self.save_checkpoint()
+
+    def _halt_requested(self) -> bool:
+        halt_after = self.config.halt_after
+        return self.halt_signal is not None or (halt_after is not None and halt_after <= self.step < self.total_steps)
+
+    def _finish(self) -> TrainSummary:
+        eval_metrics = None
+        if self.env.rank == 0:
+            if self.eval_set is not None:
+                eval_metrics = self.evaluate()
+                if self.metrics is not None:  # always, on rank 0
+                    self.metrics.write({"step": self.step, **eval_metrics})
+            self.save_student()
+        if self.group_started:
+            torch.distributed.barrier()
+        return self._summary(eval_metrics)
+
+    def _summary(self, eval_metrics: dict[str, float] | None, halted: bool = False) -> TrainSummary:
+        return TrainSummary(str(self.out), self.step, self.positions_seen, self.last_loss, eval_metrics,
+                            time.perf_counter() - self.started, halted=halted)
+
+    # -- teardown -------------------------------------------------------------------------------
+
+    def _catch_signals(self) -> None:
+        """Until ``_release_signals``, SIGTERM and SIGINT only set ``halt_signal``."""
+        def on_signal(signum: int, _frame: Any) -> None:
+            self.halt_signal = signum
+
+        self._previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _release_signals(self) -> None:
+        for sig, handler in (self._previous_handlers or {}).items():
+            if handler is not None:  # None: a handler not installed from Python, which cannot be put back
+                signal.signal(sig, handler)
+        self._previous_handlers = None
+
+    def cleanup(self) -> None:
+        """Restore the SIGINT/SIGTERM handlers, close the progress bar and destroy the process group
+        this recipe started; for every exit path, after a failed ``setup`` too, and idempotent."""
+        self._release_signals()
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.group_started:
+            self.group_started = False
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+
+
 def train_student(config: TrainConfig) -> TrainSummary:
-    """Train (or resume) a student from soft-label directories.
+    """Train (or resume) a student from soft-label directories: ``DistillationRecipe`` set up,
+    trained, and cleaned up on every exit path.
 
     Raises:
         UserError: bad settings, unusable data, a student/teacher vocabulary mismatch, or a
             ``--resume`` whose checkpoint was made with other settings.
+        KeyboardInterrupt: SIGINT or SIGTERM, after a checkpoint at the step boundary.
     """
-    started = time.perf_counter()
-    env = distributed_env()
-    rank, world, local_rank = env.rank, env.world_size, env.local_rank
-    out = _check_out(config)
-    _verify_inputs(config)
-    device = resolve_device(config.device, local_rank)
-    sources = _open_sources(config, rank, world)
-    manifest = sources[0].manifest
-    eval_set = None
-    if config.eval is not None:
-        eval_set = SoftLabelDataset(config.eval, batch_size=config.batch_size, shuffle=False, rank=0, world_size=1, verify_sha256=False)
-        _check_same_teachers(manifest, config.data[0], eval_set.manifest, config.eval, "--eval")
-    if config.label_column is not None:
-        for source, directory in [(s, d) for s, d in zip(sources, config.data)] + ([(eval_set, config.eval)] if eval_set else []):
-            if config.label_column not in source.columns():
-                raise UserError(f"--label-column {config.label_column}: no such column in {directory} (columns: {', '.join(source.columns())})")
-            source.label_column = config.label_column
-
-    torch.manual_seed(config.seed)
-    model, factory_spec = _build_student(config.student)
-    model = model.to(device)
-    probe = sources[0].first_batch()
-    # token sequences without a label column: the hard label of position j is token j + 1
-    next_token = "labels" not in probe and probe["inputs"].dim() == 2 and not torch.is_floating_point(probe["inputs"]) and probe["topk_ids"].shape[1] > 1
+    recipe = DistillationRecipe(config)
     try:
-        with torch.no_grad():
-            vocab = student_logits(model, probe, device).shape[-1]
-    except UserError:
-        raise
-    except Exception as exc:  # the user's student rejected the calling convention of the data
-        shape = f"inputs {tuple(probe['inputs'].shape)}" + (", lengths [B]" if "lengths" in probe else "")
-        raise UserError(f"--student {config.student}: forward failed on {shape}: {type(exc).__name__}: {exc}") from None
-    if vocab != manifest["vocab_size"]:
-        raise UserError(f"--student {config.student} has {vocab} output classes but the teachers of {config.data[0]} have {manifest['vocab_size']}")
-    if config.alpha == 0.0 and "labels" not in probe and not next_token:
-        raise UserError(f"--alpha 0 trains on hard labels only, but {config.data[0]} has no label column; "
-                        "the loss would be 0 at every step (use --alpha > 0, or --label-column)")
-
-    online_teacher = None
-    if config.online_teacher is not None:
-        from .teachers import load_teacher
-
-        online_teacher = load_teacher(config.online_teacher, device)
-        with torch.no_grad():
-            teacher_vocab = student_logits(online_teacher.module, probe, device).shape[-1]
-        if teacher_vocab != vocab:
-            raise UserError(f"--online-teacher {config.online_teacher} has {teacher_vocab} classes, the student {vocab}")
-
-    distributed = world > 1
-    if distributed:
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else model
-
-    steps_per_epoch = math.ceil(min(sources[0].num_batches(config.num_workers, rank=r, epoch=0) for r in range(world)) / config.mix_weights[0])
-    total_steps = config.max_steps if config.max_steps is not None else config.epochs * steps_per_epoch
-    warmup = config.warmup_steps if config.warmup_steps is not None else max(1, total_steps // 20)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total_steps, warmup))
-
-    checkpoint_path = out / CHECKPOINT_NAME
-    step = 0
-    if checkpoint_path.is_file() and not config.resume:
-        raise UserError(f"--out {out} already holds a checkpoint; pass --resume to continue it or choose another --out")
-    if config.resume and checkpoint_path.is_file():
-        state = _load_checkpoint(checkpoint_path)
-        _check_resume(config, json.loads(state["settings"]))
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step = int(state["step"])
-        for source, loader_state in zip(sources, json.loads(state["loaders"])):
-            source.load_state_dict(loader_state)
-    if rank == 0:
-        out.mkdir()
-    metrics = MetricsLog(out / METRICS_NAME, step) if rank == 0 else None
-    streams = [_Stream(source, config.num_workers) for source in sources]
-
-    def checkpoint() -> None:
-        if rank != 0:
-            return
-        _save_checkpoint(checkpoint_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "step": step, "loaders": json.dumps([s.state_dict() for s in sources]),
-            "settings": json.dumps(config.resume_settings()),
-        })
-
-    halted = {"signal": None}
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        halted["signal"] = signum
-
-    # a signal stops the run at the next step boundary, after a checkpoint
-    previous_term = signal.signal(signal.SIGTERM, on_signal)
-    previous_int = signal.signal(signal.SIGINT, on_signal)
-    bar = tqdm(total=total_steps, initial=step, desc="train-student", unit="step", file=sys.stderr, disable=not config.progress or rank != 0, dynamic_ncols=True)
-    positions_seen, window_start, window_positions = 0, time.perf_counter(), 0
-    last_loss = float("nan")
-    trained.train()
-    try:
-        while step < total_steps:
-            _seed_step(config.seed, step, rank)
-            batch = streams[_source_of_step(config.seed, step, config.mix_weights)].next()
-            teacher_logits = None
-            if online_teacher is not None:
-                with torch.inference_mode(), autocast(device, config.precision):
-                    teacher_logits = student_logits(online_teacher.module, batch, device).float().clone()
-            with autocast(device, config.precision):
-                logits = student_logits(trained, batch, device)
-            terms = batch_losses(logits.float(), batch, config, next_token, teacher_logits)
-            optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            positions = int(terms["positions"])
-            positions_seen += positions
-            window_positions += positions
-            last_loss = float(terms["loss"].detach())
-            if distributed:
-                reduced = torch.tensor([last_loss], device=device)
-                torch.distributed.all_reduce(reduced)
-                last_loss = float(reduced) / world
-            if rank == 0 and (step % config.log_every == 0 or step == total_steps):
-                elapsed = max(time.perf_counter() - window_start, 1e-9)
-                metrics.write({"step": step, "loss": last_loss, "kd": float(terms["kd"].detach()), "ce": float(terms["ce"].detach()),
-                               "lr": scheduler.get_last_lr()[0], "positions_per_s": window_positions / elapsed})
-                bar.set_postfix_str(f"loss {last_loss:.4f}, {window_positions / elapsed:,.0f} pos/s", refresh=False)
-                window_start, window_positions = time.perf_counter(), 0
-            bar.update(1)
-            if eval_set is not None and config.eval_every and step % config.eval_every == 0 and rank == 0:
-                metrics.write({"step": step, **evaluate(model, eval_set, config, device, next_token)})
-            if step % config.checkpoint_every == 0 or step == total_steps:
-                checkpoint()
-            if halted["signal"] is not None or (config.halt_after is not None and step >= config.halt_after and step < total_steps):
-                checkpoint()
-                break
+        recipe.setup()
+        return recipe.train()
     finally:
-        signal.signal(signal.SIGTERM, previous_term)
-        signal.signal(signal.SIGINT, previous_int)
-        bar.close()
-    if halted["signal"] is not None:
-        raise KeyboardInterrupt
-    if step < total_steps:
-        if distributed:
-            torch.distributed.destroy_process_group()
-        return TrainSummary(str(out), step, positions_seen, last_loss, None, time.perf_counter() - started, halted=True)
-    eval_metrics = None
-    if rank == 0:
-        if eval_set is not None:
-            eval_metrics = evaluate(model, eval_set, config, device, next_token)
-            metrics.write({"step": step, **eval_metrics})
-        _save_student(model, out, factory_spec, manifest)
-    if distributed:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    return TrainSummary(str(out), step, positions_seen, last_loss, eval_metrics, time.perf_counter() - started)
+        recipe.cleanup()
