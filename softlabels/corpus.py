@@ -317,16 +317,29 @@ def _check_unique_ids(corpus: Corpus) -> None:
     raise UserError(f"duplicate sample ids in --id-column {corpus.id_column!r}: {shown}")
 
 
+BYTES_PER_TOKEN = 4.0
+
+
+def _is_text(data_type: pa.DataType) -> bool:
+    """Strings, or lists of structs (chat messages): inputs a tokenizer turns into tokens."""
+    if pa.types.is_string(data_type) or pa.types.is_large_string(data_type):
+        return True
+    return (pa.types.is_list(data_type) or pa.types.is_large_list(data_type)) and pa.types.is_struct(data_type.value_type)
+
+
 def auto_rows_per_shard(sample: pa.ChunkedArray | pa.Array) -> int:
     """Rows per unit for ``--rows-per-shard auto``, from a sample of the input column.
 
     Aims at ``SHARD_TARGET_POSITIONS`` positions per shard (2^21: about 100 MB at k=20), holds at
     most ``UNIT_INPUT_BYTES`` of inputs in memory, and stays within 64..65,536 rows, as a power of
     two. Sequences of 1,024 positions give 2,048-row shards, 128-token windows 16,384, classifiers
-    (one position a row) 65,536 unless their inputs are large.
+    (one position a row) 65,536 unless their inputs are large. Text and chat columns count one
+    token per 4 bytes.
     """
     rows = max(len(sample), 1)
-    if pa.types.is_list(sample.type) or pa.types.is_large_list(sample.type):
+    if _is_text(sample.type):  # documents or conversations: tokens estimated at 4 bytes each
+        positions = max(sample.nbytes / rows / BYTES_PER_TOKEN, 1.0)
+    elif pa.types.is_list(sample.type) or pa.types.is_large_list(sample.type):
         lengths = pc.list_value_length(sample)
         positions = max(float(pc.mean(lengths).as_py() or 1.0), 1.0)
     else:

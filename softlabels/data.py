@@ -37,7 +37,7 @@ from .errors import UserError, VerificationError
 from .inputs import ColumnBlock
 from .losses import IGNORE_INDEX
 from .rundir import RunDirectory, read_shard_header, run_header
-from .schema import ID_COLUMN, codec_of, decode_header
+from .schema import ID_COLUMN, TARGETS_COLUMN, codec_of, decode_header
 
 __all__ = ["SoftLabelDataset", "SoftLabelLoader", "collate", "Piece", "ShardRows"]
 
@@ -72,6 +72,8 @@ class ShardRows:
         self.topk_ids = ColumnBlock.from_arrow(table.column("topk_ids"), "topk_ids")
         self.topk_logprobs = ColumnBlock.from_arrow(table.column(codec.column), codec.column)
 
+        # chat shards store targets at some positions only: ``target_positions`` says which
+        self.targets = ColumnBlock.from_arrow(table.column(TARGETS_COLUMN), TARGETS_COLUMN) if TARGETS_COLUMN in table.column_names else None
         self.input_column = input_column
         self.inputs = ColumnBlock.from_arrow(table.column(input_column), input_column) if input_column else None
         self.labels: ColumnBlock | None = None
@@ -86,16 +88,19 @@ class ShardRows:
             self.labels = ColumnBlock.from_arrow(labels, label_column)
 
     def batch(self, rows: np.ndarray) -> dict[str, Any]:
-        plan = self.topk_ids.plan(rows)  # the two soft-label columns share their offsets
-        ids, lengths = self.topk_ids.gather(rows, 0, np.int64, plan)
-        stored, _ = self.topk_logprobs.gather(rows, 0, self.topk_logprobs.values.dtype, plan)
-        logprobs = self.codec.decode_numpy(stored)
-        steps = ids.shape[1]
+        if self.targets is not None:
+            ids, logprobs, mask = self._scattered(rows)
+        else:
+            plan = self.topk_ids.plan(rows)  # the two soft-label columns share their offsets
+            ids, lengths = self.topk_ids.gather(rows, 0, np.int64, plan)
+            stored, _ = self.topk_logprobs.gather(rows, 0, self.topk_logprobs.values.dtype, plan)
+            logprobs = self.codec.decode_numpy(stored)
+            mask = np.arange(ids.shape[1])[None, :] < lengths[:, None]
         batch: dict[str, Any] = {
             "sample_id": self.sample_ids[rows].tolist(),
             "topk_ids": torch.from_numpy(ids),
             "topk_logprobs": torch.from_numpy(logprobs),
-            "mask": torch.from_numpy(np.arange(steps)[None, :] < lengths[:, None]),
+            "mask": torch.from_numpy(mask),
         }
         if self.inputs is not None:
             inputs, input_lengths = self.inputs.gather(rows)
@@ -106,6 +111,27 @@ class ShardRows:
             labels, _ = self.labels.gather(rows, IGNORE_INDEX, np.int64)
             batch["labels"] = torch.from_numpy(labels)
         return batch
+
+
+    def _scattered(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Targets stored at some positions only, put where they belong: ids int64 [B, T, k],
+        log-probs float32 [B, T, k] and mask bool [B, T] True at the target positions, with T the
+        longest input of the rows (the student's positions)."""
+        plan = self.targets.plan(rows)  # the soft-label columns share the targets' offsets
+        row_of = np.repeat(np.arange(len(rows)), plan.lengths)
+        steps_of = self.targets.values[plan.source].astype(np.int64)
+        if self.inputs is not None and self.inputs.ragged:
+            steps = int(self.inputs.lengths(rows).max()) if len(rows) else 0
+        else:
+            steps = int(steps_of.max()) + 1 if len(steps_of) else 0
+        k = self.topk_ids.values.shape[-1]
+        ids = np.zeros((len(rows), steps, k), dtype=np.int64)
+        ids[row_of, steps_of] = self.topk_ids.values[plan.source]
+        logprobs = np.zeros((len(rows), steps, k), dtype=np.float32)
+        logprobs[row_of, steps_of] = self.codec.decode_numpy(self.topk_logprobs.values[plan.source])
+        mask = np.zeros((len(rows), steps), dtype=bool)
+        mask[row_of, steps_of] = True
+        return ids, logprobs, mask
 
 
 def collate(
@@ -133,7 +159,9 @@ def collate(
     Returns:
         ``sample_id`` (list of str); ``inputs`` ([B, ...] float32/int64) and ``lengths`` (int64 [B],
         sequences only) when there is an input column; ``topk_ids`` int64 [B, T, k];
-        ``topk_logprobs`` float32 [B, T, k] (decoded); ``mask`` bool [B, T] (valid positions);
+        ``topk_logprobs`` float32 [B, T, k] (decoded); ``mask`` bool [B, T] (valid positions; for chat
+        shards, whose ``target_positions`` column names the positions that have targets, the targets are
+        put at those positions of the input's T and only they are valid);
         ``labels`` int64 [B] or [B, T] with IGNORE_INDEX for missing labels, when there is a label column.
     """
     table = _as_table(rows, schema)
@@ -450,7 +478,7 @@ class SoftLabelDataset(IterableDataset):
 
     def _columns(self) -> list[str]:
         columns = [ID_COLUMN, "topk_ids", self.codec.column]
-        columns += [c for c in (self.input_column, self.label_column) if c]
+        columns += [c for c in (self.input_column, self.label_column, self.manifest.get("target_positions_column")) if c]
         return list(dict.fromkeys(columns))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

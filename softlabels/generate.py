@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import torch
 from tqdm import tqdm
 
@@ -27,13 +28,15 @@ from .inputs import check_input_type, to_teacher_inputs
 from .options import GenerateConfig, flag_of
 from .pipeline import GenerationRun, run_units_locally
 from .rundir import RunDirectory, build_manifest, settings_fingerprint, shard_name
-from .schema import FORMAT
+from .schema import FORMAT, TARGETS_COLUMN, TOKENS_COLUMN
 from .storage import is_uri
 from .teachers import Teacher, autocast, load_teacher, portable_name, resolve_device
+from .text import DocumentWindows, TokenizerSource, load_tokenizer, tokenizer_identity
 
 __all__ = ["GenerateConfig", "GenerateSummary", "generate"]
 
 PROBE_ROWS = 2
+PROBE_DOCUMENTS = 64
 DEFAULT_TOP_K = 20
 
 # Settings that change what is written, and the flag a user changes each by (options.flag_of for the rest).
@@ -139,9 +142,27 @@ def _check_same_run(out: Path, settings: dict[str, Any], recorded: dict[str, Any
         )
 
 
-def _probe_vocab(config: GenerateConfig, corpus: Corpus, teachers: list[Teacher], device: torch.device) -> int:
+def _probe_table(corpus: Corpus, documents: DocumentWindows | None) -> pa.Table:
+    """The first rows the teacher would see: two corpus rows, or the first windows of the first documents."""
+    if documents is None:
+        return corpus.read_unit(Unit(0, 0, 0, min(PROBE_ROWS, corpus.files[0].rows)))
+    read = 0
+    for unit in corpus.units:  # whole units: a JSONL unit is read from its own byte range
+        rows = min(unit.rows, PROBE_DOCUMENTS - read)
+        windows = documents(corpus.read_unit(Unit(unit.index, unit.file_index, unit.start, unit.start + rows)))
+        if windows.num_rows:
+            return windows.slice(0, PROBE_ROWS)
+        read += rows
+        if read >= PROBE_DOCUMENTS:
+            break
+    raise UserError(f"{'--chat-column' if documents.chat else '--text-column'} {documents.column!r}: the first {read} documents "
+                    "give no window to distil (empty texts, or conversations without an assistant message)")
+
+
+def _probe_vocab(config: GenerateConfig, corpus: Corpus, teachers: list[Teacher], device: torch.device,
+                 documents: DocumentWindows | None = None) -> int:
     """Run every teacher on two rows so vocabulary mismatches and k > V fail before any work."""
-    table = corpus.read_unit(Unit(0, 0, 0, min(PROBE_ROWS, corpus.files[0].rows)))
+    table = _probe_table(corpus, documents)
     inputs = to_teacher_inputs(table.column(config.input_column), config.input_column, table.column("sample_id")).to(device)
     vocab_sizes: list[int] = []
     for teacher in teachers:
@@ -158,6 +179,9 @@ def _probe_vocab(config: GenerateConfig, corpus: Corpus, teachers: list[Teacher]
         described = ", ".join(f"{t.spec} has {v}" for t, v in zip(teachers, vocab_sizes))
         raise UserError(f"ensemble vocab mismatch: {described} classes")
     vocab_size = vocab_sizes[0]
+    if documents is not None and len(documents.tokenizer) > vocab_size:
+        raise UserError(f"{_tokenizer_flag(config)}: the tokenizer has {len(documents.tokenizer)} tokens but the teachers "
+                        f"emit {vocab_size} classes; use the teachers' own tokenizer")
     if config.top_k is None:
         config.top_k = min(DEFAULT_TOP_K, vocab_size)
     elif config.top_k > vocab_size:
@@ -165,13 +189,46 @@ def _probe_vocab(config: GenerateConfig, corpus: Corpus, teachers: list[Teacher]
     return vocab_size
 
 
+def _tokenizer_flag(config: GenerateConfig) -> str:
+    return f"--tokenizer {config.tokenizer}" if config.tokenizer else f"--teacher {_tokenizer_spec(config)}"
+
+
+def _tokenizer_spec(config: GenerateConfig) -> str:
+    """--tokenizer, else the first hf: teacher."""
+    if config.tokenizer:
+        return config.tokenizer
+    spec = next((t for t in config.teachers if t.startswith("hf:")), None)
+    if spec is None:
+        flag = "--text-column" if config.text_column else "--chat-column"
+        raise UserError(f"{flag} needs a tokenizer: pass --tokenizer hf:DIR (no hf: teacher to take it from)")
+    return spec
+
+
+def _document_windows(config: GenerateConfig) -> tuple[DocumentWindows | None, dict[str, Any]]:
+    """The tokenizer stage of a --text-column / --chat-column run and what it adds to the settings."""
+    column = config.text_column or config.chat_column
+    if column is None:
+        return None, {}
+    source = TokenizerSource.of(_tokenizer_spec(config), "--tokenizer" if config.tokenizer else "--teacher")
+    documents = DocumentWindows(load_tokenizer(source), column, config.chat_column is not None, config.max_length, config.pack)
+    settings = {"text_column": config.text_column, "chat_column": config.chat_column, "max_length": config.max_length,
+                "pack": config.pack, "tokenizer": {"name": portable_name(source.spec), "sha256": tokenizer_identity(source)}}
+    return documents, settings
+
+
 def _prepare(config: GenerateConfig) -> GenerationRun:
-    corpus = open_corpus(config.corpus, config.input_column, config.id_column, config.label_column, config.rows_per_shard)
+    documents, text_settings = _document_windows(config)
+    source_column = config.text_column or config.chat_column or config.input_column
+    corpus = open_corpus(config.corpus, source_column, config.id_column, config.label_column, config.rows_per_shard)
     config.rows_per_shard = corpus.rows_per_shard
-    check_input_type(corpus.passthrough_schema().field(config.input_column).type, config.input_column)
+    if documents is not None:
+        documents.check_column_type(corpus.passthrough_schema().field(source_column).type)
+        config.input_column = TOKENS_COLUMN
+    else:
+        check_input_type(corpus.passthrough_schema().field(config.input_column).type, config.input_column)
     device = resolve_device(config.device, distributed_env().local_rank)
     teachers = [load_teacher(spec, device) for spec in config.teachers]
-    vocab_size = _probe_vocab(config, corpus, teachers, device)
+    vocab_size = _probe_vocab(config, corpus, teachers, device, documents)
     settings = {
         "format": FORMAT,
         "top_k": config.top_k,
@@ -184,12 +241,13 @@ def _prepare(config: GenerateConfig) -> GenerationRun:
         "rows_per_shard": config.rows_per_shard,
         "precision": config.precision,
         "vocab_size": vocab_size,
+        **text_settings,
     }
     codec = LogprobCodec.named(config.logprob_dtype)
     settings["logprob_dtype"] = codec.dtype
     fingerprint = _fingerprint(settings)
     directory = RunDirectory.for_output(config.out)
-    run = GenerationRun(config, directory, corpus, teachers, device, vocab_size, settings, fingerprint, codec)
+    run = GenerationRun(config, directory, corpus, teachers, device, vocab_size, settings, fingerprint, codec, documents=documents)
     run.header = {
         "format": FORMAT,
         "fingerprint": fingerprint,
@@ -205,7 +263,10 @@ def _prepare(config: GenerateConfig) -> GenerationRun:
         "label_column": config.label_column,
         "softlabels_version": __version__,
         **codec.header_fields(),
+        **text_settings,
     }
+    if config.chat_column is not None:
+        run.header["target_positions_column"] = TARGETS_COLUMN
     return run
 
 
@@ -313,7 +374,7 @@ def generate(config: GenerateConfig) -> GenerateSummary:
     if pending:
         directory.remove_manifest()  # a damaged shard makes the directory unsealed until it is redone
 
-    done_rows = sum(e["rows"] + e["skipped_nonfinite"] for e in committed.values())
+    done_rows = sum(unit.rows for unit in mine if unit.index in committed)
     bar = tqdm(total=sum(u.rows for u in mine), initial=done_rows, unit="row", desc="generate", file=sys.stderr, disable=not config.progress, dynamic_ncols=True)
     position_count = [0, time.perf_counter()]
 

@@ -32,6 +32,7 @@ __all__ = [
     "SelectConfig",
     "DirectoryConfig",
     "VerifyConfig",
+    "InitStudentConfig",
     "LOGPROB_DTYPES",
     "DEFAULT_LOGPROB_DTYPE",
     "TAIL_MODES",
@@ -145,6 +146,11 @@ class GenerateConfig:
     input_column: str = option("inputs", "--input-column", "Column fed to the teacher: number / fixed_size_list -> model(x); list<...> -> model(x, lengths).")
     id_column: str | None = option(None, "--id-column", "Sample id column; duplicates are an error.", shown_default="<corpus file>#<row>")
     label_column: str | None = option(None, "--label-column", "Hard-label column passed through for train-student.", shown_default="none")
+    text_column: str | None = option(None, "--text-column", "Raw text column: documents tokenized and cut into --max-length windows, ids stored as input_ids.", shown_default="none")
+    chat_column: str | None = option(None, "--chat-column", "Chat column (list of {role, content}): the chat template applied, targets at assistant positions only.", shown_default="none")
+    max_length: int = option(2048, "--max-length", "Most tokens per window of a --text-column / --chat-column document.", minimum=2)
+    tokenizer: str | None = option(None, "--tokenizer", "Tokenizer hf:DIR for --text-column / --chat-column.", metavar="SPEC", shown_default="the hf: teacher's")
+    pack: bool = option(False, "--pack", "Join a unit's documents (EOS between) into full windows.", negatable=True)
     top_k: int | None = option(None, "--top-k", "Classes stored per position.", minimum=1, shown_default="20, or V if smaller")
     ensemble: str = option("probs", "--ensemble", "probs: log of the mean probability; logprobs: renormalised mean log-probability.", choices=("probs", "logprobs"))
     batch_size: int = option(64, "--batch-size", "Rows per teacher batch; batches never cross units.", minimum=1)
@@ -167,6 +173,14 @@ class GenerateConfig:
             raise UserError("--teacher is required (repeat it for an ensemble)")
         if self.out is None:
             raise UserError("--out is required")
+        if self.text_column is not None and self.chat_column is not None:
+            raise UserError("--text-column and --chat-column exclude each other: a corpus is raw text or chat")
+        if self.text_column is None and self.chat_column is None:
+            for name in ("tokenizer", "pack"):
+                if getattr(self, name):
+                    raise UserError(f"{flag_of(self, name)} needs --text-column or --chat-column")
+        elif self.label_column is not None:
+            raise UserError("--label-column does not apply to --text-column / --chat-column: the hard labels are the next tokens")
         if self.engine != "ray":
             for name in ("ray_address", "ray_actors"):
                 if getattr(self, name) is not None:
@@ -279,3 +293,30 @@ class SelectConfig:
     directory: str = argument("A sealed soft-label directory or store URI.", "DIR")
     where: str = option(None, "--where", "SQL condition over the shard columns, e.g. 'confidence > 0.6'.", shown_default="required")
     out: str = option(None, "--out", "New directory or store URI for the kept rows (sealed, same schema).", metavar="DIR", shown_default="required")
+
+
+@dataclass
+class InitStudentConfig:
+    """``init-student``: a same-family student started from a subset of an ``hf:`` teacher's layers."""
+
+    teacher: str = option(None, "--teacher", "Teacher hf:DIR (a transformers directory, or one holding a .gguf).", metavar="SPEC", shown_default="required")
+    out: str = option(None, "--out", "New local directory for the student: config.json, model.safetensors, init.json.", metavar="DIR", shown_default="required")
+    layers: str = option("every-other", "--layers", "Teacher layers the student keeps: every-other (0, 2, 4, ...: DistilBERT's) or a list such as 0,5,11.")
+    progress: bool = option(True, "--progress", "transformers' loading bars on stderr.", negatable=True)
+    teacher_layers: list[int] | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.out = os.fspath(self.out) if self.out is not None else None  # type: ignore[assignment]
+        validate(self)
+        if self.teacher is None:
+            raise UserError("--teacher is required")
+        if self.out is None:
+            raise UserError("--out is required")
+        if self.layers != "every-other":
+            try:
+                chosen = [int(part) for part in self.layers.split(",")]
+            except ValueError:
+                raise UserError(f"--layers must be every-other or comma-separated layer numbers, got {self.layers!r}") from None
+            if any(index < 0 for index in chosen) or any(a >= b for a, b in zip(chosen, chosen[1:])):
+                raise UserError(f"--layers must list layer numbers from 0 up, strictly increasing, got {self.layers!r}")
+            self.teacher_layers = chosen

@@ -34,6 +34,8 @@ from .options import GenerateConfig
 from .rundir import Journal, RunDirectory, ShardEntry
 from .shards import ShardPayload, build_shard, write_shard
 from .teachers import Teacher, autocast
+from .schema import TARGETS_COLUMN
+from .text import DocumentWindows
 from .topk import soft_labels, valid_positions
 
 __all__ = ["GenerationRun", "forward", "process_unit", "write_unit", "run_pipeline", "run_units_locally", "ignore_progress"]
@@ -53,6 +55,12 @@ class GenerationRun:
     fingerprint: str
     codec: LogprobCodec = field(default_factory=LogprobCodec)
     header: dict[str, Any] = field(default_factory=dict)
+    documents: DocumentWindows | None = None
+
+    def read_unit(self, unit: Unit) -> pa.Table:
+        """The unit's rows as the teacher sees them: corpus rows, or the token windows of its documents."""
+        table = self.corpus.read_unit(unit)
+        return table if self.documents is None else self.documents(table)
 
 
 def forward(run: GenerationRun, inputs: TeacherInputs) -> list[torch.Tensor]:
@@ -73,9 +81,33 @@ def usable_positions(logits: torch.Tensor) -> torch.Tensor:
     return ~bad
 
 
+def target_selection(per_row: torch.Tensor, targets: pa.ChunkedArray | pa.Array) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a batch's target positions are among its flattened valid positions.
+
+    Args:
+        per_row: int64 [B] valid positions of each row.
+        targets: the batch's ``target_positions`` (list<int32>, positions within each row).
+
+    Returns:
+        (int64 [M] indices into the [N] flattened positions, int64 [B] targets per row).
+    """
+    if isinstance(targets, pa.ChunkedArray):
+        targets = targets.combine_chunks()
+    offsets = targets.offsets.to_numpy().astype(np.int64)
+    counts = np.diff(offsets)
+    within = targets.values.to_numpy(zero_copy_only=False).astype(np.int64)
+    first = np.cumsum(per_row.cpu().numpy()) - per_row.cpu().numpy()
+    indices = np.repeat(first, counts) + within
+    return torch.from_numpy(indices).to(per_row.device), torch.from_numpy(counts).to(per_row.device)
+
+
 def process_unit(run: GenerationRun, unit: Unit, table: pa.Table, on_batch: Callable[[int, int], None]) -> ShardPayload:
-    """Teacher forward and top-k over one unit's rows, batch by batch."""
+    """Teacher forward and top-k over one unit's rows, batch by batch.
+
+    With a ``target_positions`` column (chat) only those positions of each row are kept.
+    """
     config = run.config
+    by_documents = run.documents is not None  # progress counts corpus rows (documents), not windows
     ids_parts, logprob_parts, positions_parts, conf_parts, ent_parts, agree_parts = [], [], [], [], [], []
     keep = np.ones(table.num_rows, dtype=bool)
     fidelity = Fidelity()
@@ -88,6 +120,9 @@ def process_unit(run: GenerationRun, unit: Unit, table: pa.Table, on_batch: Call
         for logits in member_logits:
             flat, per_row = valid_positions(logits, inputs.lengths)
             flat_members.append(flat)
+        if TARGETS_COLUMN in batch.column_names:
+            selected, per_row = target_selection(per_row, batch.column(TARGETS_COLUMN))
+            flat_members = [flat[selected] for flat in flat_members]
         row_of = torch.repeat_interleave(torch.arange(len(per_row), device=per_row.device), per_row)
         finite = torch.stack([usable_positions(flat) for flat in flat_members]).all(dim=0)
         bad_rows = torch.zeros(len(per_row), dtype=torch.bool, device=finite.device).index_put_((row_of,), ~finite, accumulate=True)
@@ -112,7 +147,9 @@ def process_unit(run: GenerationRun, unit: Unit, table: pa.Table, on_batch: Call
                 agree_parts.append(labels.agreement.cpu().numpy())
             positions_parts.append(per_row.cpu().numpy())
             fidelity.add(labels.captured_mass.cpu().numpy(), labels.stored_kl.cpu().numpy())
-        on_batch(batch.num_rows, int(per_row.sum()) if len(per_row) else 0)
+        on_batch(0 if by_documents else batch.num_rows, int(per_row.sum()) if len(per_row) else 0)
+    if by_documents:
+        on_batch(unit.rows, 0)
 
     def joined(parts: list[np.ndarray], shape: tuple[int, ...], dtype: type) -> np.ndarray:
         return np.concatenate(parts) if parts else np.zeros(shape, dtype=dtype)
@@ -203,5 +240,5 @@ def run_units_locally(run: GenerationRun, journal: Journal, pending: list[Unit],
         journal.append(entry)  # in the writer thread, right after the shard: Ctrl-C keeps both or neither
         return entry
 
-    for entry in run_pipeline(pending, run.corpus.read_unit, lambda unit, table: process_unit(run, unit, table, on_batch), commit):
+    for entry in run_pipeline(pending, run.read_unit, lambda unit, table: process_unit(run, unit, table, on_batch), commit):
         entries[entry["unit"]] = entry

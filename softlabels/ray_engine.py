@@ -95,7 +95,7 @@ class TeacherWorker:
         units = [run.corpus.units[index] for index in indices]
         try:
             yield from run_pipeline(
-                units, run.corpus.read_unit,
+                units, run.read_unit,
                 lambda unit, table: process_unit(run, unit, table, ignore_progress),
                 lambda unit, payload, skipped: write_unit(run, unit, payload, skipped),
             )

@@ -23,6 +23,8 @@ __all__ = [
     "codec_of",
     "HEADER_KEY",
     "ID_COLUMN",
+    "TOKENS_COLUMN",
+    "TARGETS_COLUMN",
     "SOFT_COLUMNS",
     "STAT_COLUMNS",
     "id_type",
@@ -37,6 +39,10 @@ FORMAT_V1 = "softlabels.v1"
 READABLE_FORMATS = (FORMAT_V1, FORMAT)
 HEADER_KEY = b"softlabels"
 ID_COLUMN = "sample_id"
+TOKENS_COLUMN = "input_ids"
+"""The token ids a teacher saw, in shards made from raw text or chat (``--text-column``, ``--chat-column``)."""
+TARGETS_COLUMN = "target_positions"
+"""Chat shards: list<int32> of the row's positions that have soft labels, ascending (the others have none)."""
 SOFT_COLUMNS = ("topk_ids", LOGPROB_COLUMN, CODES_COLUMN)
 """Every soft-label column name of any format; a shard has ``topk_ids`` and one of the other two."""
 STAT_COLUMNS = ("confidence", "entropy", "agreement")
