@@ -1,12 +1,19 @@
 """From teacher logits to stored soft labels: ensemble, top-k and per-row statistics, in fp32.
 
 Everything here works on the valid positions of a batch, flattened to [N, C]. The full
-distribution is needed once per position (for the ensemble, the normalisation over all C classes and
-the entropy), so positions are processed in chunks of at most ``CHUNK_ELEMENTS`` floats per teacher:
-at a 256k vocabulary that is 32 positions (32 MB per teacher) at a time instead of a whole batch of
-sequences, and memory no longer grows with batch size x sequence length x vocabulary. 32 MB is
-glibc's largest recycled allocation: at 64 MB every temporary was a fresh mapping, faulted in and
-zeroed by the kernel, which cost about 200 page faults per position at V = 32,000.
+distribution is needed once per position (the normalisation over all C classes and the entropy),
+so positions are processed in chunks of at most ``CHUNK_ELEMENTS`` floats per teacher, converted
+to fp32 one chunk at a time into buffers reused across chunks: a chunk stays in a core's cache
+between passes, and memory does not grow with batch size x sequence length x vocabulary.
+
+One teacher takes few passes over the vocabulary per chunk: the fp32 copy, the block maxima and
+a top-k of the raw logits (``block_topk``; the top-k of the logits is the top-k of the log-probabilities,
+and its first value is the maximum), a shift by that maximum, one exp, and two sums over it (the
+normaliser s = sum e^(x - max) and d = sum e^(x - max) (x - max)). Then, per position,
+log-sum-exp = max + log s, log p_i = (x_i - max) - log s for the k stored ids, and the entropy is
+log s - d / s; the fidelity figures come from these k log-probabilities and the entropy alone
+(``softlabels.fidelity``). Ensembles first combine the members' log-softmax over the whole
+vocabulary (``ensemble_logprobs``), then take the same top-k and entropy of the combination.
 """
 
 from __future__ import annotations
@@ -18,9 +25,13 @@ import torch
 
 from .codec import LogprobCodec
 
-__all__ = ["CHUNK_ELEMENTS", "SoftLabels", "ensemble_logprobs", "soft_labels", "valid_positions"]
+__all__ = ["CHUNK_ELEMENTS", "TOPK_BLOCK", "SoftLabels", "ensemble_logprobs", "block_topk", "soft_labels", "valid_positions"]
 
-CHUNK_ELEMENTS = 1 << 23
+CHUNK_ELEMENTS = 1 << 19
+"""Floats per teacher per chunk (2 MB in fp32: a core's L2 cache here; 10 positions at C = 49,152)."""
+
+TOPK_BLOCK = 64
+"""Classes per block in ``block_topk``'s first stage (C // TOPK_BLOCK blocks)."""
 
 
 @dataclass
@@ -92,6 +103,45 @@ def ensemble_logprobs(member_logits: list[torch.Tensor], mode: str) -> tuple[tor
     raise ValueError(f"unknown ensemble mode {mode!r}")
 
 
+def block_topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest of each row, largest first: what ``torch.topk(values, k, sorted=True)`` returns.
+
+    Args:
+        values: [n, C] float (NaN counts as largest, as in ``torch.topk``).
+        k: 1 <= k <= C.
+
+    Returns:
+        ([n, k] values, int64 [n, k] their class ids). Among equal values the ids chosen and their
+        order are unspecified (as in ``torch.topk``), but the same for the same input.
+
+    For C >= 4 k ``TOPK_BLOCK`` the classes are split into G = C // ``TOPK_BLOCK`` blocks (class i
+    in block i mod G, a vertical reduction) and the exact top-k is taken among the k blocks of
+    largest maximum (plus the C mod G classes left over): every value above the k-th largest sits
+    in a block whose maximum is one of fewer than k such values, and the chosen blocks hold at
+    least k values not below it. A full ``torch.topk`` row costs several times the block maxima.
+    """
+    rows, classes = values.shape
+    groups = classes // TOPK_BLOCK
+    if groups < 4 * k:
+        return torch.topk(values, k, dim=-1, sorted=True)
+    span = groups * TOPK_BLOCK
+    blocks = values[:, :span].reshape(rows, TOPK_BLOCK, groups)  # class i in block i mod groups
+    chosen = torch.topk(blocks.amax(dim=1), k, dim=-1, sorted=False).indices  # [n, k]
+    offsets = torch.arange(0, span, groups, device=values.device)  # [TOPK_BLOCK]
+    candidate_ids = (chosen[:, :, None] + offsets).reshape(rows, k * TOPK_BLOCK)
+    if span < classes:  # the leftover classes are always candidates
+        leftover = torch.arange(span, classes, device=values.device).expand(rows, classes - span)
+        candidate_ids = torch.cat([candidate_ids, leftover], dim=1)
+    best, where = torch.topk(values.gather(1, candidate_ids), k, dim=-1, sorted=True)
+    return best, candidate_ids.gather(1, where)
+
+
+def _entropy_of_logprobs(log_p: torch.Tensor) -> torch.Tensor:
+    """-sum p log p over the last dim of [n, C] log-probabilities; a masked class (-inf) adds 0."""
+    p = log_p.exp()
+    return -torch.nansum(p.mul_(log_p), dim=-1)  # 0 x -inf is NaN: nansum counts it as 0 log 0 = 0
+
+
 def _stored_kl(log_p_topk: torch.Tensor, entropy: torch.Tensor, classes: int, codec: LogprobCodec) -> torch.Tensor:
     """KL(full || stored) per position from the entropy and the k true log-probabilities [n, k]."""
     k = log_p_topk.shape[-1]
@@ -106,19 +156,28 @@ def _stored_kl(log_p_topk: torch.Tensor, entropy: torch.Tensor, classes: int, co
     return kl.clamp(min=0.0)
 
 
-def _entropy(log_p: torch.Tensor) -> torch.Tensor:
-    """-sum p log p over the last dim: one exp pass and one dot, the cheap way for finite rows.
+class _SingleTeacher:
+    """Top-k log-probabilities and entropy of one teacher's chunks, from raw logits in few passes."""
 
-    A masked class (log p = -inf, p = 0) makes the dot NaN; those rows are redone with 0 log 0 = 0.
-    """
-    p = log_p.exp()
-    # a batched [1, C] @ [C, 1] product: unlike vecdot (mul, then sum) it makes no [n, C] temporary,
-    # about 15% of soft_labels' time at C = 49,152
-    entropy = -(p.unsqueeze(-2) @ log_p.unsqueeze(-1)).reshape(p.shape[:-1])
-    broken = entropy.isnan()
-    if bool(broken.any()):
-        entropy[broken] = -torch.special.xlogy(p[broken], p[broken]).sum(dim=-1)
-    return entropy
+    def __init__(self, rows: int, classes: int, device: torch.device) -> None:
+        self.shifted = torch.empty(rows, classes, dtype=torch.float32, device=device)
+        self.exp = torch.empty(rows, classes, dtype=torch.float32, device=device)
+
+    def __call__(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[n, C] logits -> ([n, k] ids, [n, k] fp32 log-probabilities, [n] entropy)."""
+        rows = logits.shape[0]
+        shifted = self.shifted[:rows].copy_(logits)
+        values, ids = block_topk(shifted, k)
+        peak = values[:, :1]
+        shifted.sub_(peak)  # x - max <= 0, so every exp <= 1
+        exp = torch.exp(shifted, out=self.exp[:rows])
+        normaliser = exp.sum(dim=-1)
+        # sum e (x - max); a masked class gives 0 x -inf = NaN, which nansum counts as 0
+        weighted = torch.nansum(exp.mul_(shifted), dim=-1)
+        log_normaliser = normaliser.log()
+        logprobs = (values - peak) - log_normaliser[:, None]
+        entropy = log_normaliser - weighted / normaliser
+        return ids, logprobs, entropy
 
 
 def soft_labels(
@@ -127,44 +186,47 @@ def soft_labels(
     """Top-k soft labels and row statistics for N valid positions.
 
     Args:
-        member_logits: one [N, C] tensor per teacher (any float dtype; computed in fp32).
+        member_logits: one [N, C] tensor per teacher (any float dtype; computed in fp32 chunk by chunk).
         positions_per_row: int64 [B], summing to N.
         top_k: k.
-        mode: ensemble mode, see ``ensemble_logprobs``.
+        mode: ensemble mode, see ``ensemble_logprobs`` (unused for one teacher).
         codec: how the shard stores log-probabilities (float16 by default); only the fidelity
             figures depend on it.
     """
     codec = codec or LogprobCodec()
     total, classes = member_logits[0].shape
-    chunk = max(1, CHUNK_ELEMENTS // max(classes, 1))
-    ids, logprobs, top1, entropy, agree, stored_kl = [], [], [], [], [], []
+    device = member_logits[0].device
+    chunk = max(1, min(total, CHUNK_ELEMENTS // max(classes, 1)))
+    single = _SingleTeacher(chunk, classes, device) if len(member_logits) == 1 and total else None
+    ids, logprobs, entropy, agree = [], [], [], []
     for begin in range(0, total, chunk):
         pieces = [logits[begin : begin + chunk] for logits in member_logits]
-        log_p, members = ensemble_logprobs(pieces, mode)
-        values, indices = torch.topk(log_p, top_k, dim=-1, sorted=True)
+        if single is not None:
+            indices, values, spread = single(pieces[0], top_k)
+        else:
+            log_p, members = ensemble_logprobs(pieces, mode)
+            values, indices = block_topk(log_p, top_k)
+            spread = _entropy_of_logprobs(log_p)
+            best = indices[:, 0]
+            agree.append(torch.stack([m.argmax(dim=-1) == best for m in members]).float().mean(dim=0))
         ids.append(indices)
         logprobs.append(values)
-        top1.append(values[:, 0].exp())
-        entropy.append(_entropy(log_p))
-        stored_kl.append(_stored_kl(values, entropy[-1], classes, codec))
-        if len(members) > 1:
-            best = indices[:, 0]
-            votes = torch.stack([m.argmax(dim=-1) == best for m in members]).float().mean(dim=0)
-            agree.append(votes)
-    all_logprobs = torch.cat(logprobs) if logprobs else torch.empty(0, top_k)
+        entropy.append(spread)
+    all_logprobs = torch.cat(logprobs) if logprobs else torch.empty(0, top_k, device=device)
+    all_entropy = torch.cat(entropy) if entropy else torch.empty(0, device=device)
     row_of = torch.repeat_interleave(torch.arange(len(positions_per_row), device=positions_per_row.device), positions_per_row)
     counts = positions_per_row.clamp(min=1).float()
 
-    def row_mean(values: list[torch.Tensor]) -> torch.Tensor:
-        flat = torch.cat(values).float()
+    def row_mean(flat: torch.Tensor) -> torch.Tensor:
+        flat = flat.float()
         return torch.zeros(len(counts), device=flat.device).index_add_(0, row_of.to(flat.device), flat) / counts.to(flat.device)
 
     return SoftLabels(
-        ids=torch.cat(ids),
+        ids=torch.cat(ids) if ids else torch.empty(0, top_k, dtype=torch.int64, device=device),
         logprobs=all_logprobs,
-        confidence=row_mean(top1),
-        entropy=row_mean(entropy),
-        agreement=row_mean(agree) if agree else None,
+        confidence=row_mean(all_logprobs[:, 0].exp()),
+        entropy=row_mean(all_entropy),
+        agreement=row_mean(torch.cat(agree)) if agree else None,
         captured_mass=all_logprobs.exp().sum(dim=-1),
-        stored_kl=torch.cat(stored_kl) if stored_kl else torch.empty(0),
+        stored_kl=_stored_kl(all_logprobs, all_entropy, classes, codec),
     )
