@@ -1,0 +1,265 @@
+"""Train with Hugging Face ``transformers.Trainer`` from soft-label shards (extra ``[hf]``).
+
+Three parts; PEFT/LoRA, FSDP, DeepSpeed, gradient accumulation and the Trainer's schedulers and
+callbacks then come from transformers:
+
+* ``load_soft_label_dataset(DIR)``: verify the sealed directory, then open the shards its manifest
+  lists as an HF ``datasets.Dataset`` (one row per shard row).
+* ``SoftLabelCollator.from_directory(DIR)``: rows -> ``input_ids`` [B, T] int64 and
+  ``attention_mask`` [B, T] for the model, plus the targets under names the model never sees
+  (``SOFT_LABEL_KEYS``): ``topk_ids`` [B, T, k] int64, ``topk_logprobs`` [B, T, k] float32,
+  ``target_mask`` [B, T] bool (positions with targets; for chat shards only the assistant's) and
+  ``hard_labels`` [B, T] int64 (the next token, or the label column; ``IGNORE_INDEX`` where none).
+* ``SoftLabelTrainer(..., temperature=, alpha=, tail=)``: a ``Trainer`` whose ``compute_loss`` is
+  ``soft_label_loss``, the objective of ``train-student`` (``softlabels.train.batch_losses``):
+  ``alpha * T^2 KL + (1 - alpha) * CE``, each a mean over this batch's target positions. Student
+  logits at position t meet the stored targets of position t; the hard label of t is token t + 1.
+  ``evaluate()`` adds ``eval_kd`` (per-position mean, T^2-scaled), ``eval_ce`` and
+  ``eval_top1_agreement``, defined as ``train-student --eval`` defines them.
+
+Why a subclass and not ``Trainer(compute_loss_func=...)``: that hook sees only the model outputs
+and ``inputs["labels"]``, so the soft labels would have to ride in ``labels`` as a dict where the
+Trainer's token counting expects a tensor; and the Trainer takes the hook's result as already
+normalised over the whole accumulated batch, so a per-batch mean would not be divided by the
+gradient accumulation steps. ``SoftLabelTrainer`` returns a per-batch mean and says so
+(``loss_is_scaled_for_ga = False``): micro-batch means are averaged, as ``train-student`` averages
+over DDP ranks.
+
+This module imports transformers (``import softlabels`` does not). The Trainer needs
+``TrainingArguments(remove_unused_columns=False)``: otherwise it drops the shard columns the
+model's ``forward`` does not name before the collator sees them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from .codec import LogprobCodec
+from .data import collate
+from .errors import UserError, VerificationError
+from .losses import IGNORE_INDEX, hard_label_loss, kd_loss
+from .options import TAIL_MODES
+from .rundir import RunDirectory
+from .train import hard_labels
+from .verify import verify
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as softlabels.hf: no retries against an unreachable hub
+try:
+    from transformers import Trainer
+except ImportError as exc:  # pragma: no cover - the [hf] extra is missing
+    raise ImportError("softlabels.hf_trainer needs transformers and datasets: pip install -e '.[hf]'") from exc
+
+__all__ = ["SOFT_LABEL_KEYS", "SoftLabelCollator", "SoftLabelTrainer", "load_soft_label_dataset", "soft_label_loss"]
+
+SOFT_LABEL_KEYS = ("topk_ids", "topk_logprobs", "target_mask", "hard_labels")
+"""Batch keys that carry targets; ``SoftLabelTrainer`` removes them before calling the model."""
+
+
+def _sealed_manifest(directory: str | os.PathLike[str], verify_shards: bool | None = None) -> dict[str, Any]:
+    """The manifest of a sealed top-k directory; ``verify_shards`` True/False runs the full/quick verify first."""
+    try:
+        if verify_shards is not None:
+            verify(directory, quick=not verify_shards)
+        manifest = RunDirectory.open(directory).read_sealed()
+    except VerificationError as exc:  # as train-student: an unsealed directory is the user's to finish
+        if "not complete" in str(exc) or "no manifest" in str(exc):
+            raise UserError(f"{directory}: {exc}") from None
+        raise
+    targets = manifest.get("targets", "topk")
+    if targets != "topk":
+        raise UserError(f"{directory}: holds {targets!r} targets; the HF Trainer path reads top-k soft labels only")
+    return manifest
+
+
+def load_soft_label_dataset(directory: str | os.PathLike[str], verify_sha256: bool = True,
+                            cache_dir: str | os.PathLike[str] | None = None) -> Any:
+    """Verify a sealed soft-label directory and open its shards as an HF ``datasets.Dataset``.
+
+    Args:
+        directory: a local directory written by ``softlabels generate`` (or ``select``).
+        verify_sha256: hash every shard against the manifest first (as ``train-student`` does);
+            False checks sizes and footers only (``softlabels verify --quick``).
+        cache_dir: the ``datasets`` cache (its Arrow copy of the shards); default ``datasets``'.
+
+    Returns:
+        A ``datasets.Dataset`` of the shards listed in the manifest, in manifest order; columns as
+        in the shards (``sample_id``, the input column, ``topk_ids``, the log-prob column, ...).
+
+    Raises:
+        UserError: not a sealed local directory, no rows, or not top-k targets.
+        VerificationError: a damaged shard, naming the file.
+    """
+    run_directory = RunDirectory.open(directory)
+    if not run_directory.root.local:
+        raise UserError(f"{directory}: load_soft_label_dataset reads local directories; for a store URI use "
+                        "datasets.load_dataset('parquet', data_files=..., storage_options=...) and SoftLabelCollator")
+    manifest = _sealed_manifest(directory, verify_shards=verify_sha256)
+    files = [str(run_directory.shard_path(entry["file"]).local_path) for entry in manifest["shards"] if entry["rows"]]
+    if not files:
+        raise UserError(f"{directory}: holds no rows to train on")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("load_soft_label_dataset needs the datasets package: pip install -e '.[hf]'") from None
+    return datasets.load_dataset("parquet", data_files=files, split="train",
+                                 cache_dir=None if cache_dir is None else str(cache_dir))
+
+
+class SoftLabelCollator:
+    """HF ``datasets`` rows of shard rows -> a batch for ``SoftLabelTrainer``.
+
+    The rows have lost the shard header, so the input column, label column and log-prob codec
+    come from the manifest. Returns ``input_ids`` int64 [B, T] (padding 0), ``attention_mask``
+    int64 [B, T] (1 on each row's tokens), ``topk_ids`` int64 [B, T, k], ``topk_logprobs`` float32
+    [B, T, k], ``target_mask`` bool [B, T] (collate's ``mask``: the positions that have targets) and
+    ``hard_labels`` int64 [B, T] (``IGNORE_INDEX`` where none), built by ``softlabels.train.hard_labels``
+    as ``train-student`` builds them: the label column when there is one, else the next token.
+    """
+
+    def __init__(self, manifest: dict[str, Any]) -> None:
+        self.input_column: str | None = manifest.get("input_column")
+        self.label_column: str | None = manifest.get("label_column")
+        self.codec = LogprobCodec.from_header(manifest)
+        self.vocab_size = int(manifest["vocab_size"])
+        if self.input_column is None:
+            raise UserError("these shards have no input column; the HF Trainer path feeds token ids to the model")
+
+    @classmethod
+    def from_directory(cls, directory: str | os.PathLike[str]) -> SoftLabelCollator:
+        """The collator of a sealed directory (reads its manifest)."""
+        return cls(_sealed_manifest(directory))
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = collate(rows, input_column=self.input_column, label_column=self.label_column, codec=self.codec)
+        tokens = batch["inputs"]
+        if tokens.dim() != 2 or torch.is_floating_point(tokens):
+            raise UserError(f"column {self.input_column!r} holds {tuple(tokens.shape[1:])} {tokens.dtype} values per row, "
+                            "not token ids; train such students with train-student")
+        if "lengths" in batch:
+            attention = (torch.arange(tokens.shape[1])[None, :] < batch["lengths"][:, None]).long()
+        else:
+            attention = torch.ones_like(tokens)
+        steps = batch["topk_ids"].shape[1]
+        next_token = "labels" not in batch and steps > 1  # train-student's rule for token sequences
+        labels = hard_labels(batch, next_token, steps)
+        if labels is None:
+            labels = torch.full((tokens.shape[0], steps), IGNORE_INDEX, dtype=torch.int64)
+        return {"input_ids": tokens.long(), "attention_mask": attention, "topk_ids": batch["topk_ids"],
+                "topk_logprobs": batch["topk_logprobs"], "target_mask": batch["mask"], "hard_labels": labels}
+
+
+def soft_label_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], temperature: float = 2.0,
+                    alpha: float = 0.5, tail: str = "bucket") -> dict[str, torch.Tensor]:
+    """``train-student``'s objective on one batch: ``alpha * kd + (1 - alpha) * ce``.
+
+    Args:
+        logits: student logits [B, T', V] with T' >= T (a causal LM), or [B, V] (one position).
+        batch: ``topk_ids`` [B, T, k], ``topk_logprobs`` [B, T, k], ``target_mask`` bool [B, T],
+            optionally ``hard_labels`` [B, T] (``IGNORE_INDEX`` where none).
+        temperature, alpha, tail: as ``train-student --temperature --alpha --tail``.
+
+    Returns:
+        ``loss``, ``kd`` (``kd_loss`` over the target positions, T^2-scaled), ``ce`` (hard-label
+        CE over the labelled target positions; 0 if none), and the counts ``positions``,
+        ``labelled`` and ``agree`` (target positions whose student argmax is the teacher's top-1).
+    """
+    if logits.dim() == 2:
+        logits = logits.unsqueeze(1)
+    steps = batch["topk_ids"].shape[1]
+    if logits.shape[1] < steps:
+        raise UserError(f"the model returns {logits.shape[1]} positions but the soft labels have {steps}")
+    logits = logits[:, :steps].float()
+    mask = batch["target_mask"].to(logits.device)
+    valid_logits = logits[mask]  # [N, V]: padding and non-target positions cost no vocabulary-sized work
+    top_ids = batch["topk_ids"].to(logits.device)[mask]
+    every = torch.ones(len(valid_logits), dtype=torch.bool, device=logits.device)  # 0, not NaN, with no target position
+    kd = kd_loss(valid_logits, top_ids, batch["topk_logprobs"].to(logits.device)[mask], temperature, tail, mask=every)
+    labels = batch.get("hard_labels")
+    if labels is not None:
+        valid_labels = labels.to(logits.device)[mask]
+        ce = hard_label_loss(valid_logits, valid_labels)
+        labelled = (valid_labels != IGNORE_INDEX).sum()
+    else:
+        ce = logits.sum() * 0.0
+        labelled = torch.zeros((), dtype=torch.int64, device=logits.device)
+    agree = (valid_logits.argmax(dim=-1) == top_ids[:, 0]).sum()
+    return {"loss": alpha * kd + (1.0 - alpha) * ce, "kd": kd, "ce": ce, "positions": mask.sum(), "labelled": labelled, "agree": agree}
+
+
+class SoftLabelTrainer(Trainer):
+    """A ``transformers.Trainer`` that distils from soft labels (see the module docstring).
+
+    Takes the Trainer's arguments plus ``temperature`` (2.0), ``alpha`` (0.5) and ``tail``
+    (``bucket``), the defaults of ``train-student``. Use ``SoftLabelCollator`` as the
+    ``data_collator`` and ``TrainingArguments(remove_unused_columns=False)``. Training logs add
+    ``kd`` and ``ce`` (this process's batch means since the last log); ``evaluate()`` adds
+    ``eval_kd``, ``eval_ce`` and ``eval_top1_agreement`` (per-position means over the set).
+    """
+
+    loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides by the accumulation steps
+
+    def __init__(self, *args: Any, temperature: float = 2.0, alpha: float = 0.5, tail: str = "bucket", **kwargs: Any) -> None:
+        if not temperature > 0:
+            raise UserError(f"SoftLabelTrainer temperature must be positive, got {temperature}")
+        if not 0.0 <= alpha <= 1.0:
+            raise UserError(f"SoftLabelTrainer alpha must be in [0, 1], got {alpha}")
+        if tail not in TAIL_MODES:
+            raise UserError(f"SoftLabelTrainer tail must be one of {', '.join(TAIL_MODES)}, got {tail!r}")
+        super().__init__(*args, **kwargs)
+        if self.args.remove_unused_columns:
+            raise UserError("SoftLabelTrainer needs TrainingArguments(remove_unused_columns=False): "
+                            "otherwise the Trainer drops the soft-label columns before the collator")
+        self.temperature, self.alpha, self.tail = temperature, alpha, tail
+        if self.args.label_names is None:
+            self.label_names = ["topk_ids"]  # so evaluate() computes a loss
+        self._train_sums = torch.zeros(3, dtype=torch.float64)  # kd, ce, batches
+        self._eval_sums = torch.zeros(5, dtype=torch.float64)  # kd * positions, ce * labelled, positions, labelled, agree
+        self._vocab_checked = False
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """``soft_label_loss`` of the batch; the model sees every key but ``SOFT_LABEL_KEYS``."""
+        targets = {key: inputs[key] for key in SOFT_LABEL_KEYS if key in inputs}
+        if "topk_ids" not in targets or "target_mask" not in targets:
+            raise UserError("SoftLabelTrainer batches need topk_ids, topk_logprobs and target_mask: use SoftLabelCollator as data_collator")
+        model_inputs = {key: value for key, value in inputs.items() if key not in SOFT_LABEL_KEYS}
+        outputs = model(**model_inputs)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        if not self._vocab_checked and isinstance(self.data_collator, SoftLabelCollator):
+            if logits.shape[-1] != self.data_collator.vocab_size:
+                raise UserError(f"the model has {logits.shape[-1]} output classes but the soft labels' teachers "
+                                f"have {self.data_collator.vocab_size}")
+            self._vocab_checked = True
+        terms = soft_label_loss(logits, targets, self.temperature, self.alpha, self.tail)
+        with torch.no_grad():
+            if model.training:
+                self._train_sums += torch.tensor([float(terms["kd"]), float(terms["ce"]), 1.0], dtype=torch.float64)
+            else:
+                positions, labelled = float(terms["positions"]), float(terms["labelled"])
+                self._eval_sums += torch.tensor([float(terms["kd"]) * positions, float(terms["ce"]) * labelled,
+                                                 positions, labelled, float(terms["agree"])], dtype=torch.float64)
+        return (terms["loss"], outputs) if return_outputs else terms["loss"]
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs and self._train_sums[2] > 0:
+            kd, ce, batches = self._train_sums.tolist()
+            logs = {**logs, "kd": kd / batches, "ce": ce / batches}
+            self._train_sums.zero_()
+        super().log(logs, *args, **kwargs)
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        self._eval_sums.zero_()
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        sums = self.accelerator.reduce(self._eval_sums.to(self.args.device), reduction="sum").cpu().tolist()
+        kd_sum, ce_sum, positions, labelled, agree = sums
+        if positions:
+            output.metrics[f"{prefix}_kd"] = kd_sum / positions
+            output.metrics[f"{prefix}_top1_agreement"] = agree / positions
+        if labelled:
+            output.metrics[f"{prefix}_ce"] = ce_sum / labelled
+        return output
