@@ -416,6 +416,8 @@ class DistillationRecipe:
     model: torch.nn.Module
     trained: torch.nn.Module
     factory_spec: str
+    probe: dict[str, Any]
+    vocab: int
     next_token: bool
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -547,10 +549,7 @@ class DistillationRecipe:
             rank's valid positions).
         """
         config = self.config
-        teacher_logits = None
-        if self.online_teacher is not None:
-            with torch.inference_mode(), autocast(self.device, config.precision):
-                teacher_logits = student_logits(self.online_teacher.module, batch, self.device).float().clone()
+        teacher_logits = self._online_teacher_logits(batch)
         with autocast(self.device, config.precision):
             logits = student_logits(self.trained, batch, self.device)
         terms = batch_losses(logits.float(), batch, config, self.next_token, teacher_logits)
@@ -569,6 +568,13 @@ class DistillationRecipe:
         self.positions_seen += int(terms["positions"])
         self.last_loss = loss
         return {"loss": loss, "kd": float(terms["kd"].detach()), "ce": float(terms["ce"].detach()), "positions": int(terms["positions"])}
+
+    def _online_teacher_logits(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """--online-teacher's logits [B, T, V] float32 on ``batch`` (no gradient), or None without one."""
+        if self.online_teacher is None:
+            return None
+        with torch.inference_mode(), autocast(self.device, self.config.precision):
+            return student_logits(self.online_teacher.module, batch, self.device).float().clone()
 
     def log_step(self, terms: dict[str, float]) -> None:
         """Rank 0 writes a metrics.jsonl record every --log-every steps and at the last one."""
@@ -656,10 +662,12 @@ class DistillationRecipe:
             self.save_checkpoint()
 
     def _halt_requested(self) -> bool:
+        """A signal came, or --halt-after is reached before the last step."""
         halt_after = self.config.halt_after
         return self.halt_signal is not None or (halt_after is not None and halt_after <= self.step < self.total_steps)
 
     def _finish(self) -> TrainSummary:
+        """After the last step: rank 0 evaluates on --eval and saves the student; every rank waits for it."""
         eval_metrics = None
         if self.env.rank == 0:
             if self.eval_set is not None:
@@ -685,6 +693,7 @@ class DistillationRecipe:
         self._previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _release_signals(self) -> None:
+        """Put back the handlers ``_catch_signals`` replaced (nothing when none are held)."""
         for sig, handler in (self._previous_handlers or {}).items():
             if handler is not None:  # None: a handler not installed from Python, which cannot be put back
                 signal.signal(sig, handler)
