@@ -19,7 +19,7 @@ import typer
 
 from . import __version__
 from .errors import UserError, VerificationError
-from .options import DirectoryConfig, GenerateConfig, InspectConfig, OptionSpec, SelectConfig, TrainConfig, VerifyConfig
+from .options import DirectoryConfig, GenerateConfig, InitStudentConfig, InspectConfig, OptionSpec, SelectConfig, TrainConfig, VerifyConfig
 
 __all__ = ["app", "main", "run"]
 
@@ -136,6 +136,12 @@ def _train(config: TrainConfig) -> str:
     return train_student(config).render()
 
 
+def _init_student(config: InitStudentConfig) -> str:
+    from .student_init import init_student
+
+    return init_student(config).render()
+
+
 def _verify(config: VerifyConfig) -> str:
     from .verify import verify
 
@@ -175,6 +181,9 @@ COMMANDS = [
     Command("train-student", TrainConfig, _train,
             "Distil a student from soft-label shards (KD + hard-label CE); resumable, DDP under torchrun.",
             "a checkpoint was written; rerun the same command with --resume to continue"),
+    Command("init-student", InitStudentConfig, _init_student,
+            "Write an hf: student made of some of an hf: teacher's layers (default every other: DistilBERT's initialisation).",
+            "nothing was written to --out; rerun the same command"),
     Command("verify", VerifyConfig, _verify,
             "Check completeness, schema, row counts and every shard's sha256 (--quick: sizes and footers only; exit 2 on failure).",
             "nothing was written; rerun the same command"),

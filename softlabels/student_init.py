@@ -1,0 +1,229 @@
+"""``softlabels init-student``: a same-family student that starts from a subset of the teacher's layers.
+
+DistilBERT's initialisation (Sanh et al., 2019): the student has the teacher's architecture with
+half the layers, and student layer i starts as teacher layer 2i ("every other layer"). Everything
+outside the layer stack (embeddings, final norm, LM or classification head) is copied unchanged.
+
+The layer stack is found, not named: it is the outermost ``nn.ModuleList`` holding exactly
+``config.num_hidden_layers`` modules (``model.layers`` of Llama-family causal LMs such as SmolLM2,
+``bert.encoder.layer``, ``distilbert.transformer.layer``, ``transformer.h``). A model with no such
+list, or with several (an encoder-decoder), is refused.
+
+The command writes a ``save_pretrained`` directory (config.json with the new layer count,
+model.safetensors) and ``init.json``: which teacher layer each student layer came from, and the
+teacher's sha256 (its identity, as recorded in soft-label manifests). Train it with
+``train-student --student hf:OUT``.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import UserError
+from .options import InitStudentConfig
+from .storage import fsync_path, is_uri
+
+__all__ = ["INIT_RECORD_NAME", "InitStudentSummary", "every_other_layer", "find_layer_list", "halve_layers", "init_student", "select_layers"]
+
+INIT_RECORD_NAME = "init.json"
+"""The record ``init-student`` writes last in ``--out``; it lists every other file it wrote."""
+
+
+def find_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The dotted name and module of the model's one stack of ``config.num_hidden_layers`` layers.
+
+    Raises:
+        UserError: the model has no ``config.num_hidden_layers``, no ModuleList of that length, or
+            several that are not nested in one another.
+    """
+    kind = type(model).__name__
+    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if not isinstance(count, int):
+        raise UserError(f"cannot find the layer list of {kind}: it has no config.num_hidden_layers")
+    lists = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.ModuleList) and len(module) == count]
+    outermost = [(name, module) for name, module in lists
+                 if not any(other != name and name.startswith(other + ".") for other, _ in lists)]
+    if len(outermost) != 1:
+        found = ", ".join(name for name, _ in outermost) or "none"
+        raise UserError(f"cannot find the layer list of {kind}: it needs exactly one ModuleList of {count} layers "
+                        f"(config.num_hidden_layers), found {found}")
+    return outermost[0]
+
+
+def every_other_layer(count: int) -> list[int]:
+    """Teacher layers 0, 2, 4, ... of ``count``: ceil(count / 2) of them, DistilBERT's choice."""
+    return list(range(0, count, 2))
+
+
+def select_layers(model: nn.Module, teacher_layers: Sequence[int]) -> nn.Module:
+    """A new model of the same class and config whose layer i is a copy of ``teacher_layers[i]``.
+
+    Every parameter and persistent buffer outside the layer stack is copied (tied weights stay
+    tied); ``config.num_hidden_layers`` (and a per-layer ``config.layer_types``) follows the
+    selection. The teacher is not modified; the student has the teacher's dtype and train/eval mode.
+
+    Raises:
+        UserError: no layer list (see ``find_layer_list``), or ``teacher_layers`` empty, out of
+            range, or not strictly increasing.
+    """
+    prefix, layers = find_layer_list(model)
+    count = len(layers)
+    chosen = [int(index) for index in teacher_layers]
+    if not chosen or any(not 0 <= index < count for index in chosen) or any(a >= b for a, b in itertools.pairwise(chosen)):
+        raise UserError(f"layers {','.join(map(str, chosen)) or '(none)'}: need strictly increasing layer numbers "
+                        f"from 0 to {count - 1} ({type(model).__name__} has {count} layers)")
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = len(chosen)
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, list) and len(layer_types) == count:
+        config.layer_types = [layer_types[index] for index in chosen]
+    reference = next(model.parameters())
+    with torch.device(reference.device):
+        student = type(model)(config)
+    student = student.to(reference.dtype)
+    teacher_state = model.state_dict()
+    layer_prefix = prefix + "."
+    state: dict[str, torch.Tensor] = {}
+    try:
+        for name in student.state_dict():
+            if name.startswith(layer_prefix):
+                index, _, rest = name[len(layer_prefix):].partition(".")
+                state[name] = teacher_state[f"{layer_prefix}{chosen[int(index)]}.{rest}"]
+            else:
+                state[name] = teacher_state[name]
+        student.load_state_dict(state, strict=True)  # copies into the student's own (tied) parameters
+    except (KeyError, RuntimeError) as exc:  # something besides the layer list depends on the layer count
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot copy {type(model).__name__}'s weights outside {prefix} into a {len(chosen)}-layer model ({first})") from None
+    student.train(model.training)
+    return student
+
+
+def halve_layers(model: nn.Module) -> tuple[nn.Module, list[int]]:
+    """DistilBERT's student: every other layer of ``model``; returns (student, layer_map) where
+    student layer i started as teacher layer ``layer_map[i]``."""
+    _, layers = find_layer_list(model)
+    layer_map = every_other_layer(len(layers))
+    return select_layers(model, layer_map), layer_map
+
+
+@dataclass(frozen=True)
+class InitStudentSummary:
+    """What ``init-student`` wrote; ``render()`` is the line the CLI prints."""
+
+    out: str
+    teacher: str
+    layer_map: list[int]
+    teacher_layers: int
+    parameters: int
+
+    def render(self) -> str:
+        return (f"{self.out}: a {len(self.layer_map)}-layer student ({self.parameters:,} parameters) from layers "
+                f"{','.join(map(str, self.layer_map))} of the {self.teacher_layers}-layer {self.teacher}; "
+                f"record in {INIT_RECORD_NAME}. Train it with --student hf:{self.out}")
+
+
+def _check_out(out: str, teacher: str) -> Path:
+    """``--out`` is a local directory that is new, empty, or a previous init-student output."""
+    if is_uri(out):
+        raise UserError(f"--out {out}: init-student writes a local directory (hf: specs load local directories only)")
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    teacher_path = Path(teacher[len("hf:"):].partition("@")[0])
+    if path.exists() and teacher_path.exists():
+        teacher_dir = teacher_path if teacher_path.is_dir() else teacher_path.parent
+        if path.resolve() == teacher_dir.resolve():
+            raise UserError(f"--out {out} is the --teacher directory; choose another --out")
+    if not path.is_dir():
+        return path
+    names = sorted(p.name for p in path.iterdir())
+    if not names:
+        return path
+    ours = {INIT_RECORD_NAME}
+    try:
+        ours |= set(json.loads((path / INIT_RECORD_NAME).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    foreign = [name for name in names if name not in ours]
+    if INIT_RECORD_NAME not in names or foreign:
+        culprit = (foreign or names)[0]
+        raise UserError(f"--out {out} holds {culprit}, which init-student did not write; give an empty or new --out")
+    return path
+
+
+def _write(student: nn.Module, path: Path, record: dict[str, Any]) -> None:
+    """save_pretrained into a sibling staging directory, then swap it in: --out is never half written."""
+    staging = path.parent / f".{path.name}.init-student.tmp"
+    if staging.exists():
+        shutil.rmtree(staging)  # an interrupted earlier run's staging directory
+    student.save_pretrained(str(staging))
+    record["files"] = sorted(p.name for p in staging.iterdir())
+    (staging / INIT_RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
+    mode = (staging / INIT_RECORD_NAME).stat().st_mode & 0o777  # the umask's, not save_pretrained's 0600
+    for file in staging.iterdir():
+        file.chmod(mode)
+        fsync_path(file)
+    if path.is_dir():  # empty, or a previous init-student output (checked by _check_out)
+        for file in path.iterdir():
+            file.unlink()
+        path.rmdir()
+    os.replace(staging, path)
+    fsync_path(path.parent)
+
+
+def init_student(config: InitStudentConfig) -> InitStudentSummary:
+    """Write an ``hf:`` student directory initialised from the teacher's layers (see module docstring).
+
+    Raises:
+        UserError: a teacher that is not ``hf:`` or has no layer list, bad ``--layers``, or an
+            ``--out`` holding files init-student did not write.
+    """
+    from .hf import disable_progress_bars, load_hf_model
+    from .teachers import portable_name
+
+    if not config.teacher.startswith("hf:"):
+        raise UserError(f"--teacher {config.teacher}: init-student needs an hf: teacher (a transformers directory or a .gguf)")
+    path = _check_out(config.out, config.teacher)
+    if not config.progress:
+        disable_progress_bars()
+    wrapped, sha256 = load_hf_model(config.teacher, "--teacher")
+    teacher = wrapped.model
+    try:
+        prefix, layers = find_layer_list(teacher)
+    except UserError as exc:
+        raise UserError(f"--teacher {config.teacher}: {exc}") from None
+    teacher_layers = len(layers)
+    if config.teacher_layers is None:
+        layer_map = every_other_layer(teacher_layers)
+    elif config.teacher_layers[-1] >= teacher_layers:
+        raise UserError(f"--layers {config.layers}: the teacher {portable_name(config.teacher)} has layers 0 to {teacher_layers - 1}")
+    else:
+        layer_map = list(config.teacher_layers)
+    student = select_layers(teacher, layer_map)
+    record = {
+        "written_by": f"softlabels {__version__} init-student",
+        "teacher": portable_name(config.teacher),
+        "teacher_sha256": sha256,
+        "layers": config.layers,
+        "layer_list": prefix,
+        "teacher_num_layers": teacher_layers,
+        "student_num_layers": len(layer_map),
+        "teacher_layer_of_student_layer": layer_map,
+        "outside_layer_list": "copied unchanged from the teacher (embeddings, final norm, head)",
+    }
+    _write(student, path, record)
+    return InitStudentSummary(str(config.out), portable_name(config.teacher), layer_map, teacher_layers,
+                              sum(p.numel() for p in student.parameters()))
