@@ -11,6 +11,24 @@ tail mass tau = 1 - sum(exp) of the V - k unstored classes is known. Three ways 
   Needs a [N, V] teacher block, as much memory as the student's logits.
 
 All three equal Hinton's T^2 * KL(softmax(t/T) || softmax(s/T)) when k = V, which the tests check.
+
+Sampled targets (``targets="sample"``, Random-Sampling KD, Anshumann et al., ACL 2025): per position
+the distinct ids drawn N times with replacement from a proposal q (the teacher p, or p^(1/t) / Z_t at
+a proposal temperature t), their counts c_i and log p(i) (``softlabels.sampling``). With
+w_i = c_i / N, the estimate of the teacher at the loss temperature T is
+
+* T == t (t = 1 included: T = 1 with q = p): p_T = q, so p_hat_i = w_i;
+* T == 1 != t: p_hat_i = w_i p(i) / q(i), with q(i) = p(i)^(1/t) / Z_t from the stored log Z_t;
+* any other T: w_i p(i)^(1/T) / q(i) normalised to sum 1 (self-normalised importance sampling),
+  consistent as N grows but biased for finite N.
+
+The loss per position is sum_i p_hat_i (log p_T(i) - log s_T(i)), log p_T(i) being exact in the
+first two cases (log p(i) / t - log Z_t, or log p(i)) and log p(i) / T minus the log of the estimated
+normaliser sum_i w_i p(i)^(1/T) / q(i) in the third. In the first two cases it is linear in p_hat,
+so both the loss and its gradient T (s_T sum(p_hat) - p_hat) are unbiased for the dense
+KL(p_T || s_T) and its gradient T (s_T - p_T): the teacher's entropy is estimated from the same draws
+rather than dropped, so the reported figure is comparable to dense KD (it can be slightly negative on
+one position, being an estimate of a KL, not a KL).
 """
 
 from __future__ import annotations
@@ -21,9 +39,21 @@ import torch
 
 from .options import TAIL_MODES
 
-__all__ = ["TAIL_MODES", "masked_mean", "kd_loss", "kd_loss_per_position", "dense_kd_per_position", "dense_kd_loss", "hard_label_loss", "IGNORE_INDEX"]
+__all__ = [
+    "TAIL_MODES",
+    "KD_TARGETS",
+    "masked_mean",
+    "kd_loss",
+    "kd_loss_per_position",
+    "sampled_kd_loss_per_position",
+    "dense_kd_per_position",
+    "dense_kd_loss",
+    "hard_label_loss",
+    "IGNORE_INDEX",
+]
 
 IGNORE_INDEX = -100
+KD_TARGETS = ("topk", "sample")
 
 
 def _kl(log_q: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
@@ -93,6 +123,61 @@ def kd_loss_per_position(
     return _kl(torch.log_softmax(dense / temperature, dim=-1), student)
 
 
+def sampled_kd_loss_per_position(
+    student_logits: torch.Tensor,
+    sample_ids: torch.Tensor,
+    sample_counts: torch.Tensor,
+    sample_logprobs: torch.Tensor,
+    temperature: float = 2.0,
+    proposal_temperature: float = 1.0,
+    proposal_log_normalizer: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The RS-KD estimate of KL(p_T || s_T) at every position, without the T^2 factor.
+
+    Unbiased (loss and gradient) when ``temperature == proposal_temperature`` or
+    ``temperature == 1``; self-normalised, consistent but biased for finite N, at other
+    temperatures (see the module docstring).
+
+    Args:
+        student_logits: [..., V] raw student logits.
+        sample_ids: [..., m] int64 distinct drawn ids (any id in slots whose count is 0).
+        sample_counts: [..., m] integer draws of each id; 0 marks a padding slot. A position's
+            counts sum to N; a position with none gives 0.
+        sample_logprobs: [..., m] teacher log p(id) at T=1 over the full vocabulary.
+        temperature: T > 0.
+        proposal_temperature: t > 0, the temperature the ids were drawn at (q = p^(1/t) / Z_t).
+        proposal_log_normalizer: [...] log Z_t = log sum_v p(v)^(1/t); required when t != 1.
+
+    Returns:
+        [...] per-position estimate in nats.
+    """
+    if temperature <= 0 or proposal_temperature <= 0:
+        raise ValueError(f"temperatures must be positive, got T={temperature}, proposal t={proposal_temperature}")
+    if sample_ids.shape != sample_counts.shape or sample_ids.shape != sample_logprobs.shape:
+        raise ValueError(f"sample ids {tuple(sample_ids.shape)}, counts {tuple(sample_counts.shape)} and "
+                         f"log-probs {tuple(sample_logprobs.shape)} must have one shape")
+    if proposal_temperature != 1.0 and proposal_log_normalizer is None:
+        raise ValueError(f"draws at proposal temperature {proposal_temperature} need the proposal's log normaliser")
+    student = torch.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, sample_ids.long())
+    counts = sample_counts.detach().float()
+    drawn = counts > 0
+    weights = counts / counts.sum(dim=-1, keepdim=True).clamp(min=1.0)
+    log_p = torch.where(drawn, sample_logprobs.detach().float(), torch.zeros_like(counts))
+    log_z = 0.0 if proposal_temperature == 1.0 else proposal_log_normalizer.detach().float().unsqueeze(-1)
+    log_q = log_p / proposal_temperature - log_z
+    if math.isclose(temperature, proposal_temperature):
+        target, log_target = weights, log_q
+    elif math.isclose(temperature, 1.0):
+        target, log_target = weights * (log_p - log_q).exp(), log_p
+    else:
+        log_ratio = torch.where(drawn, weights.log() + log_p / temperature - log_q, torch.full_like(counts, float("-inf")))
+        log_z_estimate = torch.logsumexp(log_ratio, dim=-1, keepdim=True)
+        log_z_estimate = torch.where(drawn.any(dim=-1, keepdim=True), log_z_estimate, torch.zeros_like(log_z_estimate))
+        target, log_target = (log_ratio - log_z_estimate).exp(), log_p / temperature - log_z_estimate
+    target = torch.where(drawn, target, torch.zeros_like(target))
+    return (target * (torch.where(drawn, log_target, torch.zeros_like(log_target)) - student)).sum(dim=-1)
+
+
 def kd_loss(
     student_logits: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -100,22 +185,43 @@ def kd_loss(
     temperature: float = 2.0,
     tail: str = "bucket",
     mask: torch.Tensor | None = None,
+    *,
+    targets: str = "topk",
+    sample_counts: torch.Tensor | None = None,
+    proposal_temperature: float = 1.0,
+    proposal_log_normalizer: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """T^2-scaled KD loss from top-k soft labels, averaged over valid positions.
+    """T^2-scaled KD loss from stored soft labels (top-k or sampled), averaged over valid positions.
 
     Args:
         student_logits: [..., V], e.g. [B, V] for a classifier or [B, T, V] for sequences.
-        topk_ids: [..., k] int64.
-        topk_logprobs: [..., k] float32 log-probabilities at T=1.
+        topk_ids: [..., k] int64; with ``targets="sample"`` the [..., m] distinct drawn ids.
+        topk_logprobs: [..., k] float32 log-probabilities at T=1; with ``targets="sample"`` the
+            [..., m] teacher log-probabilities of the drawn ids.
         temperature: T.
-        tail: ``bucket`` (default), ``renorm`` or ``uniform``; see the module docstring.
+        tail: ``bucket`` (default), ``renorm`` or ``uniform``; see the module docstring. Top-k only.
         mask: [...] bool, True at valid positions; None means all positions are valid. A batch
             with no valid position gives 0 with finite (zero) gradients.
+        targets: ``topk`` (default) or ``sample`` (the shard header's ``targets``).
+        sample_counts: [..., m] draws of each id, 0 in padding slots; ``targets="sample"`` only.
+        proposal_temperature: the header's ``proposal_temperature``; ``targets="sample"`` only.
+        proposal_log_normalizer: [...] log Z_t per position, needed when the proposal
+            temperature is not 1; ``targets="sample"`` only.
 
     Returns:
         A scalar tensor.
     """
-    per_position = kd_loss_per_position(student_logits, topk_ids, topk_logprobs, temperature, tail)
+    if targets not in KD_TARGETS:
+        raise ValueError(f"targets must be one of {', '.join(KD_TARGETS)}, got {targets!r}")
+    if targets == "topk":
+        if sample_counts is not None or proposal_log_normalizer is not None or proposal_temperature != 1.0:
+            raise ValueError("sample_counts, proposal_temperature and proposal_log_normalizer belong to targets='sample'")
+        per_position = kd_loss_per_position(student_logits, topk_ids, topk_logprobs, temperature, tail)
+    else:
+        if sample_counts is None:
+            raise ValueError("targets='sample' needs sample_counts")
+        per_position = sampled_kd_loss_per_position(student_logits, topk_ids, sample_counts, topk_logprobs, temperature,
+                                                    proposal_temperature, proposal_log_normalizer)
     return masked_mean(per_position, mask) * temperature**2
 
 
