@@ -24,6 +24,7 @@ from .codec import LogprobCodec
 from .corpus import Corpus, Unit, corpus_record, open_corpus
 from .distributed import distributed_env
 from .errors import UserError, VerificationError
+from .hf import disable_progress_bars
 from .inputs import check_input_type, to_teacher_inputs
 from .options import GenerateConfig, flag_of
 from .pipeline import GenerationRun, run_units_locally
@@ -342,6 +343,8 @@ def generate(config: GenerateConfig) -> GenerateSummary:
         KeyboardInterrupt: after committing whole shards only and removing partial files.
     """
     started = time.perf_counter()
+    if not config.progress:
+        disable_progress_bars()
     output = RunDirectory.for_output(config.out)  # not a file, not a v1 dataset
     _check_out_apart_from_corpus(config)
     output.refuse_foreign()

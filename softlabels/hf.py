@@ -38,7 +38,7 @@ from torch import nn
 
 from .errors import UserError
 
-__all__ = ["HFLogits", "disable_progress_bars", "hf_identity", "load_hf_model"]
+__all__ = ["HFLogits", "disable_progress_bars", "hf_identity", "import_transformers", "load_hf_model"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 _progress_bars_enabled = True
@@ -67,7 +67,8 @@ def disable_progress_bars() -> None:
         _silence_progress_bars(sys.modules["transformers"])
 
 
-def _transformers() -> Any:
+def import_transformers() -> Any:
+    """transformers, offline and quiet (the [hf] extra); a UserError when it is not installed."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -169,7 +170,7 @@ def load_hf_model(spec: str, flag: str = "--teacher") -> tuple[nn.Module, str]:
     weights under torch's current RNG state; ``@weights`` builds from the source's config and
     loads that file strictly.
     """
-    transformers = _transformers()
+    transformers = import_transformers()
     target, _, weights = spec[len("hf:"):].partition("@")
     source = _source(target, spec, flag)
     try:

@@ -197,7 +197,7 @@ class TrainConfig:
     """Settings of one ``train-student`` run; validates itself and names the offending flag."""
 
     data: list[str] = argument("Sealed soft-label directories or store URIs (or use --data).", "DATA_DIR", required=False, many=True)
-    student: str = option(None, "--student", f"Student SPEC: {SPEC_HELP}; for hf:, a config.json trains from scratch.", metavar="SPEC", shown_default="required")
+    student: str = option(None, "--student", f"Student SPEC: {SPEC_HELP}; hf:DIR with weights (safetensors or .gguf) starts from them, a config.json alone trains from scratch.", metavar="SPEC", shown_default="required")
     out: str = option(None, "--out", "Output directory or store URI: checkpoint.pt, metrics.jsonl, student.safetensors.", metavar="DIR", shown_default="required")
     extra_data: list[str] = option([], "--data", "Another soft-label directory to mix in; repeatable.", metavar="DIR", shown_default="none")
     mix: str | None = option(None, "--mix", "Sampling weights of the data directories, e.g. 0.7,0.3.", shown_default="equal")

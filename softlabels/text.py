@@ -23,7 +23,6 @@ The output table has ``sample_id``, ``input_ids`` (list<int32>: the ids the teac
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from .errors import UserError
+from .hf import import_transformers
 from .schema import ID_COLUMN, TARGETS_COLUMN, TOKENS_COLUMN
 
 __all__ = ["TokenizerSource", "DocumentWindows", "load_tokenizer", "tokenizer_identity"]
@@ -80,11 +80,7 @@ def tokenizer_identity(source: TokenizerSource) -> str:
 
 def load_tokenizer(source: TokenizerSource) -> Any:
     """The transformers tokenizer of ``source``, from local files only."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        from transformers import AutoTokenizer
-    except ImportError:
-        raise UserError(f"{source.flag}: tokenizing text needs the [hf] extra: pip install 'softlabels[hf]'") from None
+    AutoTokenizer = import_transformers().AutoTokenizer
     files = source.files()
     if not files:
         raise UserError(f"{source.flag} {source.spec}: {source.path} holds no tokenizer files (tokenizer.json, ...) and no .gguf")

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from .data import SoftLabelDataset, SoftLabelLoader
 from .distributed import distributed_env
 from .errors import UserError, VerificationError
+from .hf import disable_progress_bars
 from .inputs import TeacherInputs
 from .losses import IGNORE_INDEX, dense_kd_per_position, hard_label_loss, kd_loss_per_position
 from .options import TrainConfig, flag_of
@@ -266,7 +267,7 @@ def _load_student(spec: str) -> tuple[torch.nn.Module, str]:
     """The trainable student of ``--student SPEC`` and its factory (the SPEC without weights)."""
     model, _ = load_model(spec, "--student")
     if not isinstance(model, torch.nn.Module) or isinstance(model, torch.fx.GraphModule):
-        raise UserError(f"--student {spec}: a student must be a trainable module (module:factory or hf:CONFIG)")
+        raise UserError(f"--student {spec}: a student must be a trainable module (module:factory, hf:DIR or hf:CONFIG)")
     return model, spec.partition("@")[0]
 
 
@@ -721,6 +722,8 @@ def train_student(config: TrainConfig) -> TrainSummary:
             ``--resume`` whose checkpoint was made with other settings.
         KeyboardInterrupt: SIGINT or SIGTERM, after a checkpoint at the step boundary.
     """
+    if not config.progress:
+        disable_progress_bars()
     recipe = DistillationRecipe(config)
     try:
         recipe.setup()
