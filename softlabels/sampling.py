@@ -17,8 +17,9 @@ Draws are reproducible from what identifies a position, never from how work was 
 
 So the draws of a position depend only on (fingerprint, sample id, position index) and that
 position's teacher probabilities: resume, ranks, Ray actors and any ``--batch-size`` give the same
-ids. Positions are processed in chunks of at most ``CHUNK_ELEMENTS / 2`` float64 values (32 MB),
-the cost being one exp and one cumulative sum over V per position.
+ids. Positions are processed in chunks of at most ``CHUNK_ELEMENTS / 2`` float64 values (32 MB) in
+one scratch block reused for every chunk; the cost per position is a few in-place passes over V
+(copy to float64, subtract the max, exp, cumulative sum) and a binary search per draw.
 
 Storage (``sample_fields`` / ``sample_arrays``), one row per sample as for top-k, with
 per-position lists of variable length (the distinct ids):
@@ -260,21 +261,32 @@ def _check(logprobs: torch.Tensor, keys: torch.Tensor | np.ndarray, samples: int
     return seeds
 
 
-def _chunk_rows(vocab: int) -> int:
-    return max(1, CHUNK_ELEMENTS // 2 // max(vocab, 1))
+def _draw_chunk(logprobs: torch.Tensor, seeds: np.ndarray, samples: int, proposal_temperature: float,
+                buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """([n, samples] int64 drawn ids, [n] float64 log Z_t) for one chunk of positions.
 
-
-def _draw_chunk(logprobs: torch.Tensor, seeds: np.ndarray, samples: int, proposal_temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """([n, samples] int64 drawn ids, [n] float64 log Z_t) for one chunk of positions."""
-    scaled = logprobs.double()
+    ``buffer`` is a float64 [>= n, V] scratch block, reused across chunks: the cumulative sum is built
+    in place (copy, subtract the max, scale, exp, cumsum), with no [n, V] allocation per chunk.
+    """
+    cdf = buffer[: len(logprobs)]
+    cdf.copy_(logprobs)
+    top = cdf.max(dim=-1, keepdim=True).values
+    cdf.sub_(top)
     if proposal_temperature != 1.0:
-        scaled = scaled / proposal_temperature
-    top = scaled.max(dim=-1, keepdim=True).values
-    cdf = (scaled - top).exp_().cumsum_(dim=-1)
+        cdf.div_(proposal_temperature)
+        top = top / proposal_temperature
+    cdf.exp_().cumsum_(dim=-1)
     total = cdf[:, -1:]
     targets = torch.from_numpy(uniforms(seeds, samples)).to(cdf.device) * total
     drawn = torch.searchsorted(cdf, targets, right=True).clamp_(max=logprobs.shape[-1] - 1)
     return drawn, (total.log() + top).squeeze(-1)
+
+
+def _scratch(logprobs: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """(positions per chunk, the float64 scratch block of one chunk)."""
+    chunk = max(1, CHUNK_ELEMENTS // 2 // max(logprobs.shape[-1], 1))
+    rows = min(chunk, max(logprobs.shape[0], 1))
+    return chunk, torch.empty(rows, logprobs.shape[-1], dtype=torch.float64, device=logprobs.device)
 
 
 def draw_ids(logprobs: torch.Tensor, keys: torch.Tensor | np.ndarray, samples: int, proposal_temperature: float = 1.0) -> torch.Tensor:
@@ -290,8 +302,8 @@ def draw_ids(logprobs: torch.Tensor, keys: torch.Tensor | np.ndarray, samples: i
         [n, N] int64 ids on ``logprobs``' device. A class with p = 0 is never drawn.
     """
     seeds = _check(logprobs, keys, samples, proposal_temperature)
-    chunk = _chunk_rows(logprobs.shape[-1])
-    pieces = [_draw_chunk(logprobs[b : b + chunk], seeds[b : b + chunk], samples, proposal_temperature)[0]
+    chunk, buffer = _scratch(logprobs)
+    pieces = [_draw_chunk(logprobs[b : b + chunk], seeds[b : b + chunk], samples, proposal_temperature, buffer)[0]
               for b in range(0, logprobs.shape[0], chunk)]
     return torch.cat(pieces) if pieces else torch.empty(0, samples, dtype=torch.int64, device=logprobs.device)
 
@@ -329,11 +341,11 @@ def draw_targets(logprobs: torch.Tensor, keys: torch.Tensor | np.ndarray, sample
     """
     seeds = _check(logprobs, keys, samples, proposal_temperature)
     vocab = logprobs.shape[-1]
-    chunk = _chunk_rows(vocab)
+    chunk, buffer = _scratch(logprobs)
     ids, counts, values, distinct, normalizers = [], [], [], [], []
     for begin in range(0, logprobs.shape[0], chunk):
         block = logprobs[begin : begin + chunk]
-        drawn, log_normalizer = _draw_chunk(block, seeds[begin : begin + chunk], samples, proposal_temperature)
+        drawn, log_normalizer = _draw_chunk(block, seeds[begin : begin + chunk], samples, proposal_temperature, buffer)
         chunk_ids, chunk_counts, chunk_distinct = _distinct(drawn, vocab)
         rows = torch.repeat_interleave(torch.arange(len(block), device=block.device), chunk_distinct)
         ids.append(chunk_ids)

@@ -186,11 +186,12 @@ def assert_same_targets(a: SampledTargets, b: SampledTargets) -> None:
 
 
 def test_same_keys_give_identical_draws_and_chunking_changes_nothing(monkeypatch):
-    keys, lengths, _ = ragged_keys("chunks", 117, seed=10)
+    keys, lengths, _ = ragged_keys("chunks", 53, seed=10)
     logprobs = torch.log_softmax(torch.randn(int(lengths.sum()), 50, generator=torch.Generator().manual_seed(11)), dim=-1)
     whole = draw_targets(logprobs, keys, 24, 1.5)
     assert_same_targets(whole, draw_targets(logprobs, keys, 24, 1.5))
     cuts = [0, 37, 38, 700, len(logprobs)]
+    assert len(logprobs) > 701
     pieces = [draw_targets(logprobs[a:b], keys[a:b], 24, 1.5) for a, b in zip(cuts, cuts[1:])]
     assert_same_targets(whole, SampledTargets.concat(pieces))
     monkeypatch.setattr(sampling, "CHUNK_ELEMENTS", 2 * 50 * 7)  # 7 positions per internal chunk
@@ -345,7 +346,7 @@ def test_a_position_without_draws_gives_zero_and_finite_gradients(temperature):
     counts = torch.tensor([[2, 1, 0], [0, 0, 0]])
     logprobs = torch.tensor([[-1.0, -2.0, 0.0], [0.0, 0.0, 0.0]])
     per_position = sampled_kd_loss_per_position(student, ids, counts, logprobs, temperature)
-    assert float(per_position[1]) == 0.0
+    assert float(per_position[1].detach()) == 0.0
     per_position.sum().backward()
     assert bool(student.grad.isfinite().all()) and float(student.grad[1].abs().sum()) == 0.0
 
@@ -367,11 +368,11 @@ def test_sampled_arguments_are_refused_where_they_do_not_belong():
 # -- storage ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("vocab", "samples", "proposal", "dtype"), [(50, 24, 1.0, "bfloat16"), (70000, 300, 2.0, "uint8"),
+@pytest.mark.parametrize(("vocab", "samples", "proposal", "dtype"), [(50, 24, 1.0, "bfloat16"), (65537, 300, 2.0, "uint8"),
                                                                       (50, 12, 0.8, "float16")])
 def test_arrow_columns_round_trip_through_parquet(tmp_path, vocab, samples, proposal, dtype):
     codec = LogprobCodec.named(dtype)
-    keys, lengths, ids = ragged_keys("arrow", 17, seed=17)
+    keys, lengths, ids = ragged_keys("arrow", 11, seed=17)
     logprobs = torch.log_softmax(torch.randn(int(lengths.sum()), vocab, generator=torch.Generator().manual_seed(18)) * 3, dim=-1)
     targets = draw_targets(logprobs, keys, samples, proposal)
     fields = sample_fields(vocab, samples, proposal, codec)
