@@ -52,7 +52,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from bench_generate import bare_forward, build_batches  # noqa: E402
+from bench_generate import INNER, PROCESS_UNIT, STARTUP, StageClock, bare_forward, build_batches  # noqa: E402
 from bench_train import loader_read, raw_read  # noqa: E402
 from topk_reference import installed as reference_topk  # noqa: E402
 
@@ -91,6 +91,39 @@ def timed_generate(corpus: Path, teacher: str, out: Path, top_k: int) -> tuple[f
         return time.perf_counter() - started, spent[0], summary
     finally:
         generate_module._prepare = prepare
+
+
+def generate_stages(corpus: Path, teacher_spec: str, out: Path, top_k: int) -> list[dict[str, object]]:
+    """One more generate run with timers around the functions it calls (``bench_generate.StageClock``)."""
+    import softlabels.corpus as corpus_module
+    import softlabels.pipeline as pipe
+
+    clock = StageClock()
+    for owner, name, stage in (
+        (corpus_module.Corpus, "read_unit", "read unit (Parquet -> Arrow)"),
+        (pipe, "to_teacher_inputs", INNER[0]),
+        (pipe, "forward", INNER[1]),
+        (pipe, "valid_positions", INNER[2]),
+        (pipe, "usable_positions", "usable_positions (NaN/Inf check)"),
+        (pipe, "soft_labels", "soft_labels (top-k, log-sum-exp, entropy, fidelity)"),
+        (pipe, "build_shard", "build_shard (Arrow table)"),
+        (pipe, "write_shard", "write_shard (zstd Parquet, fsync, sha256, rename)"),
+        (pipe, "process_unit", PROCESS_UNIT),
+    ):
+        clock.wrap(owner, name, stage)
+    try:
+        wall, startup, summary = timed_generate(corpus, teacher_spec, out, top_k)
+    finally:
+        clock.undo()
+    rows: list[dict[str, object]] = [{"thread": "main", "stage": STARTUP, "seconds": startup}]
+    rows += [{"thread": g, "stage": st, "seconds": r[0], "calls": r[2]} for (g, st), r in clock.records.items()]
+    seconds = {(g, st): r[0] for (g, st), r in clock.records.items()}
+    inner = sum(v for (g, st), v in seconds.items() if g == "main" and st not in (PROCESS_UNIT,))
+    rows.append({"thread": "main", "stage": "rest of process_unit", "seconds": seconds.get(("main", PROCESS_UNIT), 0.0) - inner})
+    rows.append({"thread": "main", "stage": "the rest: waiting on reader/writer, sealing",
+                 "seconds": wall - startup - seconds.get(("main", PROCESS_UNIT), 0.0)})
+    rows.append({"thread": "main", "stage": "whole generate", "seconds": wall, "positions": summary.positions})
+    return rows
 
 
 def timed_train(soft: Path, student: str, out: Path, steps: int, online: str | None) -> float:
@@ -173,6 +206,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=3, help="rounds of figure 1")
     parser.add_argument("--figures", choices=["all", "generate"], default="all", help="generate: figure 1 only")
     parser.add_argument("--reference", action="store_true", help="figure 1 also with the pre-issue-12 top-k step")
+    parser.add_argument("--stages", action="store_true", help="after figure 1, one generate run timed stage by stage")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_llm"))
     args = parser.parse_args()
     if args.figures == "all" and args.student_config is None:
@@ -186,6 +220,10 @@ def main() -> None:
 
     pairs, summary = generate_rounds(corpus, teacher_spec, args.out, args.top_k, args.pairs, args.reference)
     figures = generate_figures(pairs, summary.positions, args.reference)
+    if args.stages:
+        figures["stages"] = generate_stages(corpus, teacher_spec, args.out / "soft-stages", args.top_k)
+        for row in figures["stages"]:
+            print(f"{row['thread']:>24s} {row['seconds']:8.2f} s  {row['stage']}", file=sys.stderr)
     if args.figures == "generate":
         result = {"command": "python " + " ".join(sys.argv), "windows": len(keep), "positions": summary.positions,
                   "top_k": args.top_k, "torch_threads": torch.get_num_threads(), **figures, "pairs": pairs}

@@ -2,9 +2,10 @@
 
 Everything here works on the valid positions of a batch, flattened to [N, C]. The full
 distribution is needed once per position (the normalisation over all C classes and the entropy),
-so positions are processed in chunks of at most ``CHUNK_ELEMENTS`` floats per teacher, converted
-to fp32 one chunk at a time into buffers reused across chunks: a chunk stays in a core's cache
-between passes, and memory does not grow with batch size x sequence length x vocabulary.
+so positions are processed in chunks of at most ``CHUNK_ELEMENTS`` floats per teacher
+(``CPU_CHUNK_ELEMENTS`` on the CPU), converted to fp32 one chunk at a time into buffers
+reused across chunks: a chunk stays in cache between passes, and memory does not grow with batch
+size x sequence length x vocabulary.
 
 One teacher takes few passes over the vocabulary per chunk: the fp32 copy, the block maxima and
 a top-k of the raw logits (``block_topk``; the top-k of the logits is the top-k of the log-probabilities,
@@ -25,10 +26,15 @@ import torch
 
 from .codec import LogprobCodec
 
-__all__ = ["CHUNK_ELEMENTS", "TOPK_BLOCK", "SoftLabels", "ensemble_logprobs", "block_topk", "soft_labels", "valid_positions"]
+__all__ = ["CHUNK_ELEMENTS", "CPU_CHUNK_ELEMENTS", "TOPK_BLOCK", "SoftLabels", "ensemble_logprobs", "block_topk", "soft_labels", "valid_positions"]
 
-CHUNK_ELEMENTS = 1 << 19
-"""Floats per teacher per chunk (2 MB in fp32: a core's L2 cache here; 10 positions at C = 49,152)."""
+CHUNK_ELEMENTS = 1 << 23
+"""At most this many floats per teacher per chunk (32 MB in fp32); the chunk on an accelerator."""
+
+CPU_CHUNK_ELEMENTS = 1 << 21
+"""Floats per teacher per chunk on the CPU: 8 MB in fp32, 42 positions at C = 49,152. Smaller
+chunks stay in cache between passes, but every pass is a parallel region whose threads must meet,
+which costs most on a busy machine."""
 
 TOPK_BLOCK = 64
 """Classes per block in ``block_topk``'s first stage (C // TOPK_BLOCK blocks)."""
@@ -114,15 +120,16 @@ def block_topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
         ([n, k] values, int64 [n, k] their class ids). Among equal values the ids chosen and their
         order are unspecified (as in ``torch.topk``), but the same for the same input.
 
-    For C >= 4 k ``TOPK_BLOCK`` the classes are split into G = C // ``TOPK_BLOCK`` blocks (class i
+    On the CPU, for C >= 4 k ``TOPK_BLOCK``, the classes are split into G = C // ``TOPK_BLOCK`` blocks (class i
     in block i mod G, a vertical reduction) and the exact top-k is taken among the k blocks of
     largest maximum (plus the C mod G classes left over): every value above the k-th largest sits
     in a block whose maximum is one of fewer than k such values, and the chosen blocks hold at
-    least k values not below it. A full ``torch.topk`` row costs several times the block maxima.
+    least k values not below it. A full ``torch.topk`` row costs several times the block maxima
+    on the CPU; accelerators have a fast top-k of their own.
     """
     rows, classes = values.shape
     groups = classes // TOPK_BLOCK
-    if groups < 4 * k:
+    if groups < 4 * k or values.device.type != "cpu":
         return torch.topk(values, k, dim=-1, sorted=True)
     span = groups * TOPK_BLOCK
     blocks = values[:, :span].reshape(rows, TOPK_BLOCK, groups)  # class i in block i mod groups
@@ -196,7 +203,8 @@ def soft_labels(
     codec = codec or LogprobCodec()
     total, classes = member_logits[0].shape
     device = member_logits[0].device
-    chunk = max(1, min(total, CHUNK_ELEMENTS // max(classes, 1)))
+    budget = CPU_CHUNK_ELEMENTS if device.type == "cpu" else CHUNK_ELEMENTS
+    chunk = max(1, min(total, budget // max(classes, 1)))
     single = _SingleTeacher(chunk, classes, device) if len(member_logits) == 1 and total else None
     ids, logprobs, entropy, agree = [], [], [], []
     for begin in range(0, total, chunk):

@@ -88,7 +88,7 @@ def test_soft_labels_equal_dense_computation(monkeypatch, teachers, mode, masked
     runs, with 64 (15 blocks < 4k) the plain one; 10-position chunks, the last of 7."""
     members = awkward_logits(teachers, 1003, seed=teachers * 10 + masked, masked=masked)
     monkeypatch.setattr(topk, "TOPK_BLOCK", block)
-    monkeypatch.setattr(topk, "CHUNK_ELEMENTS", 1003 * 10)
+    monkeypatch.setattr(topk, "CPU_CHUNK_ELEMENTS", 1003 * 10)
     labels = topk.soft_labels(members, PER_ROW, 7, mode)
     assert_matches_dense(labels, members, 7, mode)
 
@@ -100,7 +100,7 @@ def test_one_teacher_at_llm_width_equals_dense_computation(dtype):
     logits = (torch.randn(POSITIONS, 49152, generator=generator) * 2).to(dtype)
     logits[3, :1000] = -math.inf
     labels = topk.soft_labels([logits], PER_ROW, 20, "probs")
-    assert topk.CHUNK_ELEMENTS // 49152 < POSITIONS
+    assert topk.CPU_CHUNK_ELEMENTS // 49152 < POSITIONS
     assert_matches_dense(labels, [logits.float()], 20, "probs")
 
 
@@ -129,7 +129,7 @@ def test_chunked_soft_labels_equal_one_block(monkeypatch, teachers, mode):
     members = [torch.randn(117, 301) * 3 for _ in range(teachers)]
     monkeypatch.setattr(topk, "TOPK_BLOCK", 8)
     whole = topk.soft_labels(members, PER_ROW, 7, mode)
-    monkeypatch.setattr(topk, "CHUNK_ELEMENTS", 301 * 10)  # 12 chunks of 10 positions, the last of 7
+    monkeypatch.setattr(topk, "CPU_CHUNK_ELEMENTS", 301 * 10)  # 12 chunks of 10 positions, the last of 7
     chunked = topk.soft_labels(members, PER_ROW, 7, mode)
     assert (whole.agreement is None) == (chunked.agreement is None) == (teachers == 1)
     for name in ("ids", "logprobs", "confidence", "entropy", "agreement", "captured_mass", "stored_kl"):
@@ -139,8 +139,9 @@ def test_chunked_soft_labels_equal_one_block(monkeypatch, teachers, mode):
 
 @pytest.mark.parametrize("teachers", [1, 2])
 def test_chunk_size_bounds_the_block(monkeypatch, teachers):
-    """No fp32 temporary larger than a chunk: 2 positions per chunk at a 256k vocabulary, whatever the batch holds."""
-    assert topk.CHUNK_ELEMENTS // 262144 == 2
+    """No fp32 temporary larger than a chunk: 8 positions per chunk at a 256k vocabulary on the CPU
+    (32 on an accelerator), whatever the batch holds."""
+    assert topk.CPU_CHUNK_ELEMENTS // 262144 == 8 and topk.CHUNK_ELEMENTS // 262144 == 32
     seen = []
     original = topk.block_topk
 
@@ -149,6 +150,6 @@ def test_chunk_size_bounds_the_block(monkeypatch, teachers):
         return original(values, k)
 
     monkeypatch.setattr(topk, "block_topk", spy)
-    monkeypatch.setattr(topk, "CHUNK_ELEMENTS", 1000 * 16)
+    monkeypatch.setattr(topk, "CPU_CHUNK_ELEMENTS", 1000 * 16)
     topk.soft_labels([torch.randn(100, 1000) for _ in range(teachers)], torch.tensor([100]), 5, "probs")
     assert max(seen) == 16 and sum(seen) == 100
