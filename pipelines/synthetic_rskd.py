@@ -37,8 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from softlabels.losses import dense_kd_loss, kd_loss  # noqa: E402
-from softlabels.sampling import draw_targets, position_keys  # noqa: E402
+from softlabels.losses import dense_kd_loss, kd_loss
+from softlabels.sampling import draw_targets, position_keys
 
 __all__ = ["SyntheticConfig", "Teacher", "default_arms", "run_arms", "run_seed", "main"]
 
@@ -80,7 +80,7 @@ class Teacher:
     bias: torch.Tensor
 
     @classmethod
-    def random(cls, config: SyntheticConfig, generator: torch.Generator) -> "Teacher":
+    def random(cls, config: SyntheticConfig, generator: torch.Generator) -> Teacher:
         weight = torch.randn(config.vocab, config.dim, generator=generator) * config.logit_scale / math.sqrt(config.dim)
         return cls(weight, torch.randn(config.vocab, generator=generator) * 0.5)
 

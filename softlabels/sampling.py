@@ -39,8 +39,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -120,7 +120,7 @@ class SampledTargets:
         """[n] int64 number of distinct ids of each position."""
         return self.offsets[1:] - self.offsets[:-1]
 
-    def padded(self, width: int | None = None) -> "PaddedSamples":
+    def padded(self, width: int | None = None) -> PaddedSamples:
         """The [n, m] form the loss takes; m = ``width`` or the most distinct ids of any position.
 
         Padding slots have id 0, count 0 and log-prob 0 (the loss ignores count-0 slots).
@@ -142,7 +142,7 @@ class SampledTargets:
         return PaddedSamples(ids, counts, logprobs, self.log_normalizer.float(), self.proposal_temperature)
 
     @classmethod
-    def concat(cls, parts: Sequence["SampledTargets"]) -> "SampledTargets":
+    def concat(cls, parts: Sequence[SampledTargets]) -> SampledTargets:
         """Positions of ``parts`` one after another (all drawn with the same samples and proposal)."""
         if not parts:
             raise ValueError("nothing to concatenate")
@@ -310,7 +310,7 @@ def draw_ids(logprobs: torch.Tensor, keys: torch.Tensor | np.ndarray, samples: i
 
 def _distinct(drawn: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Distinct ids of [n, N] draws: (ids [U], counts [U], distinct per position [n]); count desc, id asc."""
-    n, samples = drawn.shape
+    samples = drawn.shape[1]
     ordered = drawn.sort(dim=1).values
     starts = torch.ones_like(ordered, dtype=torch.bool)
     starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]

@@ -23,12 +23,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import REPO
 from scipy import stats
 
-import softlabels.sampling as sampling
-from conftest import REPO
+from softlabels import sampling
 from softlabels.codec import LogprobCodec
-from softlabels.losses import TAIL_MODES, kd_loss, masked_mean, sampled_kd_loss_per_position
+from softlabels.losses import (
+    TAIL_MODES,
+    kd_loss,
+    masked_mean,
+    sampled_kd_loss_per_position,
+)
 from softlabels.sampling import (
     SampledTargets,
     draw_ids,
@@ -39,7 +44,6 @@ from softlabels.sampling import (
     targets_from_arrow,
     uniforms,
 )
-
 
 # -- helpers ---------------------------------------------------------------------------------------
 
@@ -192,7 +196,7 @@ def test_same_keys_give_identical_draws_and_chunking_changes_nothing(monkeypatch
     assert_same_targets(whole, draw_targets(logprobs, keys, 24, 1.5))
     cuts = [0, 37, 38, 700, len(logprobs)]
     assert len(logprobs) > 701
-    pieces = [draw_targets(logprobs[a:b], keys[a:b], 24, 1.5) for a, b in zip(cuts, cuts[1:])]
+    pieces = [draw_targets(logprobs[a:b], keys[a:b], 24, 1.5) for a, b in itertools.pairwise(cuts)]
     assert_same_targets(whole, SampledTargets.concat(pieces))
     monkeypatch.setattr(sampling, "CHUNK_ELEMENTS", 2 * 50 * 7)  # 7 positions per internal chunk
     assert_same_targets(whole, draw_targets(logprobs, keys, 24, 1.5))
