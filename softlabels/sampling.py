@@ -17,9 +17,10 @@ Draws are reproducible from what identifies a position, never from how work was 
 
 So the draws of a position depend only on (fingerprint, sample id, position index) and that
 position's teacher probabilities: resume, ranks, Ray actors and any ``--batch-size`` give the same
-ids. Positions are processed in chunks of at most ``CHUNK_ELEMENTS / 2`` float64 values (32 MB) in
-one scratch block reused for every chunk; the cost per position is a few in-place passes over V
-(copy to float64, subtract the max, exp, cumulative sum) and a binary search per draw.
+ids. Positions are processed in chunks of ``CPU_CHUNK_ELEMENTS / 2`` float64 values on the CPU
+(8 MB, which stays in cache between passes) or ``CHUNK_ELEMENTS / 2`` (32 MB) on an accelerator,
+in one scratch block reused for every chunk; the cost per position is a few in-place passes over
+V (copy to float64, subtract the max, exp, cumulative sum) and a binary search per draw.
 
 Storage (``sample_fields`` / ``sample_arrays``), one row per sample as for top-k, with
 per-position lists of variable length (the distinct ids):
@@ -48,7 +49,7 @@ import torch
 
 from .codec import CODES_COLUMN, LogprobCodec
 from .schema import id_type
-from .topk import CHUNK_ELEMENTS
+from .topk import CHUNK_ELEMENTS, CPU_CHUNK_ELEMENTS
 
 __all__ = [
     "SAMPLER",
@@ -284,7 +285,8 @@ def _draw_chunk(logprobs: torch.Tensor, seeds: np.ndarray, samples: int, proposa
 
 def _scratch(logprobs: torch.Tensor) -> tuple[int, torch.Tensor]:
     """(positions per chunk, the float64 scratch block of one chunk)."""
-    chunk = max(1, CHUNK_ELEMENTS // 2 // max(logprobs.shape[-1], 1))
+    elements = CPU_CHUNK_ELEMENTS if logprobs.device.type == "cpu" else CHUNK_ELEMENTS
+    chunk = max(1, elements // 2 // max(logprobs.shape[-1], 1))
     rows = min(chunk, max(logprobs.shape[0], 1))
     return chunk, torch.empty(rows, logprobs.shape[-1], dtype=torch.float64, device=logprobs.device)
 

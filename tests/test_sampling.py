@@ -199,6 +199,7 @@ def test_same_keys_give_identical_draws_and_chunking_changes_nothing(monkeypatch
     pieces = [draw_targets(logprobs[a:b], keys[a:b], 24, 1.5) for a, b in itertools.pairwise(cuts)]
     assert_same_targets(whole, SampledTargets.concat(pieces))
     monkeypatch.setattr(sampling, "CHUNK_ELEMENTS", 2 * 50 * 7)  # 7 positions per internal chunk
+    monkeypatch.setattr(sampling, "CPU_CHUNK_ELEMENTS", 2 * 50 * 7)
     assert_same_targets(whole, draw_targets(logprobs, keys, 24, 1.5))
 
 
