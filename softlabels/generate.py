@@ -1,4 +1,5 @@
-"""``softlabels generate``: run teachers over a corpus and commit top-k soft-label shards.
+"""``softlabels generate``: run teachers over a corpus and commit soft-label shards (top-k, or
+sampled targets with ``--targets sample``).
 
 This module prepares a run (checks, corpus units, teachers, the vocabulary probe, settings and
 fingerprint, the header), decides what is left to do from the run directory's journals, hands the
@@ -29,6 +30,7 @@ from .inputs import check_input_type, to_teacher_inputs
 from .options import GenerateConfig, flag_of
 from .pipeline import GenerationRun, run_units_locally
 from .rundir import RunDirectory, build_manifest, settings_fingerprint, shard_name
+from .sampling import sample_header_fields
 from .schema import FORMAT, TARGETS_COLUMN, TOKENS_COLUMN
 from .storage import is_uri
 from .teachers import Teacher, autocast, load_teacher, portable_name, resolve_device
@@ -92,6 +94,7 @@ class GenerateSummary:
 
     sealed: bool = True
     rank_note: str = ""
+    targets: str = "topk"
 
     @classmethod
     def partial(cls, run: "GenerationRun", rank: int, world: int, entries: dict[int, dict[str, Any]], written: int, seconds: float) -> "GenerateSummary":
@@ -107,9 +110,15 @@ class GenerateSummary:
         soft_per_position = self.soft_label_bytes / max(self.positions, 1)
         state = "already complete, nothing to do" if self.already_complete else f"{self.shards_written} written this run"
         skipped = f", {self.skipped_nonfinite} rows skipped for non-finite teacher outputs" if self.skipped_nonfinite else ""
-        return (
-            f"{self.out}: {self.rows:,} rows, {self.positions:,} positions in {self.shards} shards ({state}){skipped}; "
-            f"{self.bytes:,} bytes on disk, {per_position:.1f} bytes/position "
+        head = (f"{self.out}: {self.rows:,} rows, {self.positions:,} positions in {self.shards} shards ({state}){skipped}; "
+                f"{self.bytes:,} bytes on disk, {per_position:.1f} bytes/position ")
+        if self.targets == "sample":
+            return head + (
+                f"({soft_per_position:.1f} for sampled ids, counts and log-probs); "
+                f"distinct ids per position mean {self.fidelity['unique_ids_mean']:.2f}, "
+                f"their teacher mass mean {self.fidelity['drawn_mass_mean']:.4f}, p5 {self.fidelity['drawn_mass_p5']:.3f}; {self.seconds:.1f} s."
+            )
+        return head + (
             f"({soft_per_position:.1f} for top-k ids and log-probs); "
             f"captured top-k mass mean {self.fidelity['captured_mass_mean']:.4f}, p5 {self.fidelity['captured_mass_p5']:.3f}; "
             f"KL(full || stored) {self.fidelity['kl_full_vs_stored_mean']:.2e} nats; {self.seconds:.1f} s."
@@ -183,7 +192,9 @@ def _probe_vocab(config: GenerateConfig, corpus: Corpus, teachers: list[Teacher]
     if documents is not None and len(documents.tokenizer) > vocab_size:
         raise UserError(f"{_tokenizer_flag(config)}: the tokenizer has {len(documents.tokenizer)} tokens but the teachers "
                         f"emit {vocab_size} classes; use the teachers' own tokenizer")
-    if config.top_k is None:
+    if config.targets == "sample":
+        pass  # no k: every class can be drawn
+    elif config.top_k is None:
         config.top_k = min(DEFAULT_TOP_K, vocab_size)
     elif config.top_k > vocab_size:
         raise UserError(f"--top-k {config.top_k} exceeds the teachers' vocabulary size {vocab_size}")
@@ -244,6 +255,8 @@ def _prepare(config: GenerateConfig) -> GenerationRun:
         "vocab_size": vocab_size,
         **text_settings,
     }
+    sampled = sample_header_fields(config.samples, config.proposal_temperature) if config.targets == "sample" else {}
+    settings.update(sampled)  # a top-k run's settings (and fingerprint) are those of earlier releases
     codec = LogprobCodec.named(config.logprob_dtype)
     settings["logprob_dtype"] = codec.dtype
     fingerprint = _fingerprint(settings)
@@ -252,8 +265,7 @@ def _prepare(config: GenerateConfig) -> GenerationRun:
     run.header = {
         "format": FORMAT,
         "fingerprint": fingerprint,
-        "targets": "topk",
-        "top_k": config.top_k,
+        **({"targets": "topk", "top_k": config.top_k} if not sampled else sampled),
         "vocab_size": vocab_size,
         "ensemble": settings["ensemble"],
         "teachers": [{"name": portable_name(t.spec), "sha256": t.sha256} for t in teachers],
@@ -329,6 +341,7 @@ def _summary(run: GenerationRun, manifest: dict[str, Any], written: int, started
         skipped_nonfinite=totals["skipped_nonfinite"],
         seconds=time.perf_counter() - started,
         already_complete=already,
+        targets=run.config.targets,
     )
 
 

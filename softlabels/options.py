@@ -36,11 +36,19 @@ __all__ = [
     "LOGPROB_DTYPES",
     "DEFAULT_LOGPROB_DTYPE",
     "TAIL_MODES",
+    "TARGET_KINDS",
+    "DEFAULT_SAMPLES",
+    "MAX_SAMPLES",
 ]
 
 LOGPROB_DTYPES = ("bfloat16", "float16", "uint8")
 DEFAULT_LOGPROB_DTYPE = "bfloat16"
 TAIL_MODES = ("bucket", "renorm", "uniform")
+TARGET_KINDS = ("topk", "sample")
+DEFAULT_SAMPLES = 12
+"""Draws per position of ``--targets sample`` (the paper's figure: about 12 gave full-KD quality)."""
+MAX_SAMPLES = 65535
+"""Most draws per position: counts are stored as uint16 above 255."""
 SPEC_HELP = ("path/model.pt2 (torch.export), package.module:factory[@weights.safetensors|.pt], or hf:DIR "
              "(a local transformers directory, or one holding a .gguf; extra [hf])")
 
@@ -151,7 +159,14 @@ class GenerateConfig:
     max_length: int = option(2048, "--max-length", "Most tokens per window of a --text-column / --chat-column document.", minimum=2)
     tokenizer: str | None = option(None, "--tokenizer", "Tokenizer hf:DIR for --text-column / --chat-column.", metavar="SPEC", shown_default="the hf: teacher's")
     pack: bool = option(False, "--pack", "Join a unit's documents (EOS between) into full windows.", negatable=True)
-    top_k: int | None = option(None, "--top-k", "Classes stored per position.", minimum=1, shown_default="20, or V if smaller")
+    targets: str = option("topk", "--targets", "topk: the k most probable classes per position; sample: N draws from the teacher, "
+                          "unbiased targets for the RS-KD loss.", choices=TARGET_KINDS)
+    top_k: int | None = option(None, "--top-k", "Classes stored per position (--targets topk).", minimum=1, shown_default="20, or V if smaller")
+    samples: int | None = option(None, "--samples", "Draws per position, with replacement (--targets sample).", minimum=1,
+                                 maximum=MAX_SAMPLES, shown_default=f"{DEFAULT_SAMPLES} with --targets sample")
+    proposal_temperature: float | None = option(None, "--proposal-temperature", "Draw from the teacher at this temperature "
+                                                "(--targets sample); the loss reweights the draws.", above=0.0,
+                                                shown_default="1: the teacher itself")
     ensemble: str = option("probs", "--ensemble", "probs: log of the mean probability; logprobs: renormalised mean log-probability.", choices=("probs", "logprobs"))
     batch_size: int = option(64, "--batch-size", "Rows per teacher batch; batches never cross units.", minimum=1)
     rows_per_shard: int | None = option(None, "--rows-per-shard", "Rows per unit (one shard, the resume granularity).", minimum=1,
@@ -185,6 +200,15 @@ class GenerateConfig:
             for name in ("ray_address", "ray_actors"):
                 if getattr(self, name) is not None:
                     raise UserError(f"{flag_of(self, name)} needs --engine ray")
+        if self.targets == "sample":
+            if self.top_k is not None:
+                raise UserError("--top-k does not apply to --targets sample, which stores --samples draws per position")
+            self.samples = DEFAULT_SAMPLES if self.samples is None else self.samples
+            self.proposal_temperature = 1.0 if self.proposal_temperature is None else float(self.proposal_temperature)
+        else:
+            for name in ("samples", "proposal_temperature"):
+                if getattr(self, name) is not None:
+                    raise UserError(f"{flag_of(self, name)} needs --targets sample (--targets topk stores the --top-k most probable classes)")
 
 
 RESUME_SETTINGS = ("data", "mix", "student", "epochs", "max_steps", "batch_size", "lr", "weight_decay", "warmup_steps",

@@ -36,6 +36,7 @@ from .shards import ShardPayload, build_shard, write_shard
 from .teachers import Teacher, autocast
 from .schema import TARGETS_COLUMN
 from .text import DocumentWindows
+from .sampling import SampledTargets, position_keys, sampled_labels
 from .topk import soft_labels, valid_positions
 
 __all__ = ["GenerationRun", "forward", "process_unit", "write_unit", "run_pipeline", "run_units_locally", "ignore_progress"]
@@ -102,13 +103,17 @@ def target_selection(per_row: torch.Tensor, targets: pa.ChunkedArray | pa.Array)
 
 
 def process_unit(run: GenerationRun, unit: Unit, table: pa.Table, on_batch: Callable[[int, int], None]) -> ShardPayload:
-    """Teacher forward and top-k over one unit's rows, batch by batch.
+    """Teacher forward and top-k (or sampled targets) over one unit's rows, batch by batch.
 
-    With a ``target_positions`` column (chat) only those positions of each row are kept.
+    With a ``target_positions`` column (chat) only those positions of each row are kept. Sampled
+    targets are drawn with keys from (run fingerprint, sample id, index of the position among the
+    row's stored positions), so they do not depend on the batch a row falls in.
     """
     config = run.config
+    sampling = config.targets == "sample"
     by_documents = run.documents is not None  # progress counts corpus rows (documents), not windows
     ids_parts, logprob_parts, positions_parts, conf_parts, ent_parts, agree_parts = [], [], [], [], [], []
+    sampled_parts: list[SampledTargets] = []
     keep = np.ones(table.num_rows, dtype=bool)
     fidelity = Fidelity()
     for begin in range(0, table.num_rows, config.batch_size):
@@ -137,7 +142,20 @@ def process_unit(run: GenerationRun, unit: Unit, table: pa.Table, on_batch: Call
             good_positions = ~bad_rows[row_of]
             flat_members = [flat[good_positions] for flat in flat_members]
             per_row = per_row[~bad_rows]
-        if len(per_row):
+            sample_ids = sample_ids.filter(pa.array(~bad_rows.cpu().numpy()))
+        if len(per_row) and sampling:
+            keys = position_keys(run.fingerprint, sample_ids.to_pylist(), per_row)
+            drawn = sampled_labels(flat_members, per_row, keys, config.samples, config.proposal_temperature, config.ensemble)
+            targets = drawn.targets
+            sampled_parts.append(SampledTargets(targets.ids.cpu(), targets.counts.cpu(), targets.logprobs.cpu(), targets.offsets.cpu(),
+                                                targets.log_normalizer.cpu(), targets.samples, targets.proposal_temperature))
+            conf_parts.append(drawn.confidence.cpu().numpy())
+            ent_parts.append(drawn.entropy.cpu().numpy())
+            if drawn.agreement is not None:
+                agree_parts.append(drawn.agreement.cpu().numpy())
+            positions_parts.append(per_row.cpu().numpy())
+            fidelity.add_sampled(drawn.drawn_mass.cpu().numpy(), targets.unique_per_position().cpu().numpy())
+        elif len(per_row):
             labels = soft_labels(flat_members, per_row, config.top_k, config.ensemble, run.codec)
             ids_parts.append(labels.ids.cpu().numpy())
             logprob_parts.append(labels.logprobs.cpu().numpy())
@@ -155,15 +173,21 @@ def process_unit(run: GenerationRun, unit: Unit, table: pa.Table, on_batch: Call
         return np.concatenate(parts) if parts else np.zeros(shape, dtype=dtype)
 
     k = config.top_k
+    sampled = None
+    if sampling:
+        sampled = SampledTargets.concat(sampled_parts) if sampled_parts else SampledTargets(
+            torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), torch.empty(0), torch.zeros(1, dtype=torch.int64),
+            torch.empty(0), config.samples, config.proposal_temperature)
     return ShardPayload(
         passthrough=table.filter(pa.array(keep)) if not keep.all() else table,
         positions=joined(positions_parts, (0,), np.int64),
-        ids=joined(ids_parts, (0, k), np.int64),
-        logprobs=joined(logprob_parts, (0, k), np.float32),
+        ids=None if sampling else joined(ids_parts, (0, k), np.int64),
+        logprobs=None if sampling else joined(logprob_parts, (0, k), np.float32),
         confidence=joined(conf_parts, (0,), np.float32),
         entropy=joined(ent_parts, (0,), np.float32),
         agreement=joined(agree_parts, (0,), np.float32) if len(run.teachers) > 1 else None,
         fidelity=fidelity,
+        sampled=sampled,
     )
 
 

@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 
 from .errors import UserError, VerificationError
 from .fidelity import Fidelity
-from .schema import FORMAT, FORMAT_V1, READABLE_FORMATS, decode_header, shard_schema, soft_columns
+from .schema import FORMAT, FORMAT_V1, READABLE_FORMATS, decode_header, shard_schema, soft_columns, targets_of
 from .storage import Location, atomic_write_text, commit_file
 
 __all__ = [
@@ -80,6 +80,10 @@ SHARD_READERS = 32
 MANIFEST_BODY_KEYS = ("complete", "settings", "id_column", "corpus", "shards", "totals", "fidelity", "selection")
 SHARD_FIELDS = ("file", "rows", "positions", "bytes", "sha256")
 REQUIRED_MANIFEST_KEYS = ("fingerprint", "top_k", "vocab_size", "teachers", "shards", "totals")
+"""What a top-k manifest must hold; a sampled one (``targets: sample``) has ``SAMPLED_MANIFEST_KEYS`` instead of ``top_k``."""
+SAMPLED_MANIFEST_KEYS = ("samples", "proposal_temperature")
+SCHEMA_KEYS = ("format", "logprob_dtype", "logprob_scale", "targets", "samples", "proposal_temperature")
+"""Header keys besides V, k and the teachers that set a shard's soft-label column types."""
 
 
 class ShardEntry(TypedDict, total=False):
@@ -145,7 +149,7 @@ def build_manifest(
         fidelity = Fidelity()
         for entry in entries:
             fidelity.merge(Fidelity.from_json(entry["fidelity"]))
-        manifest["fidelity"] = fidelity.summary()
+        manifest["fidelity"] = fidelity.summary(targets_of(header))
     return manifest
 
 
@@ -171,7 +175,7 @@ __all__ += ["SHARD_HEADER_KEYS", "run_header", "read_shard_header"]
 
 
 @functools.lru_cache(maxsize=16)
-def _expected_fields(vocab_size: int, top_k: int, teachers: int, codec_fields: str) -> tuple[tuple[str, pa.DataType], ...]:
+def _expected_fields(vocab_size: int, top_k: int | None, teachers: int, codec_fields: str) -> tuple[tuple[str, pa.DataType], ...]:
     """The soft-label columns a run's shards must have: built once per run, not once per shard."""
     schema = shard_schema(pa.schema([]), vocab_size, top_k, teachers, json.loads(codec_fields))
     return tuple((field.name, field.type) for field in schema)
@@ -214,8 +218,8 @@ def check_shard(path: Location, entry: ShardEntry, manifest: dict[str, Any], has
         raise VerificationError(f"{name}: header belongs to another run (fingerprint differs)")
     if rows != entry.get("rows"):
         raise VerificationError(f"{name}: {rows} rows, manifest says {entry.get('rows')}")
-    codec_fields = {key: manifest[key] for key in ("format", "logprob_dtype", "logprob_scale") if key in manifest}
-    expected = _expected_fields(manifest["vocab_size"], manifest["top_k"], len(manifest["teachers"]), json.dumps(codec_fields, sort_keys=True))
+    codec_fields = {key: manifest[key] for key in SCHEMA_KEYS if key in manifest}
+    expected = _expected_fields(manifest["vocab_size"], manifest.get("top_k"), len(manifest["teachers"]), json.dumps(codec_fields, sort_keys=True))
     for field_name, field_type in expected:
         if schema.get_field_index(field_name) < 0 or schema.field(field_name).type != field_type:
             raise VerificationError(f"{name}: column {field_name!r} missing or of the wrong type")
@@ -584,7 +588,10 @@ class RunDirectory:
         manifest = self.read_manifest()
         if manifest.get("complete") is not True:
             raise VerificationError(f"{self.root}: manifest is not complete (the run has not finished)")
-        for key in REQUIRED_MANIFEST_KEYS:
+        required = REQUIRED_MANIFEST_KEYS
+        if targets_of(manifest) == "sample":
+            required = tuple(key for key in required if key != "top_k") + SAMPLED_MANIFEST_KEYS
+        for key in required:
             if key not in manifest:
                 raise VerificationError(f"{self.manifest_path}: missing {key!r}")
         return manifest

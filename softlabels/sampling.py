@@ -47,9 +47,20 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .codec import CODES_COLUMN, LogprobCodec
-from .schema import id_type
-from .topk import CHUNK_ELEMENTS, CPU_CHUNK_ELEMENTS
+from .codec import LogprobCodec
+from .schema import (
+    MAX_UINT8_SAMPLES,
+    SAMPLE_CODES_COLUMN,
+    SAMPLE_COUNTS_COLUMN,
+    SAMPLE_IDS_COLUMN,
+    SAMPLE_LOGPROBS_COLUMN,
+    SAMPLE_NORMALIZER_COLUMN,
+    id_type,
+    sample_count_type,
+    sample_fields,
+    sample_logprob_column,
+)
+from .topk import CHUNK_ELEMENTS, CPU_CHUNK_ELEMENTS, ensemble_chunks, row_mean
 
 __all__ = [
     "SAMPLER",
@@ -61,6 +72,8 @@ __all__ = [
     "MAX_UINT8_SAMPLES",
     "SampledTargets",
     "PaddedSamples",
+    "SampledLabels",
+    "sampled_labels",
     "mix64",
     "row_keys",
     "position_keys",
@@ -76,12 +89,6 @@ __all__ = [
 
 SAMPLER = "splitmix64-inverse-cdf.v1"
 """Names the key derivation and the draw algorithm; a change to either must change it (and so the fingerprint)."""
-SAMPLE_IDS_COLUMN = "sample_ids"
-SAMPLE_COUNTS_COLUMN = "sample_counts"
-SAMPLE_LOGPROBS_COLUMN = "sample_logprobs"
-SAMPLE_CODES_COLUMN = "sample_logprob_codes"
-SAMPLE_NORMALIZER_COLUMN = "sample_log_normalizer"
-MAX_UINT8_SAMPLES = 255
 
 GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
 MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -370,31 +377,71 @@ def draw_targets(logprobs: torch.Tensor, keys: torch.Tensor | np.ndarray, sample
     )
 
 
+@dataclass
+class SampledLabels:
+    """Sampled targets and row statistics of N positions belonging to B rows (what a shard stores).
+
+    Attributes:
+        targets: the positions' distinct drawn ids, counts and teacher log-probabilities.
+        confidence: [B] mean top-1 probability of each row's positions (the full distribution's).
+        entropy: [B] mean full-distribution entropy (nats) of each row's positions.
+        agreement: [B] mean fraction of teachers agreeing with the ensemble argmax, or None for one teacher.
+        drawn_mass: [N] teacher probability of each position's distinct drawn ids.
+    """
+
+    targets: SampledTargets
+    confidence: torch.Tensor
+    entropy: torch.Tensor
+    agreement: torch.Tensor | None
+    drawn_mass: torch.Tensor
+
+
+def sampled_labels(member_logits: list[torch.Tensor], positions_per_row: torch.Tensor, keys: torch.Tensor | np.ndarray,
+                   samples: int, proposal_temperature: float, mode: str) -> SampledLabels:
+    """Sampled targets and row statistics for N valid positions, the ``generate --targets sample`` compute.
+
+    Args:
+        member_logits: one [N, C] tensor per teacher (any float dtype; the ensemble in fp32 chunk by chunk).
+        positions_per_row: int64 [B], summing to N.
+        keys: [N] int64 position keys (``position_keys`` of the rows' sample ids and these positions).
+        samples: N draws per position.
+        proposal_temperature: t of the proposal p^(1/t) / Z_t.
+        mode: ensemble mode (``softlabels.topk.ensemble_logprobs``).
+    """
+    keys = _as_uint64(keys)
+    parts, confidence, entropy, agreement = [], [], [], []
+    for chunk in ensemble_chunks(member_logits, mode):
+        rows = len(chunk.logprobs)
+        parts.append(draw_targets(chunk.logprobs, keys[chunk.begin : chunk.begin + rows], samples, proposal_temperature))
+        confidence.append(chunk.logprobs.max(dim=-1).values.exp())
+        entropy.append(chunk.entropy)
+        if chunk.agreement is not None:
+            agreement.append(chunk.agreement)
+    device = member_logits[0].device
+    if parts:
+        targets = SampledTargets.concat(parts)
+    else:
+        targets = draw_targets(torch.empty(0, member_logits[0].shape[-1], device=device), keys, samples, proposal_temperature)
+    unique = targets.unique_per_position()
+    owner = torch.repeat_interleave(torch.arange(targets.positions, device=unique.device), unique)
+    drawn_mass = torch.zeros(targets.positions, dtype=torch.float64, device=unique.device).index_add_(
+        0, owner, targets.logprobs.double().exp()).float()
+
+    def joined(values: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(values) if values else torch.empty(0, device=device)
+
+    return SampledLabels(
+        targets=targets,
+        confidence=row_mean(joined(confidence), positions_per_row),
+        entropy=row_mean(joined(entropy), positions_per_row),
+        agreement=row_mean(joined(agreement), positions_per_row) if agreement else None,
+        drawn_mass=drawn_mass,
+    )
+
+
 def sample_header_fields(samples: int, proposal_temperature: float) -> dict[str, object]:
     """What a sampled run's shard header (and fingerprinted settings) must record."""
     return {"targets": "sample", "samples": samples, "proposal_temperature": float(proposal_temperature), "sampler": SAMPLER}
-
-
-def sample_logprob_column(codec: LogprobCodec) -> str:
-    """The column holding the sampled ids' log-probabilities under ``codec`` (codes get their own name)."""
-    return SAMPLE_CODES_COLUMN if codec.column == CODES_COLUMN else SAMPLE_LOGPROBS_COLUMN
-
-
-def _count_type(samples: int) -> pa.DataType:
-    return pa.uint8() if samples <= MAX_UINT8_SAMPLES else pa.uint16()
-
-
-def sample_fields(vocab_size: int, samples: int, proposal_temperature: float, codec: LogprobCodec | None = None) -> list[pa.Field]:
-    """The sampled-target fields of a shard (in place of ``topk_ids`` and ``topk_logprobs``)."""
-    codec = codec or LogprobCodec()
-    fields = [
-        pa.field(SAMPLE_IDS_COLUMN, pa.list_(pa.list_(id_type(vocab_size)))),
-        pa.field(SAMPLE_COUNTS_COLUMN, pa.list_(pa.list_(_count_type(samples)))),
-        pa.field(sample_logprob_column(codec), pa.list_(pa.list_(codec.arrow_type)), metadata=codec.field_metadata()),
-    ]
-    if proposal_temperature != 1.0:
-        fields.append(pa.field(SAMPLE_NORMALIZER_COLUMN, pa.list_(pa.float32())))
-    return fields
 
 
 def _offsets(lengths: np.ndarray) -> pa.Array:
@@ -425,7 +472,7 @@ def sample_arrays(targets: SampledTargets, positions_per_row: torch.Tensor | np.
 
     arrays = [
         nested(targets.ids.cpu().numpy().astype(id_type(vocab_size).to_pandas_dtype()), id_type(vocab_size)),
-        nested(targets.counts.cpu().numpy().astype(_count_type(targets.samples).to_pandas_dtype()), _count_type(targets.samples)),
+        nested(targets.counts.cpu().numpy().astype(sample_count_type(targets.samples).to_pandas_dtype()), sample_count_type(targets.samples)),
         nested(codec.encode_numpy(targets.logprobs.cpu().numpy()), codec.arrow_type),
     ]
     if targets.proposal_temperature != 1.0:

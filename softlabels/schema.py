@@ -4,6 +4,11 @@ One row per corpus sample; per position the k most probable class ids and their 
 Ids are uint16 when the vocabulary fits (<= 65,536 classes), halving the id payload against uint32:
 at k=20 that is 40 instead of 80 bytes per position before compression, and with float16
 log-probabilities the raw payload is 80 bytes per position.
+
+A run of ``generate --targets sample`` (header ``targets: "sample"``) stores sampled targets instead
+(``softlabels.sampling``): per position the distinct ids of N draws, variable in number, with their
+counts and log-probabilities, in the ``sample_*`` columns of ``sample_fields``. The header names the
+kind of targets (``targets_of``); a header without ``targets`` is top-k.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 
 from .codec import CODES_COLUMN, LOGPROB_COLUMN, LogprobCodec
+from .options import TARGET_KINDS
 
 __all__ = [
     "FORMAT",
@@ -21,6 +27,20 @@ __all__ = [
     "READABLE_FORMATS",
     "soft_columns",
     "codec_of",
+    "TARGET_KINDS",
+    "targets_of",
+    "SAMPLE_IDS_COLUMN",
+    "SAMPLE_COUNTS_COLUMN",
+    "SAMPLE_LOGPROBS_COLUMN",
+    "SAMPLE_CODES_COLUMN",
+    "SAMPLE_NORMALIZER_COLUMN",
+    "SAMPLE_COLUMNS",
+    "LOGPROB_COLUMNS",
+    "MAX_UINT8_SAMPLES",
+    "PROPOSAL_TEMPERATURE_KEY",
+    "sample_count_type",
+    "sample_logprob_column",
+    "sample_fields",
     "HEADER_KEY",
     "ID_COLUMN",
     "TOKENS_COLUMN",
@@ -43,10 +63,24 @@ TOKENS_COLUMN = "input_ids"
 """The token ids a teacher saw, in shards made from raw text or chat (``--text-column``, ``--chat-column``)."""
 TARGETS_COLUMN = "target_positions"
 """Chat shards: list<int32> of the row's positions that have soft labels, ascending (the others have none)."""
-SOFT_COLUMNS = ("topk_ids", LOGPROB_COLUMN, CODES_COLUMN)
-"""Every soft-label column name of any format; a shard has ``topk_ids`` and one of the other two."""
+SAMPLE_IDS_COLUMN = "sample_ids"
+SAMPLE_COUNTS_COLUMN = "sample_counts"
+SAMPLE_LOGPROBS_COLUMN = "sample_logprobs"
+SAMPLE_CODES_COLUMN = "sample_logprob_codes"
+SAMPLE_NORMALIZER_COLUMN = "sample_log_normalizer"
+SAMPLE_COLUMNS = (SAMPLE_IDS_COLUMN, SAMPLE_COUNTS_COLUMN, SAMPLE_LOGPROBS_COLUMN, SAMPLE_CODES_COLUMN, SAMPLE_NORMALIZER_COLUMN)
+"""Every sampled-target column name; a sampled shard has ids, counts, one of the log-prob columns and,
+when the proposal temperature is not 1, the log normaliser."""
+SOFT_COLUMNS = ("topk_ids", LOGPROB_COLUMN, CODES_COLUMN, *SAMPLE_COLUMNS)
+"""Every soft-label column name of any format: a top-k shard has ``topk_ids`` and one of the two
+top-k log-prob columns, a sampled shard its ``SAMPLE_COLUMNS``."""
+LOGPROB_COLUMNS = (LOGPROB_COLUMN, CODES_COLUMN, SAMPLE_LOGPROBS_COLUMN, SAMPLE_CODES_COLUMN)
+"""The soft-label columns holding stored log-probabilities (or their uint8 codes)."""
 STAT_COLUMNS = ("confidence", "entropy", "agreement")
 UINT16_MAX_VOCAB = 65536
+MAX_UINT8_SAMPLES = 255
+PROPOSAL_TEMPERATURE_KEY = b"softlabels.proposal_temperature"
+"""Field metadata of ``sample_log_normalizer``: the proposal temperature, so rows without their header still say it."""
 
 
 def id_type(vocab_size: int) -> pa.DataType:
@@ -54,18 +88,55 @@ def id_type(vocab_size: int) -> pa.DataType:
     return pa.uint16() if vocab_size <= UINT16_MAX_VOCAB else pa.uint32()
 
 
+def targets_of(header: dict[str, Any]) -> str:
+    """``topk`` or ``sample``: what the run of a header or manifest stores (top-k when it does not say)."""
+    return str(header.get("targets", "topk"))
+
+
+def sample_count_type(samples: int) -> pa.DataType:
+    """uint8 counts up to ``MAX_UINT8_SAMPLES`` draws per position, else uint16."""
+    return pa.uint8() if samples <= MAX_UINT8_SAMPLES else pa.uint16()
+
+
+def sample_logprob_column(codec: LogprobCodec) -> str:
+    """The column holding the sampled ids' log-probabilities under ``codec`` (codes get their own name)."""
+    return SAMPLE_CODES_COLUMN if codec.column == CODES_COLUMN else SAMPLE_LOGPROBS_COLUMN
+
+
+def sample_fields(vocab_size: int, samples: int, proposal_temperature: float, codec: LogprobCodec | None = None) -> list[pa.Field]:
+    """The sampled-target fields of a shard (in place of ``topk_ids`` and ``topk_logprobs``).
+
+    ``sample_ids`` list<list<uint16|uint32>>, ``sample_counts`` list<list<uint8|uint16>>, the
+    log-probabilities list<list<codec type>> and, when ``proposal_temperature`` is not 1,
+    ``sample_log_normalizer`` list<float32> (one log Z_t per position).
+    """
+    codec = codec or LogprobCodec()
+    fields = [
+        pa.field(SAMPLE_IDS_COLUMN, pa.list_(pa.list_(id_type(vocab_size)))),
+        pa.field(SAMPLE_COUNTS_COLUMN, pa.list_(pa.list_(sample_count_type(samples)))),
+        pa.field(sample_logprob_column(codec), pa.list_(pa.list_(codec.arrow_type)), metadata=codec.field_metadata()),
+    ]
+    if proposal_temperature != 1.0:
+        fields.append(pa.field(SAMPLE_NORMALIZER_COLUMN, pa.list_(pa.float32()),
+                               metadata={PROPOSAL_TEMPERATURE_KEY: repr(float(proposal_temperature)).encode()}))
+    return fields
+
+
+def _stat_fields(ensemble_size: int) -> list[pa.Field]:
+    fields = [pa.field("confidence", pa.float32()), pa.field("entropy", pa.float32())]
+    if ensemble_size > 1:
+        fields.append(pa.field("agreement", pa.float32()))
+    return fields
+
+
 def soft_label_fields(vocab_size: int, top_k: int, ensemble_size: int, codec: LogprobCodec | None = None) -> list[pa.Field]:
-    """The soft-label and statistics fields that follow the passed-through corpus columns."""
+    """The top-k soft-label and statistics fields that follow the passed-through corpus columns."""
     codec = codec or LogprobCodec()
     fields = [
         pa.field("topk_ids", pa.list_(pa.list_(id_type(vocab_size), top_k))),
         pa.field(codec.column, pa.list_(pa.list_(codec.arrow_type, top_k)), metadata=codec.field_metadata()),
-        pa.field("confidence", pa.float32()),
-        pa.field("entropy", pa.float32()),
     ]
-    if ensemble_size > 1:
-        fields.append(pa.field("agreement", pa.float32()))
-    return fields
+    return fields + _stat_fields(ensemble_size)
 
 
 def shard_schema(
@@ -76,20 +147,29 @@ def shard_schema(
     Args:
         passthrough: schema of the corpus columns copied into the shard (inputs, label).
         vocab_size: number of teacher classes V.
-        top_k: k stored per position.
+        top_k: k stored per position (top-k runs; unused for sampled ones).
         ensemble_size: number of teachers; ``agreement`` exists only for ensembles.
         header: the run's JSON header, stored as Parquet key-value metadata; its ``logprob_dtype``
-            sets the type of ``topk_logprobs`` (see ``softlabels.codec``).
+            sets the type of ``topk_logprobs`` (see ``softlabels.codec``), its ``targets``,
+            ``samples`` and ``proposal_temperature`` the sampled columns of a sampled run.
     """
     fields = [pa.field("sample_id", pa.string())]
     fields += [passthrough.field(i) for i in range(len(passthrough))]
-    fields += soft_label_fields(vocab_size, top_k, ensemble_size, LogprobCodec.from_header(header))
+    codec = LogprobCodec.from_header(header)
+    if targets_of(header) == "sample":
+        fields += sample_fields(vocab_size, int(header["samples"]), float(header["proposal_temperature"]), codec)
+        fields += _stat_fields(ensemble_size)
+    else:
+        fields += soft_label_fields(vocab_size, top_k, ensemble_size, codec)
     return pa.schema(fields, metadata={HEADER_KEY: encode_header(header)})
 
 
 def soft_columns(header: dict[str, Any]) -> tuple[str, str]:
     """The (ids, stored log-probabilities) column names of the run a header or manifest describes."""
-    return "topk_ids", LogprobCodec.from_header(header).column
+    codec = LogprobCodec.from_header(header)
+    if targets_of(header) == "sample":
+        return SAMPLE_IDS_COLUMN, sample_logprob_column(codec)
+    return "topk_ids", codec.column
 
 
 def codec_of(schema: pa.Schema) -> LogprobCodec:

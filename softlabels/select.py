@@ -27,10 +27,11 @@ therefore always has the same fingerprint, so running it again finds it complete
 every shard carries the new fingerprint and ``selections``; the manifest also has ``selection``:
 the source directory, its fingerprint, the condition and the source's totals.
 
-Fidelity: the manifest's ``fidelity`` (captured top-k mass and KL(full || stored) per position) needs
-the full teacher distribution, which a selection does not have, so a selection has no ``fidelity``;
-the source's summary is kept as ``selection.source_fidelity`` and described as such. ``inspect``
-still reports the captured mass of the selected rows, computed from the stored log-probabilities.
+Fidelity: the manifest's ``fidelity`` (captured top-k mass and KL(full || stored) per position, or
+the distinct ids and drawn mass of sampled targets) needs the full teacher distribution, which a
+selection does not have, so a selection has no ``fidelity``; the source's summary is kept as
+``selection.source_fidelity`` and described as such. ``inspect`` still reports the captured (or
+drawn) mass of the selected rows, computed from the stored log-probabilities.
 ``totals.skipped_nonfinite`` is 0: the selection skipped no rows for non-finite teacher outputs.
 """
 
@@ -51,7 +52,7 @@ from .codec import LogprobCodec
 from .errors import UserError, VerificationError
 from .rundir import (MANIFEST_BODY_KEYS, RunDirectory, ShardEntry, build_manifest, check_shard,
                      run_header, settings_fingerprint)
-from .schema import FORMAT, HEADER_KEY, decode_header, encode_header
+from .schema import FORMAT, HEADER_KEY, decode_header, encode_header, soft_columns
 from .shards import write_shard
 from .storage import Location
 
@@ -212,7 +213,7 @@ def select(directory: str | os.PathLike[str], where: str, out: str | os.PathLike
         unit = int(path.name.removeprefix("shard-").removesuffix(".parquet"))
         with path.open() as handle:
             kept = _stored_as(pq.read_table(handle).filter(pa.array(keep)), source_codec, target_codec)
-        positions = int(pc.sum(pc.list_value_length(kept.column("topk_ids"))).as_py() or 0)
+        positions = int(pc.sum(pc.list_value_length(kept.column(soft_columns(manifest)[0]))).as_py() or 0)
         shard_header = {**run_header(decode_header(kept.schema.metadata) or {}), **header, "unit": unit,
                         "rows": kept.num_rows, "positions": positions}
         kept = kept.replace_schema_metadata({HEADER_KEY: encode_header(shard_header)})

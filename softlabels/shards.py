@@ -6,7 +6,8 @@ and renamed into ``data/`` (``RunDirectory.commit_staged``).
 Row groups hold about ``ROW_GROUP_POSITIONS`` positions so the loader can split a shard across
 workers: 65,536 positions at k=20 is about 5 MB of soft labels per group.
 
-The two soft-label columns skip dictionary encoding (up to V distinct ids per row group only pays
+The soft-label columns (top-k ids and log-probs, or the sampled ids, counts, log-probs and log
+normalisers) skip dictionary encoding (up to V distinct ids per row group only pays
 back on huge shards) and use BYTE_STREAM_SPLIT, which puts the high and low bytes of every id and
 log-probability in separate streams that zstd then compresses well. float16 log-probabilities are
 the exception: DuckDB cannot read float16 BYTE_STREAM_SPLIT pages (duckdb#17114), so they are
@@ -26,7 +27,8 @@ import pyarrow.parquet as pq
 from .codec import LogprobCodec, leaf_type
 from .fidelity import Fidelity
 from .rundir import RunDirectory
-from .schema import SOFT_COLUMNS, STAT_COLUMNS, id_type, shard_schema
+from .sampling import SampledTargets, sample_arrays
+from .schema import LOGPROB_COLUMNS, SOFT_COLUMNS, STAT_COLUMNS, id_type, shard_schema, targets_of
 
 __all__ = ["ROW_GROUP_POSITIONS", "ShardPayload", "build_shard", "write_shard", "write_parquet", "soft_label_bytes"]
 
@@ -44,21 +46,24 @@ class ShardPayload:
     Attributes:
         passthrough: ``sample_id`` and the corpus columns of the kept rows.
         positions: int64 [R] positions per kept row.
-        ids: [N, k] int64 class ids.
-        logprobs: [N, k] float32 log-probabilities.
+        ids: [N, k] int64 class ids (top-k runs; None for sampled ones).
+        logprobs: [N, k] float32 log-probabilities (top-k runs; None for sampled ones).
         confidence, entropy: float32 [R].
         agreement: float32 [R], or None for a single teacher.
-        fidelity: captured mass and KL(full || stored) of the N positions.
+        fidelity: captured mass and KL(full || stored) of the N positions (drawn mass and distinct
+            ids for sampled targets).
+        sampled: the N positions' sampled targets (on the CPU), for runs of ``--targets sample``.
     """
 
     passthrough: pa.Table
     positions: np.ndarray
-    ids: np.ndarray
-    logprobs: np.ndarray
+    ids: np.ndarray | None
+    logprobs: np.ndarray | None
     confidence: np.ndarray
     entropy: np.ndarray
     agreement: np.ndarray | None
     fidelity: Fidelity
+    sampled: SampledTargets | None = None
 
 
 def _nested(flat: np.ndarray, k: int, positions: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
@@ -69,16 +74,23 @@ def _nested(flat: np.ndarray, k: int, positions: np.ndarray, value_type: pa.Data
 
 
 def build_shard(payload: ShardPayload, vocab_size: int, top_k: int, ensemble_size: int, header: dict[str, Any]) -> pa.Table:
-    """The shard table: sample_id, passthrough columns, soft labels and statistics."""
+    """The shard table: sample_id, passthrough columns, soft labels (top-k or sampled, as the
+    header's ``targets`` says) and statistics."""
     passthrough = payload.passthrough.drop_columns(["sample_id"])
     schema = shard_schema(passthrough.schema, vocab_size, top_k, ensemble_size, header)
-    ids = payload.ids.astype(id_type(vocab_size).to_pandas_dtype(), copy=False)
     codec = LogprobCodec.from_header(header)
-    logprobs = codec.encode_numpy(payload.logprobs)
     arrays = [payload.passthrough.column("sample_id"), *passthrough.columns]
+    if targets_of(header) == "sample":
+        if payload.sampled is None:
+            raise ValueError("a sampled run's payload needs its sampled targets")
+        arrays += sample_arrays(payload.sampled, payload.positions, vocab_size, codec)
+    else:
+        ids = payload.ids.astype(id_type(vocab_size).to_pandas_dtype(), copy=False)
+        arrays += [
+            _nested(ids, top_k, payload.positions, id_type(vocab_size)),
+            _nested(codec.encode_numpy(payload.logprobs), top_k, payload.positions, codec.arrow_type),
+        ]
     arrays += [
-        _nested(ids, top_k, payload.positions, id_type(vocab_size)),
-        _nested(logprobs, top_k, payload.positions, codec.arrow_type),
         pa.array(payload.confidence.astype(np.float32)),
         pa.array(payload.entropy.astype(np.float32)),
     ]
@@ -119,9 +131,9 @@ def write_parquet(table: pa.Table, where: Any, positions: int, footers: list[pq.
     """
     rows = max(table.num_rows, 1)
     group_rows = max(1, int(ROW_GROUP_POSITIONS * rows / max(positions, 1)))
-    split = {f"{name}.list.element.list.element": "BYTE_STREAM_SPLIT" for name in table.column_names
-             if name in SOFT_COLUMNS and not pa.types.is_float16(leaf_type(table.schema.field(name).type))}
-    levels = {f"{name}.list.element.list.element": LOGPROB_ZSTD_LEVEL for name in table.column_names if name in SOFT_COLUMNS[1:]}
+    leaves = {name: _leaf_path(name, table.schema.field(name).type) for name in table.column_names if name in SOFT_COLUMNS}
+    split = {leaf: "BYTE_STREAM_SPLIT" for name, leaf in leaves.items() if not pa.types.is_float16(leaf_type(table.schema.field(name).type))}
+    levels = {leaf: LOGPROB_ZSTD_LEVEL for name, leaf in leaves.items() if name in LOGPROB_COLUMNS}
     dictionary = [name for name in table.column_names if name not in SOFT_COLUMNS and name not in STAT_COLUMNS]
     # page CRCs let every later read detect a flipped byte without hashing the whole file
     pq.write_table(
@@ -131,8 +143,17 @@ def write_parquet(table: pa.Table, where: Any, positions: int, footers: list[pq.
     )
 
 
+def _leaf_path(name: str, value_type: pa.DataType) -> str:
+    """The Parquet path of a (nested) list column's leaf: ``name.list.element`` once per list level."""
+    path = name
+    while pa.types.is_list(value_type) or pa.types.is_fixed_size_list(value_type) or pa.types.is_large_list(value_type):
+        path += ".list.element"
+        value_type = value_type.value_type
+    return path
+
+
 def soft_label_bytes(metadata: pq.FileMetaData) -> int:
-    """Compressed bytes of the ``topk_ids`` and ``topk_logprobs`` column chunks."""
+    """Compressed bytes of the soft-label column chunks (top-k ids and log-probs, or the sampled columns)."""
     total = 0
     for group in range(metadata.num_row_groups):
         row_group = metadata.row_group(group)

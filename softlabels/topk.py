@@ -20,13 +20,15 @@ vocabulary (``ensemble_logprobs``), then take the same top-k and entropy of the 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from .codec import LogprobCodec
 
-__all__ = ["CHUNK_ELEMENTS", "CPU_CHUNK_ELEMENTS", "TOPK_BLOCK", "SoftLabels", "ensemble_logprobs", "block_topk", "soft_labels", "valid_positions"]
+__all__ = ["CHUNK_ELEMENTS", "CPU_CHUNK_ELEMENTS", "TOPK_BLOCK", "SoftLabels", "EnsembleChunk", "ensemble_logprobs", "ensemble_chunks",
+           "block_topk", "row_mean", "soft_labels", "valid_positions"]
 
 CHUNK_ELEMENTS = 1 << 23
 """At most this many floats per teacher per chunk (32 MB in fp32); the chunk on an accelerator."""
@@ -222,19 +224,59 @@ def soft_labels(
         entropy.append(spread)
     all_logprobs = torch.cat(logprobs) if logprobs else torch.empty(0, top_k, device=device)
     all_entropy = torch.cat(entropy) if entropy else torch.empty(0, device=device)
-    row_of = torch.repeat_interleave(torch.arange(len(positions_per_row), device=positions_per_row.device), positions_per_row)
-    counts = positions_per_row.clamp(min=1).float()
-
-    def row_mean(flat: torch.Tensor) -> torch.Tensor:
-        flat = flat.float()
-        return torch.zeros(len(counts), device=flat.device).index_add_(0, row_of.to(flat.device), flat) / counts.to(flat.device)
-
     return SoftLabels(
         ids=torch.cat(ids) if ids else torch.empty(0, top_k, dtype=torch.int64, device=device),
         logprobs=all_logprobs,
-        confidence=row_mean(all_logprobs[:, 0].exp()),
-        entropy=row_mean(all_entropy),
-        agreement=row_mean(torch.cat(agree)) if agree else None,
+        confidence=row_mean(all_logprobs[:, 0].exp(), positions_per_row),
+        entropy=row_mean(all_entropy, positions_per_row),
+        agreement=row_mean(torch.cat(agree), positions_per_row) if agree else None,
         captured_mass=all_logprobs.exp().sum(dim=-1),
         stored_kl=_stored_kl(all_logprobs, all_entropy, classes, codec),
     )
+
+
+def row_mean(flat: torch.Tensor, positions_per_row: torch.Tensor) -> torch.Tensor:
+    """[B] float32 mean of each row's values: ``flat`` [N] holds rows' positions in order, ``positions_per_row``
+    int64 [B] sums to N; a row without positions gives 0."""
+    flat = flat.float()
+    row_of = torch.repeat_interleave(torch.arange(len(positions_per_row), device=flat.device), positions_per_row.to(flat.device))
+    counts = positions_per_row.clamp(min=1).float().to(flat.device)
+    return torch.zeros(len(counts), device=flat.device).index_add_(0, row_of, flat) / counts
+
+
+@dataclass
+class EnsembleChunk:
+    """The full (ensemble) distribution of one chunk of positions and its statistics.
+
+    Attributes:
+        begin: the chunk's first position among the N.
+        logprobs: [n, C] float32 (ensemble) log-probabilities at T=1, normalised over C.
+        entropy: [n] entropy in nats.
+        agreement: [n] fraction of teachers whose argmax is the ensemble's, or None for one teacher.
+    """
+
+    begin: int
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+    agreement: torch.Tensor | None
+
+
+def ensemble_chunks(member_logits: list[torch.Tensor], mode: str) -> Iterator[EnsembleChunk]:
+    """The (ensemble) log-probabilities of N positions, chunk by chunk, for consumers of the whole
+    distribution (sampled targets); chunks of ``CPU_CHUNK_ELEMENTS`` floats on the CPU, else
+    ``CHUNK_ELEMENTS``.
+
+    Args:
+        member_logits: one [N, C] tensor per teacher (any float dtype; computed in fp32).
+        mode: ensemble mode, see ``ensemble_logprobs`` (unused for one teacher).
+    """
+    total, classes = member_logits[0].shape
+    budget = CPU_CHUNK_ELEMENTS if member_logits[0].device.type == "cpu" else CHUNK_ELEMENTS
+    chunk = max(1, min(total, budget // max(classes, 1)))
+    for begin in range(0, total, chunk):
+        log_p, members = ensemble_logprobs([logits[begin : begin + chunk] for logits in member_logits], mode)
+        agreement = None
+        if len(members) > 1:
+            best = log_p.argmax(dim=-1)
+            agreement = torch.stack([m.argmax(dim=-1) == best for m in members]).float().mean(dim=0)
+        yield EnsembleChunk(begin, log_p, _entropy_of_logprobs(log_p), agreement)
