@@ -12,6 +12,12 @@ takes batches from its workers round-robin, so the position of every batch in wh
 is known in advance, and resuming after n consumed batches skips exactly those n, reading only the
 one buffer the cut falls into. Resume is exact with the same number of workers.
 
+Sampled targets (``generate --targets sample``): batches carry ``sample_ids``, ``sample_counts`` and
+``sample_logprobs`` [B, T, m] (m the most distinct ids of a position in the batch, count 0 in padding
+slots), ``sample_log_normalizer`` [B, T] when the proposal temperature is not 1, and
+``proposal_temperature`` (a float), in place of ``topk_ids`` and ``topk_logprobs``; the loss is
+``kd_loss(..., targets="sample")``.
+
 Corruption: every shard's size and header are checked against the manifest when the dataset is
 built, page checksums are verified on every read, and each process hashes a shard (sha256) the first
 time it touches it, unless ``verify_sha256=False``. Errors name the file.
@@ -31,15 +37,28 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .codec import LogprobCodec
+from .codec import CODES_COLUMN, LOGPROB_COLUMN, LogprobCodec
 from .distributed import distributed_env
 from .errors import UserError, VerificationError
-from .inputs import ColumnBlock
+from .inputs import ColumnBlock, GatherPlan
 from .losses import IGNORE_INDEX
 from .rundir import RunDirectory, read_shard_header, run_header
-from .schema import ID_COLUMN, TARGETS_COLUMN, codec_of, decode_header
+from .schema import (
+    ID_COLUMN,
+    PROPOSAL_TEMPERATURE_KEY,
+    SAMPLE_CODES_COLUMN,
+    SAMPLE_COUNTS_COLUMN,
+    SAMPLE_IDS_COLUMN,
+    SAMPLE_LOGPROBS_COLUMN,
+    SAMPLE_NORMALIZER_COLUMN,
+    TARGETS_COLUMN,
+    codec_of,
+    decode_header,
+    sample_logprob_column,
+    targets_of,
+)
 
-__all__ = ["SoftLabelDataset", "SoftLabelLoader", "collate", "Piece", "ShardRows"]
+__all__ = ["SoftLabelDataset", "SoftLabelLoader", "collate", "Piece", "ShardRows", "NestedBlock"]
 
 AUTO = "auto"
 
@@ -60,17 +79,77 @@ class Piece:
         return self.stop - self.start
 
 
-class ShardRows:
-    """A table of shard rows held as numpy column blocks; any subset of rows becomes a batch."""
+@dataclass
+class NestedBlock:
+    """A list<list<number>> column (per row, per position, a variable number of values) as numpy.
 
-    def __init__(self, table: pa.Table, input_column: str | None, label_column: str | None, codec: LogprobCodec) -> None:
+    Attributes:
+        row_offsets: int64 [R + 1] indexing positions.
+        position_offsets: int64 [P + 1] indexing ``values``.
+        values: [U] every value of every position, unsliced.
+    """
+
+    row_offsets: np.ndarray
+    position_offsets: np.ndarray
+    values: np.ndarray
+
+    @classmethod
+    def from_arrow(cls, column: pa.Array | pa.ChunkedArray) -> "NestedBlock":
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()
+        positions = column.values  # the positions of every row, from the first offset on
+        return cls(column.offsets.to_numpy().astype(np.int64), positions.offsets.to_numpy().astype(np.int64),
+                   positions.values.to_numpy(zero_copy_only=False))
+
+    def scatter(self, positions: np.ndarray, row_of: np.ndarray, step_of: np.ndarray, shape: tuple[int, int],
+                dtype: type, width: int | None = None) -> np.ndarray:
+        """The values of the given positions as [B, T, m], zero in unused slots.
+
+        Args:
+            positions: int64 [M] position indices (into ``position_offsets``).
+            row_of, step_of: int64 [M] where each position goes in the [B, T] block.
+            shape: (B, T).
+            width: m; by default the most values of any of the positions.
+        """
+        starts = self.position_offsets[positions]
+        lengths = self.position_offsets[positions + 1] - starts
+        width = (int(lengths.max()) if len(lengths) else 0) if width is None else width
+        block = np.zeros((*shape, width), dtype=dtype)
+        first = np.cumsum(lengths) - lengths
+        slot = np.arange(int(lengths.sum())) - np.repeat(first, lengths)
+        block[np.repeat(row_of, lengths), np.repeat(step_of, lengths), slot] = self.values[np.repeat(starts, lengths) + slot]
+        return block
+
+
+class ShardRows:
+    """A table of shard rows held as numpy column blocks; any subset of rows becomes a batch.
+
+    Top-k rows (``topk_ids``) or sampled rows (``sample_ids``, told apart by their columns); sampled
+    rows take the run's ``proposal_temperature``.
+    """
+
+    def __init__(self, table: pa.Table, input_column: str | None, label_column: str | None, codec: LogprobCodec,
+                 proposal_temperature: float = 1.0) -> None:
         self.codec = codec
-        for name in (ID_COLUMN, "topk_ids", codec.column, input_column, label_column):
+        self.sampled = SAMPLE_IDS_COLUMN in table.column_names
+        self.proposal_temperature = proposal_temperature
+        soft = (SAMPLE_IDS_COLUMN, SAMPLE_COUNTS_COLUMN, sample_logprob_column(codec)) if self.sampled else ("topk_ids", codec.column)
+        if self.sampled and proposal_temperature != 1.0:
+            soft += (SAMPLE_NORMALIZER_COLUMN,)
+        for name in (ID_COLUMN, *soft, input_column, label_column):
             if name and name not in table.column_names:
                 raise UserError(f"shard rows have no column {name!r} (columns: {', '.join(table.column_names)})")
         self.sample_ids = table.column(ID_COLUMN).to_numpy(zero_copy_only=False)
-        self.topk_ids = ColumnBlock.from_arrow(table.column("topk_ids"), "topk_ids")
-        self.topk_logprobs = ColumnBlock.from_arrow(table.column(codec.column), codec.column)
+        if self.sampled:
+            self.drawn_ids = NestedBlock.from_arrow(table.column(SAMPLE_IDS_COLUMN))
+            self.drawn_counts = NestedBlock.from_arrow(table.column(SAMPLE_COUNTS_COLUMN))
+            self.drawn_logprobs = NestedBlock.from_arrow(table.column(soft[2]))
+            self.log_normalizer = (ColumnBlock.from_arrow(table.column(SAMPLE_NORMALIZER_COLUMN), SAMPLE_NORMALIZER_COLUMN)
+                                   if proposal_temperature != 1.0 else None)
+            self.positions = ColumnBlock(np.empty(0), self.drawn_ids.row_offsets)  # the rows' positions, for gather plans
+        else:
+            self.topk_ids = ColumnBlock.from_arrow(table.column("topk_ids"), "topk_ids")
+            self.topk_logprobs = ColumnBlock.from_arrow(table.column(codec.column), codec.column)
 
         # chat shards store targets at some positions only: ``target_positions`` says which
         self.targets = ColumnBlock.from_arrow(table.column(TARGETS_COLUMN), TARGETS_COLUMN) if TARGETS_COLUMN in table.column_names else None
@@ -88,20 +167,19 @@ class ShardRows:
             self.labels = ColumnBlock.from_arrow(labels, label_column)
 
     def batch(self, rows: np.ndarray) -> dict[str, Any]:
-        if self.targets is not None:
-            ids, logprobs, mask = self._scattered(rows)
+        batch: dict[str, Any] = {"sample_id": self.sample_ids[rows].tolist()}
+        if self.sampled:
+            batch.update(self._sampled(rows))
         else:
-            plan = self.topk_ids.plan(rows)  # the two soft-label columns share their offsets
-            ids, lengths = self.topk_ids.gather(rows, 0, np.int64, plan)
-            stored, _ = self.topk_logprobs.gather(rows, 0, self.topk_logprobs.values.dtype, plan)
-            logprobs = self.codec.decode_numpy(stored)
-            mask = np.arange(ids.shape[1])[None, :] < lengths[:, None]
-        batch: dict[str, Any] = {
-            "sample_id": self.sample_ids[rows].tolist(),
-            "topk_ids": torch.from_numpy(ids),
-            "topk_logprobs": torch.from_numpy(logprobs),
-            "mask": torch.from_numpy(mask),
-        }
+            if self.targets is not None:
+                ids, logprobs, mask = self._scattered(rows)
+            else:
+                plan = self.topk_ids.plan(rows)  # the two soft-label columns share their offsets
+                ids, lengths = self.topk_ids.gather(rows, 0, np.int64, plan)
+                stored, _ = self.topk_logprobs.gather(rows, 0, self.topk_logprobs.values.dtype, plan)
+                logprobs = self.codec.decode_numpy(stored)
+                mask = np.arange(ids.shape[1])[None, :] < lengths[:, None]
+            batch.update(topk_ids=torch.from_numpy(ids), topk_logprobs=torch.from_numpy(logprobs), mask=torch.from_numpy(mask))
         if self.inputs is not None:
             inputs, input_lengths = self.inputs.gather(rows)
             batch["inputs"] = torch.from_numpy(inputs)
@@ -113,6 +191,47 @@ class ShardRows:
         return batch
 
 
+    def _steps(self, rows: np.ndarray, steps_of: np.ndarray) -> int:
+        """T of a chat batch: the longest input of the rows (the student's positions)."""
+        if self.inputs is not None and self.inputs.ragged:
+            return int(self.inputs.lengths(rows).max()) if len(rows) else 0
+        return int(steps_of.max()) + 1 if len(steps_of) else 0
+
+    def _sampled(self, rows: np.ndarray) -> dict[str, Any]:
+        """Sampled targets of ``rows``: ids, counts (int64) and decoded log-probs (float32) [B, T, m],
+        the log normaliser [B, T] when the proposal temperature is not 1, and the mask [B, T]. Chat
+        rows put their targets at their ``target_positions`` of the input's T."""
+        if self.targets is not None:  # position j of a row's stored ones is its j-th target position
+            plan = self.targets.plan(rows)
+            row_of = np.repeat(np.arange(len(rows)), plan.lengths)
+            within = plan.source - self.targets.offsets[rows][row_of]
+            steps_of = self.targets.values[plan.source].astype(np.int64)
+            steps = self._steps(rows, steps_of)
+        else:
+            plan = self.positions.plan(rows)
+            row_of, within = _placement(plan, len(rows))
+            steps_of, steps = within, plan.longest
+        positions = self.drawn_ids.row_offsets[rows][row_of] + within
+        shape = (len(rows), steps)
+        ids = self.drawn_ids.scatter(positions, row_of, steps_of, shape, np.int64)
+        width = ids.shape[-1]
+        counts = self.drawn_counts.scatter(positions, row_of, steps_of, shape, np.int64, width)
+        stored = self.drawn_logprobs.scatter(positions, row_of, steps_of, shape, self.drawn_logprobs.values.dtype, width)
+        mask = np.zeros(shape, dtype=bool)
+        mask[row_of, steps_of] = True
+        batch: dict[str, Any] = {
+            "sample_ids": torch.from_numpy(ids),
+            "sample_counts": torch.from_numpy(counts),
+            "sample_logprobs": torch.from_numpy(np.where(counts > 0, self.codec.decode_numpy(stored), np.float32(0.0))),
+            "mask": torch.from_numpy(mask),
+            "proposal_temperature": self.proposal_temperature,
+        }
+        if self.log_normalizer is not None:
+            normalizer = np.zeros(shape, dtype=np.float32)
+            normalizer[row_of, steps_of] = self.log_normalizer.values[self.log_normalizer.offsets[rows][row_of] + within]
+            batch["sample_log_normalizer"] = torch.from_numpy(normalizer)
+        return batch
+
     def _scattered(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Targets stored at some positions only, put where they belong: ids int64 [B, T, k],
         log-probs float32 [B, T, k] and mask bool [B, T] True at the target positions, with T the
@@ -120,10 +239,7 @@ class ShardRows:
         plan = self.targets.plan(rows)  # the soft-label columns share the targets' offsets
         row_of = np.repeat(np.arange(len(rows)), plan.lengths)
         steps_of = self.targets.values[plan.source].astype(np.int64)
-        if self.inputs is not None and self.inputs.ragged:
-            steps = int(self.inputs.lengths(rows).max()) if len(rows) else 0
-        else:
-            steps = int(steps_of.max()) + 1 if len(steps_of) else 0
+        steps = self._steps(rows, steps_of)
         k = self.topk_ids.values.shape[-1]
         ids = np.zeros((len(rows), steps, k), dtype=np.int64)
         ids[row_of, steps_of] = self.topk_ids.values[plan.source]
@@ -132,6 +248,13 @@ class ShardRows:
         mask = np.zeros((len(rows), steps), dtype=bool)
         mask[row_of, steps_of] = True
         return ids, logprobs, mask
+
+
+def _placement(plan: GatherPlan, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row, step) in the padded [B, T] block of each position a gather plan takes, int64 [M] each."""
+    if plan.uniform:
+        return np.repeat(np.arange(rows), plan.longest), np.tile(np.arange(plan.longest), rows)
+    return plan.row_of, plan.step_of
 
 
 def collate(
@@ -163,17 +286,23 @@ def collate(
         shards, whose ``target_positions`` column names the positions that have targets, the targets are
         put at those positions of the input's T and only they are valid);
         ``labels`` int64 [B] or [B, T] with IGNORE_INDEX for missing labels, when there is a label column.
+        Sampled rows (a ``sample_ids`` column) give ``sample_ids`` and ``sample_counts`` int64
+        [B, T, m], ``sample_logprobs`` float32 [B, T, m] (count 0 and log-prob 0 in padding slots),
+        ``sample_log_normalizer`` float32 [B, T] when the proposal temperature is not 1 and
+        ``proposal_temperature`` (float) instead of ``topk_ids`` and ``topk_logprobs``.
     """
     table = _as_table(rows, schema)
     header = decode_header(table.schema.metadata)
+    sampled = SAMPLE_IDS_COLUMN in table.column_names
     if codec is None:
-        codec = codec_of(table.schema)
-        if header is None and codec.dtype != "uint8" and codec.column in table.column_names:
-            leaf = table.column(codec.column)
+        codec = _sampled_codec(table.schema) if sampled and header is None else codec_of(table.schema)
+        stored = sample_logprob_column(codec) if sampled else codec.column
+        if header is None and codec.dtype != "uint8" and stored in table.column_names:
+            leaf = table.column(stored)
             while pa.types.is_list(leaf.type) or pa.types.is_fixed_size_list(leaf.type) or pa.types.is_large_list(leaf.type):
                 leaf = pc.list_flatten(leaf)
             if (pc.max(leaf).as_py() or 0.0) > 0.0:  # codes that lost their header and their integer type
-                raise UserError(f"column {codec.column!r} holds values above 0, so they are not log-probabilities "
+                raise UserError(f"column {stored!r} holds values above 0, so they are not log-probabilities "
                                 "(uint8 codes whose header is gone?); pass the codec of the directory's manifest")
     if input_column == AUTO:
         input_column = header.get("input_column") if header else ("inputs" if "inputs" in table.column_names else None)
@@ -181,7 +310,29 @@ def collate(
         label_column = header.get("label_column") if header else None
     if schema is None and isinstance(rows, (list, tuple)) and input_column in table.column_names:
         table = _classifier_inputs_fixed(table, input_column)
-    return ShardRows(table, input_column, label_column, codec).batch(np.arange(table.num_rows))
+    proposal_temperature = _proposal_temperature(table.schema, header) if sampled else 1.0
+    return ShardRows(table, input_column, label_column, codec, proposal_temperature).batch(np.arange(table.num_rows))
+
+
+def _sampled_codec(schema: pa.Schema) -> LogprobCodec:
+    """The codec of sampled rows without their header, from the log-prob field's own metadata and type."""
+    for sampled_name, topk_name in ((SAMPLE_CODES_COLUMN, CODES_COLUMN), (SAMPLE_LOGPROBS_COLUMN, LOGPROB_COLUMN)):
+        if schema.get_field_index(sampled_name) >= 0:
+            return LogprobCodec.from_columns(pa.schema([schema.field(sampled_name).with_name(topk_name)]))
+    raise UserError(f"no {SAMPLE_LOGPROBS_COLUMN!r} or {SAMPLE_CODES_COLUMN!r} column in these sampled shard rows")
+
+
+def _proposal_temperature(schema: pa.Schema, header: dict[str, Any] | None) -> float:
+    """The proposal temperature of sampled rows: the header's, else the log normaliser field's (1 without that column)."""
+    if header is not None:
+        return float(header.get("proposal_temperature", 1.0))
+    if schema.get_field_index(SAMPLE_NORMALIZER_COLUMN) < 0:
+        return 1.0  # the normaliser is stored exactly when the proposal is not the teacher itself
+    metadata = schema.field(SAMPLE_NORMALIZER_COLUMN).metadata or {}
+    if PROPOSAL_TEMPERATURE_KEY not in metadata:
+        raise UserError(f"column {SAMPLE_NORMALIZER_COLUMN!r} is there but the proposal temperature is gone with the shard header; "
+                        "pass rows that keep their schema metadata")
+    return float(metadata[PROPOSAL_TEMPERATURE_KEY])
 
 
 def _as_table(rows: pa.Table | list[Any] | dict[str, list[Any]], schema: pa.Schema | None) -> pa.Table:
@@ -202,7 +353,8 @@ def _classifier_inputs_fixed(table: pa.Table, input_column: str) -> pa.Table:
     column = table.column(input_column).combine_chunks()
     if not pa.types.is_list(column.type) or pa.types.is_nested(column.type.value_type):
         return table
-    positions = pc.list_value_length(table.column("topk_ids")).to_numpy(zero_copy_only=False)
+    ids = SAMPLE_IDS_COLUMN if SAMPLE_IDS_COLUMN in table.column_names else "topk_ids"
+    positions = pc.list_value_length(table.column(ids)).to_numpy(zero_copy_only=False)
     widths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
     if column.null_count or len(widths) == 0 or (positions != 1).any() or (widths != widths[0]).any():
         return table
@@ -296,6 +448,8 @@ class SoftLabelDataset(IterableDataset):
         self.input_column = self.manifest.get("input_column") if with_inputs else None
         self.label_column = self.manifest.get("label_column")
         self.codec = LogprobCodec.from_header(self.manifest)
+        self.targets = targets_of(self.manifest)
+        self.proposal_temperature = float(self.manifest.get("proposal_temperature", 1.0))
         self.shards = [self.run_directory.shard_path(entry["file"]) for entry in self.manifest["shards"]]
         self.pieces = self._plan_pieces()
         # [epoch, batches to skip, batches made by worker processes]: in shared memory, so DataLoader
@@ -477,7 +631,11 @@ class SoftLabelDataset(IterableDataset):
             raise VerificationError(f"{path.name}: unreadable ({type(exc).__name__}: {exc})") from None
 
     def _columns(self) -> list[str]:
-        columns = [ID_COLUMN, "topk_ids", self.codec.column]
+        if self.targets == "sample":
+            columns = [ID_COLUMN, SAMPLE_IDS_COLUMN, SAMPLE_COUNTS_COLUMN, sample_logprob_column(self.codec)]
+            columns += [SAMPLE_NORMALIZER_COLUMN] if self.proposal_temperature != 1.0 else []
+        else:
+            columns = [ID_COLUMN, "topk_ids", self.codec.column]
         columns += [c for c in (self.input_column, self.label_column, self.manifest.get("target_positions_column")) if c]
         return list(dict.fromkeys(columns))
 
@@ -525,7 +683,7 @@ class SoftLabelDataset(IterableDataset):
                     carry = pa.concat_tables([carry, table.take(pa.array(head))])
                     if carry.num_rows < self.batch_size:
                         continue
-                    joined = ShardRows(carry.combine_chunks(), self.input_column, self.label_column, self.codec)
+                    joined = self._rows(carry.combine_chunks())
                     yield self._batch(joined, np.arange(carry.num_rows), produced, counts)
                     produced += 1
                     carry = None
@@ -536,7 +694,7 @@ class SoftLabelDataset(IterableDataset):
                 rest = order[full * self.batch_size :]
                 carry = table.take(pa.array(rest)) if len(rest) else None
             if carry is not None and not self.drop_last:
-                rows = ShardRows(carry.combine_chunks(), self.input_column, self.label_column, self.codec)
+                rows = self._rows(carry.combine_chunks())
                 yield self._batch(rows, np.arange(carry.num_rows), produced, counts)
         finally:
             loader.shutdown(wait=True, cancel_futures=True)
@@ -546,7 +704,10 @@ class SoftLabelDataset(IterableDataset):
     def _load_window(self, window: list[Piece], columns: list[str]) -> tuple[pa.Table, ShardRows]:
         """A window's rows as one table and as column blocks (runs in the loading thread)."""
         table = pa.concat_tables([self._read_piece(p, columns) for p in window]).combine_chunks()
-        return table, ShardRows(table, self.input_column, self.label_column, self.codec)
+        return table, self._rows(table)
+
+    def _rows(self, table: pa.Table) -> ShardRows:
+        return ShardRows(table, self.input_column, self.label_column, self.codec, self.proposal_temperature)
 
     def _batch(self, window: ShardRows, rows: np.ndarray, local_index: int, counts: list[int]) -> dict[str, Any]:
         batch = window.batch(rows)

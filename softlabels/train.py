@@ -6,6 +6,13 @@ cosine decay, gradient clipping, optional bf16 autocast, DDP under torchrun (glo
 GPU). ``DistillationRecipe`` holds the pieces (setup, one step, evaluation, checkpoints, cleanup);
 ``train_student`` drives them.
 
+Stored targets of either kind: top-k directories take ``kd_loss_per_position`` (``--tail``), sampled
+ones (header ``targets: sample``) the RS-KD estimate at their header's proposal temperature, chosen
+per batch (``stored_kd_per_position``), so top-k and sampled directories can be mixed (``--data``,
+``--mix``) and either kind can be the ``--eval`` directory: each batch is scored against its own
+directory's targets. The sampled estimate is unbiased at ``--temperature`` 1 or the proposal
+temperature; at any other T it is only consistent, which ``train-student`` says on stderr.
+
 Exact resume without saving RNG streams: the random state is re-seeded at every step from
 (seed, step, rank), the loaders resume at the batch after the last one consumed, and the source
 of each step's batch (when mixing several directories) is drawn from (seed, step) alone. A
@@ -36,13 +43,13 @@ from .distributed import distributed_env
 from .errors import UserError, VerificationError
 from .hf import disable_progress_bars
 from .inputs import TeacherInputs
-from .losses import IGNORE_INDEX, dense_kd_per_position, hard_label_loss, kd_loss_per_position
+from .losses import IGNORE_INDEX, dense_kd_per_position, hard_label_loss, kd_loss_per_position, sampled_kd_loss_per_position
 from .options import TrainConfig, flag_of
 from .storage import Location, atomic_write_text
 from .teachers import Teacher, autocast, load_model, load_teacher, resolve_device
 
 __all__ = ["TrainConfig", "TrainSummary", "DistillationRecipe", "train_student", "evaluate", "student_logits", "hard_labels",
-           "batch_losses", "MetricsLog"]
+           "batch_losses", "stored_kd_per_position", "teacher_top1", "MetricsLog"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -93,7 +100,7 @@ def student_logits(model: torch.nn.Module, batch: dict[str, Any], device: torch.
         output = output[0]
     if output.dim() == 2:
         output = output.unsqueeze(1)
-    steps = batch["topk_ids"].shape[1]
+    steps = batch["mask"].shape[1]
     if output.shape[1] < steps:
         raise UserError(f"--student returns {output.shape[1]} positions but the soft labels have {steps}")
     return output[:, :steps]
@@ -119,6 +126,44 @@ def hard_labels(batch: dict[str, Any], next_token: bool, steps: int) -> torch.Te
     return None
 
 
+def stored_kd_per_position(logits: torch.Tensor, batch: dict[str, Any], config: TrainConfig, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher_T || student_T) at each position against the batch's stored targets, without T^2.
+
+    Top-k batches use ``kd_loss_per_position`` with ``--tail``; sampled batches (``sample_ids``) the
+    RS-KD estimate ``sampled_kd_loss_per_position`` at the batch's ``proposal_temperature``.
+
+    Args:
+        logits: [M, V] student logits at the positions ``mask`` selects, or [B, T, V] when mask is None.
+        mask: bool [B, T] selecting the targets' positions, or None to take every position.
+
+    Returns:
+        [M] or [B, T] per-position values in nats.
+    """
+    device = logits.device
+
+    def pick(name: str) -> torch.Tensor:
+        value = batch[name].to(device)
+        return value if mask is None else value[mask]
+
+    if "sample_ids" in batch:
+        normalizer = pick("sample_log_normalizer") if "sample_log_normalizer" in batch else None
+        return sampled_kd_loss_per_position(logits, pick("sample_ids"), pick("sample_counts"), pick("sample_logprobs"),
+                                            config.temperature, float(batch["proposal_temperature"]), normalizer)
+    return kd_loss_per_position(logits, pick("topk_ids"), pick("topk_logprobs"), config.temperature, config.tail)
+
+
+def teacher_top1(batch: dict[str, Any]) -> torch.Tensor:
+    """int64 [B, T] the teacher's most probable stored class per position: top-k's first id, or the
+    drawn id of largest teacher log-probability (0 at positions without targets)."""
+    if "sample_ids" not in batch:
+        return batch["topk_ids"][..., 0]
+    ids, counts = batch["sample_ids"], batch["sample_counts"]
+    if ids.shape[-1] == 0:
+        return torch.zeros(ids.shape[:-1], dtype=torch.int64)
+    scores = batch["sample_logprobs"].masked_fill(counts == 0, float("-inf"))
+    return ids.gather(-1, scores.argmax(dim=-1, keepdim=True)).squeeze(-1)
+
+
 def batch_losses(logits: torch.Tensor, batch: dict[str, Any], config: TrainConfig, next_token: bool,
                  teacher_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Loss terms of one batch: ``loss`` (to minimise), ``kd``, ``ce`` and counts.
@@ -126,7 +171,8 @@ def batch_losses(logits: torch.Tensor, batch: dict[str, Any], config: TrainConfi
     Only valid positions are gathered before the losses, so padding costs no [., V] work: with
     ragged sequences of 32-128 tokens that is about a third of the vocabulary-sized arithmetic.
     With ``teacher_logits`` [B, T, V] (online distillation) KD uses the full teacher distribution
-    instead of the stored top-k.
+    instead of the stored targets; otherwise top-k or sampled targets, as the batch holds
+    (``stored_kd_per_position``).
     """
     device = logits.device
     mask = batch["mask"].to(device)
@@ -134,7 +180,7 @@ def batch_losses(logits: torch.Tensor, batch: dict[str, Any], config: TrainConfi
     if teacher_logits is not None:
         per_position = dense_kd_per_position(valid_logits, teacher_logits[mask], config.temperature)
     else:
-        per_position = kd_loss_per_position(valid_logits, batch["topk_ids"].to(device)[mask], batch["topk_logprobs"].to(device)[mask], config.temperature, config.tail)
+        per_position = stored_kd_per_position(valid_logits, batch, config, mask)
     valid = mask.sum()
     kd = per_position.sum() / valid.clamp(min=1) * config.temperature**2
     labels = hard_labels(batch, next_token, logits.shape[1])
@@ -274,7 +320,7 @@ def _load_student(spec: str) -> tuple[torch.nn.Module, str]:
 def _is_token_sequence(probe: dict[str, Any]) -> bool:
     """Token sequences without a label column: the hard label of position j is token j + 1."""
     inputs = probe["inputs"]
-    return "labels" not in probe and inputs.dim() == 2 and not torch.is_floating_point(inputs) and probe["topk_ids"].shape[1] > 1
+    return "labels" not in probe and inputs.dim() == 2 and not torch.is_floating_point(inputs) and probe["mask"].shape[1] > 1
 
 
 def _output_classes(model: torch.nn.Module, probe: dict[str, Any], device: torch.device, spec: str) -> int:
@@ -289,6 +335,16 @@ def _output_classes(model: torch.nn.Module, probe: dict[str, Any], device: torch
         raise UserError(f"--student {spec}: forward failed on {shape}: {type(exc).__name__}: {exc}") from None
 
 
+def _warn_biased_temperature(config: TrainConfig, sources: list[SoftLabelDataset], eval_set: SoftLabelDataset | None) -> None:
+    """One stderr line per sampled directory whose proposal temperature makes the RS-KD estimate biased at --temperature."""
+    pairs = list(zip(sources, config.data)) + ([(eval_set, config.eval)] if eval_set is not None else [])
+    for source, directory in pairs:
+        t = source.proposal_temperature
+        if source.targets == "sample" and not (math.isclose(config.temperature, 1.0) or math.isclose(config.temperature, t)):
+            print(f"warning: --temperature {config.temperature:g} is neither 1 nor the proposal temperature {t:g} of the sampled "
+                  f"targets in {directory}: their KD estimate is then consistent, not unbiased", file=sys.stderr)
+
+
 def _use_label_column(config: TrainConfig, sources: list[SoftLabelDataset], eval_set: SoftLabelDataset | None) -> None:
     """Read hard labels from ``--label-column`` in every data directory and the eval directory."""
     pairs = list(zip(sources, config.data)) + ([(eval_set, config.eval)] if eval_set is not None else [])
@@ -300,7 +356,11 @@ def _use_label_column(config: TrainConfig, sources: list[SoftLabelDataset], eval
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: SoftLabelDataset, config: TrainConfig, device: torch.device, next_token: bool) -> dict[str, float]:
-    """KD loss, top-1 agreement with the teacher, and accuracy / CE against hard labels when present."""
+    """KD loss, top-1 agreement with the teacher, and accuracy / CE against hard labels when present.
+
+    On sampled targets ``eval_kd`` is the RS-KD estimate and the teacher's top-1 is the most probable
+    drawn id (``teacher_top1``).
+    """
     was_training = model.training
     model.eval()
     kd_sum = agree = positions = correct = labelled = 0.0
@@ -311,10 +371,10 @@ def evaluate(model: torch.nn.Module, dataset: SoftLabelDataset, config: TrainCon
             logits = student_logits(model, batch, device)
         logits = logits.float()
         mask = batch["mask"].to(device)
-        per_position = kd_loss_per_position(logits, batch["topk_ids"].to(device), batch["topk_logprobs"].to(device), config.temperature, config.tail)
+        per_position = stored_kd_per_position(logits, batch, config)
         kd_sum += float((per_position * mask).sum())
         prediction = logits.argmax(dim=-1)
-        agree += float(((prediction == batch["topk_ids"][..., 0].to(device)) & mask).sum())
+        agree += float(((prediction == teacher_top1(batch).to(device)) & mask).sum())
         positions += float(mask.sum())
         labels = hard_labels(batch, next_token, logits.shape[1])
         if labels is not None:
@@ -479,6 +539,8 @@ class DistillationRecipe:
             _check_same_teachers(self.manifest, config.data[0], self.eval_set.manifest, config.eval, "--eval")
         if config.label_column is not None:
             _use_label_column(config, self.sources, self.eval_set)
+        if self.env.rank == 0:
+            _warn_biased_temperature(config, self.sources, self.eval_set)
 
     def _build_student(self) -> None:
         """The student, initialised from --seed, probed on one batch: its V must be the teachers'."""
