@@ -50,7 +50,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as softlabels.hf: no retries aga
 try:
     from transformers import Trainer
 except ImportError as exc:  # pragma: no cover - the [hf] extra is missing
-    raise ImportError("softlabels.hf_trainer needs transformers and datasets: pip install -e '.[hf]'") from exc
+    raise ImportError("softlabels.hf_trainer needs transformers: pip install -e '.[hf]'") from exc
 
 __all__ = ["SOFT_LABEL_KEYS", "SoftLabelCollator", "SoftLabelTrainer", "load_soft_label_dataset", "soft_label_loss"]
 
@@ -104,7 +104,7 @@ def load_soft_label_dataset(directory: str | os.PathLike[str], verify_sha256: bo
     try:
         import datasets
     except ImportError:
-        raise UserError("load_soft_label_dataset needs the datasets package: pip install -e '.[hf]'") from None
+        raise UserError("load_soft_label_dataset needs the datasets package: pip install 'datasets>=3.0'") from None
     return datasets.load_dataset("parquet", data_files=files, split="train",
                                  cache_dir=None if cache_dir is None else str(cache_dir))
 

@@ -182,6 +182,25 @@ def test_eval_kd_equals_train_student_evaluate(soft_dirs, tmp_path):
         assert ours[key] == pytest.approx(theirs[key], rel=1e-5), key
 
 
+def test_gradient_accumulation_averages_micro_batch_means(soft_dirs, tmp_path):
+    """One SGD step over 8 equal-length rows: 2 micro-batches of 4 move the weights as 1 batch of 8 does
+    (the loss is a per-batch mean, so the Trainer must divide it by the accumulation steps)."""
+    rows = load_soft_label_dataset(soft_dirs["train"], cache_dir=tmp_path / "cache").filter(lambda row: len(row["inputs"]) == 10)
+    assert len(rows) == 8
+    updates = {}
+    for accumulation, batch_size in ((1, 8), (2, 4)):
+        model = llama(seed=4)
+        start = {name: p.detach().clone() for name, p in model.named_parameters()}
+        args = training_args(tmp_path / f"ga{accumulation}", max_steps=1, per_device_train_batch_size=batch_size,
+                             gradient_accumulation_steps=accumulation, optim="sgd", learning_rate=0.5, max_grad_norm=0.0)
+        SoftLabelTrainer(model=model, args=args, train_dataset=rows, data_collator=SoftLabelCollator.from_directory(soft_dirs["train"]),
+                         alpha=0.5).train()
+        updates[accumulation] = {name: p.detach() - start[name] for name, p in model.named_parameters()}
+    assert any(float(u.abs().max()) > 1e-4 for u in updates[1].values())
+    for name, update in updates[1].items():
+        torch.testing.assert_close(updates[2][name], update, rtol=1e-4, atol=1e-7)
+
+
 def test_a_lora_student_trains_through_the_same_path(soft_dirs, tmp_path):
     peft = pytest.importorskip("peft")
     base = llama(seed=3)
