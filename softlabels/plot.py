@@ -24,6 +24,8 @@ MISSING = "--plot needs matplotlib: pip install 'softlabels[plot]'"
 HISTOGRAMS = (
     # (report key = Axes label, title, x label, y label)
     ("captured_mass", "captured top-k mass", "sum of the k stored probabilities", "positions"),
+    ("unique_ids", "distinct sampled ids", "distinct ids among a position's draws", "positions"),
+    ("drawn_mass", "drawn mass", "teacher probability of a position's distinct drawn ids", "positions"),
     ("confidence", "confidence", "mean top-1 probability of a row", "rows"),
     ("entropy", "entropy", "mean entropy of a row (nats)", "rows"),
     ("agreement", "ensemble agreement", "mean fraction of teachers agreeing with the ensemble", "rows"),
@@ -75,7 +77,8 @@ def draw(report: dict[str, Any]) -> Any:
     FigureCanvasAgg(figure)
     figure.suptitle(
         f"{report.get('directory', '')}: {report.get('rows', 0):,} rows, {report.get('positions', 0):,} positions, "
-        f"top-{report.get('top_k')} of {report.get('vocab_size', 0):,} classes"
+        + (f"{report.get('samples')} draws" if report.get("targets") == "sample" else f"top-{report.get('top_k')}")
+        + f" of {report.get('vocab_size', 0):,} classes"
     )
     if not panels:
         axes = figure.add_subplot(1, 1, 1, label="empty")
