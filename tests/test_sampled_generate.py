@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import torch
 from scipy import stats
@@ -175,6 +176,31 @@ def test_stored_draws_are_the_teachers(tmp_path, setup, teachers, proposal, dtyp
     assert fidelity["unique_ids_mean"] == pytest.approx(len(stored.ids) / stored.positions)
     assert fidelity["drawn_mass_mean"] == pytest.approx(float(truth.exp().sum() / stored.positions), rel=1e-5)
     assert "kl_full_vs_stored_mean" not in fidelity and f"{fidelity['unique_ids_mean']:.2f}" in result.out
+
+
+def test_rows_skipped_for_non_finite_outputs_leave_the_others_draws_keyed_by_their_own_ids(tmp_path, setup):
+    """--on-nonfinite skip drops rows holding NAN_TOKEN; every kept row's draws are those of its own key."""
+    from fixture_teachers import NAN_TOKEN
+
+    from softlabels.teachers import load_model
+
+    out = tmp_path / "out"
+    result = run_cli("generate", setup["corpus"], "--out", out, "--id-column", "id", "--rows-per-shard", 30, "--batch-size", 8,
+                     "--no-progress", "--teacher", "fixture_teachers:nonfinite_tokens", "--on-nonfinite", "skip",
+                     "--targets", "sample", "--samples", 5)
+    assert result.code == 0, result.err
+    source = pq.read_table(setup["corpus"])
+    dropped = {sid for sid, tokens in zip(source.column("id").to_pylist(), source.column("inputs").to_pylist()) if NAN_TOKEN in tokens}
+    table = read_output(out)
+    assert dropped and set(table.column("sample_id").to_pylist()) == set(source.column("id").to_pylist()) - dropped
+    model, _ = load_model("fixture_teachers:nonfinite_tokens")
+    tokens = table.column("inputs").to_pylist()
+    with torch.no_grad():
+        logprobs = torch.cat([torch.log_softmax(model(torch.tensor([row]), torch.tensor([len(row)]))[0].double(), dim=-1) for row in tokens])
+    keys = position_keys(_manifest(out)["fingerprint"], table.column("sample_id").to_pylist(), torch.tensor([len(t) for t in tokens]))
+    expected = draw_targets(logprobs.float(), keys, 5)
+    stored = targets_from_arrow(table, 5, 1.0, LogprobCodec.from_header(_manifest(out)))
+    assert torch.equal(stored.ids, expected.ids) and torch.equal(stored.counts, expected.counts)
 
 
 def test_a_top_k_run_keeps_its_settings_and_fingerprint_keys(tmp_path, setup):
