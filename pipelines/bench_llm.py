@@ -16,6 +16,9 @@ shared, so absolute times drift; interleaved ratios much less):
    * whole process: generate's whole wall time over the bare side's teacher load and forward
      (target <= 1.08); the bare warm-up batch is left out, generate's probe is not.
 
+   Process CPU time ratios are reported beside the wall ones, and a third figure that slow changes
+   of the machine's load hardly move: generate's wall time after ``_prepare`` over the wall time of
+   its own teacher forward calls (``softlabels.pipeline.forward``), batch by batch in the same run.
    The order of the runs rotates from round to round. With ``--reference`` each round also runs
    generate with the pre-issue-12 top-k step (``topk_reference.py``), so before and after are
    measured in the same rounds. ``--figures generate`` stops after this figure.
@@ -57,6 +60,7 @@ from bench_train import loader_read, raw_read  # noqa: E402
 from topk_reference import installed as reference_topk  # noqa: E402
 
 import softlabels.generate as generate_module  # noqa: E402
+import softlabels.pipeline as pipeline_module  # noqa: E402
 from softlabels.generate import GenerateConfig, generate  # noqa: E402
 from softlabels.teachers import autocast, load_teacher  # noqa: E402
 from softlabels.train import TrainConfig, train_student  # noqa: E402
@@ -70,7 +74,8 @@ def smollm2_spec() -> str:
 
 
 def timed_generate(corpus: Path, teacher: str, out: Path, top_k: int) -> tuple[dict[str, float], object]:
-    """Wall and process CPU seconds of one generate run, and of its ``_prepare``; and its summary."""
+    """Wall and process CPU seconds of one generate run, and of its ``_prepare``; wall seconds in its
+    teacher forward (``softlabels.pipeline.forward``); and its summary."""
     shutil.rmtree(out, ignore_errors=True)
     config = GenerateConfig(corpus=[str(corpus)], teachers=[teacher], out=out, id_column="id", top_k=top_k,
                             precision="bf16", batch_size=BATCH, rows_per_shard=ROWS_PER_SHARD, device="cpu", progress=False)
@@ -85,13 +90,25 @@ def timed_generate(corpus: Path, teacher: str, out: Path, top_k: int) -> tuple[d
             spent["startup_s"] += time.perf_counter() - begin
             spent["startup_cpu_s"] += time.process_time() - begin_cpu
 
+    forward = pipeline_module.forward
+    spent["forward_s"] = 0.0
+
+    def timed_forward(*args: object) -> object:
+        begin = time.perf_counter()
+        try:
+            return forward(*args)
+        finally:
+            spent["forward_s"] += time.perf_counter() - begin
+
     generate_module._prepare = timed_prepare
+    pipeline_module.forward = timed_forward
     try:
         started, started_cpu = time.perf_counter(), time.process_time()
         summary = generate(config)
         return {"s": time.perf_counter() - started, "cpu_s": time.process_time() - started_cpu, **spent}, summary
     finally:
         generate_module._prepare = prepare
+        pipeline_module.forward = forward
 
 
 def generate_stages(corpus: Path, teacher_spec: str, out: Path, top_k: int) -> list[dict[str, object]]:
@@ -177,6 +194,7 @@ def generate_rounds(corpus: Path, teacher_spec: str, out: Path, top_k: int, roun
             record[f"{kind}_whole_ratio"] = record[f"{kind}_s"] / (record["bare_s"] + record["bare_load_s"])
             record[f"{kind}_cpu_ratio"] = (record[f"{kind}_cpu_s"] - record[f"{kind}_startup_cpu_s"]) / record["bare_cpu_s"]
             record[f"{kind}_cpu_whole_ratio"] = record[f"{kind}_cpu_s"] / (record["bare_cpu_s"] + record["bare_load_cpu_s"])
+            record[f"{kind}_inside_ratio"] = (record[f"{kind}_s"] - record[f"{kind}_startup_s"]) / record[f"{kind}_forward_s"]
         results.append(record)
         print(json.dumps(record), file=sys.stderr, flush=True)
     return results, summary
@@ -193,7 +211,7 @@ def generate_figures(pairs: list[dict], positions: int, reference: bool) -> dict
         "bare_startup_s": median("bare_startup_s"),
     }
     for kind in ["generate"] + (["reference"] if reference else []):
-        for ratio in ("ratio", "whole_ratio", "cpu_ratio", "cpu_whole_ratio"):
+        for ratio in ("ratio", "whole_ratio", "cpu_ratio", "cpu_whole_ratio", "inside_ratio"):
             figures[f"{kind}_{ratio}"] = median(f"{kind}_{ratio}")
     return figures
 
@@ -207,6 +225,9 @@ def print_generate_figures(r: dict, rounds: int) -> None:
               f"{r[f'{kind}_ratio']:.3f} / {r[f'{kind}_cpu_ratio']:.3f} |")
         print(f"| {label} / bare, whole process: wall (target <= 1.08) / process CPU, median of {rounds} rounds | "
               f"{r[f'{kind}_whole_ratio']:.3f} / {r[f'{kind}_cpu_whole_ratio']:.3f} |")
+    for kind, label in kinds:
+        print(f"| {label} after start-up / its own teacher forward, both timed inside the run, median of {rounds} rounds | "
+              f"{r[f'{kind}_inside_ratio']:.3f} |")
     print(f"| start-up: generate (load and hash the teacher, probe, open the corpus) / bare (load, warm-up batch) | "
           f"{r['generate_startup_s']:.1f} s / {r['bare_startup_s']:.1f} s |")
 
