@@ -216,8 +216,8 @@ class SoftLabelTrainer(Trainer):
         self.temperature, self.alpha, self.tail = temperature, alpha, tail
         if self.args.label_names is None:
             self.label_names = ["topk_ids"]  # so evaluate() computes a loss
-        self._train_sums = torch.zeros(3, dtype=torch.float64)  # kd, ce, batches
-        self._eval_sums = torch.zeros(5, dtype=torch.float64)  # kd * positions, ce * labelled, positions, labelled, agree
+        self._train_sums: torch.Tensor | None = None  # kd, ce, batches; on the model's device: no sync per step
+        self._eval_sums: torch.Tensor | None = None  # kd * positions, ce * labelled, positions, labelled, agree
         self._vocab_checked = False
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
@@ -236,27 +236,31 @@ class SoftLabelTrainer(Trainer):
             self._vocab_checked = True
         terms = soft_label_loss(logits, targets, self.temperature, self.alpha, self.tail)
         with torch.no_grad():
+            kd, ce = terms["kd"].detach(), terms["ce"].detach()
+            dtype = torch.float32 if kd.device.type == "mps" else torch.float64
             if model.training:
-                self._train_sums += torch.tensor([float(terms["kd"]), float(terms["ce"]), 1.0], dtype=torch.float64)
+                step = torch.stack([kd, ce, torch.ones_like(kd)]).to(dtype)
+                self._train_sums = step if self._train_sums is None else self._train_sums + step
             else:
-                positions, labelled = float(terms["positions"]), float(terms["labelled"])
-                self._eval_sums += torch.tensor([float(terms["kd"]) * positions, float(terms["ce"]) * labelled,
-                                                 positions, labelled, float(terms["agree"])], dtype=torch.float64)
+                positions, labelled = terms["positions"].to(dtype), terms["labelled"].to(dtype)
+                step = torch.stack([kd.to(dtype) * positions, ce.to(dtype) * labelled, positions, labelled, terms["agree"].to(dtype)])
+                self._eval_sums = step if self._eval_sums is None else self._eval_sums + step
         return (terms["loss"], outputs) if return_outputs else terms["loss"]
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        if "loss" in logs and self._train_sums[2] > 0:
+        if "loss" in logs and self._train_sums is not None:
             kd, ce, batches = self._train_sums.tolist()
             logs = {**logs, "kd": kd / batches, "ce": ce / batches}
-            self._train_sums.zero_()
+            self._train_sums = None
         super().log(logs, *args, **kwargs)
 
     def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
-        self._eval_sums.zero_()
+        self._eval_sums = None
         output = super().evaluation_loop(*args, **kwargs)
+        if self._eval_sums is None:  # an empty evaluation set
+            return output
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
-        sums = self.accelerator.reduce(self._eval_sums.to(self.args.device), reduction="sum").cpu().tolist()
-        kd_sum, ce_sum, positions, labelled, agree = sums
+        kd_sum, ce_sum, positions, labelled, agree = self.accelerator.reduce(self._eval_sums, reduction="sum").tolist()
         if positions:
             output.metrics[f"{prefix}_kd"] = kd_sum / positions
             output.metrics[f"{prefix}_top1_agreement"] = agree / positions

@@ -72,9 +72,11 @@ def soft_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def training_args(out: Path, **overrides: object) -> transformers.TrainingArguments:
-    settings = dict(output_dir=str(out), remove_unused_columns=False, per_device_train_batch_size=8, per_device_eval_batch_size=16,
-                    learning_rate=5e-3, lr_scheduler_type="constant", logging_steps=5, report_to=[], save_strategy="no",
-                    use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0)
+    settings: dict[str, object] = {
+        "output_dir": str(out), "remove_unused_columns": False, "per_device_train_batch_size": 8, "per_device_eval_batch_size": 16,
+        "learning_rate": 5e-3, "lr_scheduler_type": "constant", "logging_steps": 5, "report_to": [], "save_strategy": "no",
+        "use_cpu": True, "seed": 0, "disable_tqdm": True, "dataloader_num_workers": 0,
+    }
     settings.update(overrides)
     return transformers.TrainingArguments(**settings)
 
@@ -219,6 +221,72 @@ def test_a_lora_student_trains_through_the_same_path(soft_dirs, tmp_path):
     merged_free = {name.replace("base_model.model.", "").replace(".base_layer", ""): value
                    for name, value in student.state_dict().items() if "lora_" not in name}
     assert all(torch.equal(merged_free[name], value) for name, value in frozen.items())  # base weights untouched
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{% else %}{{ message['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+)
+
+
+def test_chat_shards_train_only_at_the_assistant_positions(tmp_path):
+    """Chat shards (targets at assistant positions only): the Trainer's loss is kd_loss and next-token CE
+    over exactly the positions the native loader marks, and a batch with no target gives 0, not NaN."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from softlabels import collate
+
+    words = ["[UNK]", "system", "user", "assistant", *[f"w{i}" for i in range(40)]]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", bos_token="<|im_start|>", eos_token="<|im_end|>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(2)
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+    teacher = transformers.LlamaForCausalLM(config)
+    teacher.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    rng = np.random.default_rng(4)
+
+    def say(words: int) -> str:
+        return " ".join(f"w{i}" for i in rng.integers(0, 40, words))
+
+    conversations = [{"id": f"c{i:02d}", "messages": [{"role": "user", "content": say(int(rng.integers(1, 9)))},
+                                                      {"role": "assistant", "content": say(int(rng.integers(1, 12)))}] * (1 + i % 2)}
+                     for i in range(17)]
+    corpus = tmp_path / "chat.jsonl"
+    corpus.write_text("".join(json.dumps(c) + "\n" for c in conversations))
+    out = tmp_path / "soft"
+    generate(GenerateConfig(corpus=[str(corpus)], teachers=[f"hf:{tmp_path / 'teacher'}"], out=str(out), id_column="id",
+                            chat_column="messages", max_length=64, top_k=6, rows_per_shard=7, progress=False))
+
+    rows = load_soft_label_dataset(out, cache_dir=tmp_path / "cache")
+    collator = SoftLabelCollator.from_directory(out)
+    batch = collator([rows[i] for i in range(len(rows))])
+    native = collate(pa.concat_tables([pq.read_table(p) for p in sorted((out / "data").glob("*.parquet"))]))
+    assert torch.equal(batch["target_mask"], native["mask"]) and torch.equal(batch["input_ids"], native["inputs"])
+    assert 0 < int(native["mask"].sum()) < int(native["lengths"].sum())  # the prompts carry no targets
+
+    torch.manual_seed(6)
+    student = transformers.LlamaForCausalLM(config)
+    trainer = SoftLabelTrainer(model=student, args=training_args(tmp_path / "out"), data_collator=collator, temperature=2.0, alpha=0.4)
+    with torch.no_grad():
+        loss = trainer.compute_loss(student, batch)
+        logits = student(input_ids=native["inputs"], attention_mask=batch["attention_mask"]).logits
+    mask = native["mask"]
+    kd = kd_loss(logits, native["topk_ids"], native["topk_logprobs"], 2.0, "bucket", mask=mask)
+    following = torch.roll(native["inputs"], -1, dims=1)  # a target position always has a next (assistant) token
+    ce = torch.nn.functional.cross_entropy(logits[mask], following[mask])
+    assert float(loss) == pytest.approx(float(0.4 * kd + 0.6 * ce), rel=1e-5, abs=1e-6)
+
+    lonely = collator([rows[0]])  # generate drops a conversation without assistant tokens; a window may still have none
+    lonely["target_mask"][:] = False
+    student.zero_grad()
+    zero = trainer.compute_loss(student, lonely)
+    zero.backward()
+    assert float(zero.detach()) == 0.0 and all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
 
 
 def test_misuse_is_one_clear_line(soft_dirs, tmp_path):
