@@ -172,9 +172,8 @@ def soft_label_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], temper
     steps = batch["topk_ids"].shape[1]
     if logits.shape[1] < steps:
         raise UserError(f"the model returns {logits.shape[1]} positions but the soft labels have {steps}")
-    logits = logits[:, :steps].float()
     mask = batch["target_mask"].to(logits.device)
-    valid_logits = logits[mask]  # [N, V]: padding and non-target positions cost no vocabulary-sized work
+    valid_logits = logits[:, :steps][mask].float()  # [N, V]: padding and non-target positions cost no fp32 copy or work
     top_ids = batch["topk_ids"].to(logits.device)[mask]
     every = torch.ones(len(valid_logits), dtype=torch.bool, device=logits.device)  # 0, not NaN, with no target position
     kd = kd_loss(valid_logits, top_ids, batch["topk_logprobs"].to(logits.device)[mask], temperature, tail, mask=every)
@@ -184,7 +183,7 @@ def soft_label_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], temper
         ce = hard_label_loss(valid_logits, valid_labels)
         labelled = (valid_labels != IGNORE_INDEX).sum()
     else:
-        ce = logits.sum() * 0.0
+        ce = valid_logits.sum() * 0.0
         labelled = torch.zeros((), dtype=torch.int64, device=logits.device)
     agree = (valid_logits.argmax(dim=-1) == top_ids[:, 0]).sum()
     return {"loss": alpha * kd + (1.0 - alpha) * ce, "kd": kd, "ce": ce, "positions": mask.sum(), "labelled": labelled, "agree": agree}
