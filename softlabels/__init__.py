@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["__version__", "SoftLabelDataset", "SoftLabelLoader", "LogprobCodec", "collate", "kd_loss", "dense_kd_loss", "hard_label_loss"]
+__all__ = ["__version__", "SoftLabelDataset", "SoftLabelLoader", "LogprobCodec", "collate", "kd_loss", "dense_kd_loss", "hard_label_loss",
+           "SoftLabelTrainer", "SoftLabelCollator", "load_soft_label_dataset"]
 __version__ = "0.2.0"
 
 _LAZY = {
@@ -20,6 +21,9 @@ _LAZY = {
     "kd_loss": "softlabels.losses",
     "dense_kd_loss": "softlabels.losses",
     "hard_label_loss": "softlabels.losses",
+    "SoftLabelTrainer": "softlabels.hf_trainer",
+    "SoftLabelCollator": "softlabels.hf_trainer",
+    "load_soft_label_dataset": "softlabels.hf_trainer",
 }
 
 
