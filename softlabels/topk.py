@@ -33,10 +33,12 @@ __all__ = ["CHUNK_ELEMENTS", "CPU_CHUNK_ELEMENTS", "TOPK_BLOCK", "SoftLabels", "
 CHUNK_ELEMENTS = 1 << 23
 """At most this many floats per teacher per chunk (32 MB in fp32); the chunk on an accelerator."""
 
-CPU_CHUNK_ELEMENTS = 1 << 21
-"""Floats per teacher per chunk on the CPU: 8 MB in fp32, 42 positions at C = 49,152. Smaller
-chunks stay in cache between passes, but every pass is a parallel region whose threads must meet,
-which costs most on a busy machine."""
+CPU_CHUNK_ELEMENTS = 1 << 22
+"""Floats per teacher per chunk on the CPU: 16 MB in fp32, 85 positions at C = 49,152. Smaller
+chunks stay in cache between passes, but every pass is a parallel region whose threads must all be
+running to finish it, which on a machine with more runnable threads than cores costs a scheduler
+time slice each; at 32 MB and above every buffer is a fresh mapping (glibc's largest recycled
+allocation), faulted in and zeroed by the kernel."""
 
 TOPK_BLOCK = 64
 """Classes per block in ``block_topk``'s first stage (C // TOPK_BLOCK blocks)."""
@@ -136,27 +138,26 @@ def block_topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
         ([n, k] values, int64 [n, k] their class ids). Among equal values the ids chosen and their
         order are unspecified (as in ``torch.topk``), but the same for the same input.
 
-    On the CPU, for C >= 4 k ``TOPK_BLOCK``, the classes are split into G = C // ``TOPK_BLOCK``
-    blocks (class i in block i mod G, so the block maxima are one vertical reduction) and the exact
-    top-k is taken among the k blocks of largest maximum plus the C - G ``TOPK_BLOCK`` classes left
-    over: every value above the k-th largest sits in a block whose maximum is one of fewer than k
-    such values, and the chosen blocks hold at least k values not below it. A full ``torch.topk``
-    row costs several times the block maxima on the CPU; accelerators have a fast top-k of their own.
+    On the CPU, for C >= 4 k ``TOPK_BLOCK``, the classes are cut into blocks of ``TOPK_BLOCK``
+    and the exact top-k is taken among the k blocks of largest maximum plus the C mod
+    ``TOPK_BLOCK`` classes after the last whole block: every value above the k-th largest sits in a
+    block whose maximum is one of fewer than k such values, and the chosen blocks hold at least k
+    values not below it. A full ``torch.topk`` row costs several times the block maxima on the
+    CPU; accelerators have a fast top-k of their own.
     """
     rows, classes = values.shape
     groups = classes // TOPK_BLOCK
     if groups < 4 * k or values.device.type != "cpu":
         return torch.topk(values, k, dim=-1, sorted=True)
     span = groups * TOPK_BLOCK
-    blocks = values[:, :span].reshape(rows, TOPK_BLOCK, groups)  # class i in block i mod groups
-    chosen = torch.topk(blocks.amax(dim=1), k, dim=-1, sorted=False).indices  # [n, k]
-    offsets = torch.arange(0, span, groups, device=values.device)  # [TOPK_BLOCK]
-    candidate_ids = (chosen[:, :, None] + offsets).reshape(rows, k * TOPK_BLOCK)
-    if span < classes:  # the leftover classes are always candidates
-        leftover = torch.arange(span, classes, device=values.device).expand(rows, classes - span)
-        candidate_ids = torch.cat([candidate_ids, leftover], dim=1)
-    best, where = torch.topk(values.gather(1, candidate_ids), k, dim=-1, sorted=True)
-    return best, candidate_ids.gather(1, where)
+    blocks = values[:, :span].reshape(rows, groups, TOPK_BLOCK)  # block j: classes [j B, (j + 1) B)
+    chosen = torch.topk(blocks.amax(dim=-1), k, dim=-1, sorted=False).indices  # [n, k]
+    candidates = blocks.gather(1, chosen[:, :, None].expand(rows, k, TOPK_BLOCK)).reshape(rows, k * TOPK_BLOCK)
+    if span < classes:  # the classes after the last whole block are always candidates
+        candidates = torch.cat([candidates, values[:, span:]], dim=1)
+    best, where = torch.topk(candidates, k, dim=-1, sorted=True)
+    in_blocks = chosen.gather(1, (where // TOPK_BLOCK).clamp(max=k - 1)) * TOPK_BLOCK + where % TOPK_BLOCK
+    return best, torch.where(where < k * TOPK_BLOCK, in_blocks, where - k * TOPK_BLOCK + span)
 
 
 def _entropy_of_logprobs(log_p: torch.Tensor) -> torch.Tensor:

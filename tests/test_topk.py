@@ -139,9 +139,9 @@ def test_chunked_soft_labels_equal_one_block(monkeypatch, teachers, mode):
 
 @pytest.mark.parametrize("teachers", [1, 2])
 def test_chunk_size_bounds_the_block(monkeypatch, teachers):
-    """No fp32 temporary larger than a chunk: 8 positions per chunk at a 256k vocabulary on the CPU
+    """No fp32 temporary larger than a chunk: 16 positions per chunk at a 256k vocabulary on the CPU
     (32 on an accelerator), whatever the batch holds."""
-    assert topk.CPU_CHUNK_ELEMENTS // 262144 == 8 and topk.CHUNK_ELEMENTS // 262144 == 32
+    assert topk.CPU_CHUNK_ELEMENTS // 262144 == 16 and topk.CHUNK_ELEMENTS // 262144 == 32
     seen = []
     original = topk.block_topk
 
