@@ -20,6 +20,7 @@ vocabulary (``ensemble_logprobs``), then take the same top-k and entropy of the 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -184,6 +185,7 @@ class _SingleTeacher:
     """Top-k log-probabilities and entropy of one teacher's chunks, from raw logits in few passes."""
 
     def __init__(self, rows: int, classes: int, device: torch.device) -> None:
+        self.rows, self.classes, self.device = rows, classes, device
         self.shifted = torch.empty(rows, classes, dtype=torch.float32, device=device)
         self.exp = torch.empty(rows, classes, dtype=torch.float32, device=device)
 
@@ -212,6 +214,20 @@ class _SingleTeacher:
         return ids, logprobs, entropy, peak[:, 0].isfinite()
 
 
+_held = threading.local()
+
+
+def _single_teacher(rows: int, classes: int, device: torch.device) -> _SingleTeacher:
+    """The calling thread's buffers for chunks of up to ``rows`` x ``classes`` on ``device``, kept from
+    call to call on the CPU: new ones of this size are fresh mappings, faulted in page by page."""
+    if device.type != "cpu":
+        return _SingleTeacher(rows, classes, device)
+    held = getattr(_held, "single", None)
+    if held is None or held.classes != classes or held.device != device or held.rows < rows:
+        held = _held.single = _SingleTeacher(rows, classes, device)
+    return held
+
+
 def soft_labels(
     member_logits: list[torch.Tensor], positions_per_row: torch.Tensor, top_k: int, mode: str, codec: LogprobCodec | None = None
 ) -> SoftLabels:
@@ -229,8 +245,8 @@ def soft_labels(
     total, classes = member_logits[0].shape
     device = member_logits[0].device
     budget = CPU_CHUNK_ELEMENTS if device.type == "cpu" else CHUNK_ELEMENTS
-    chunk = max(1, min(total, budget // max(classes, 1)))
-    single = _SingleTeacher(chunk, classes, device) if len(member_logits) == 1 and total else None
+    chunk = max(1, budget // max(classes, 1))
+    single = _single_teacher(min(chunk, total), classes, device) if len(member_logits) == 1 and total else None
     ids, logprobs, entropy, agree, usable = [], [], [], [], []
     for begin in range(0, total, chunk):
         pieces = [logits[begin : begin + chunk] for logits in member_logits]
