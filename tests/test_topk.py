@@ -182,3 +182,16 @@ def test_usable_flags_nan_posinf_and_all_neginf_positions(monkeypatch, teachers,
         same(getattr(kept, name), getattr(labels, name)[positions])
     for name in ("confidence", "entropy") + (("agreement",) if teachers > 1 else ()):
         same(getattr(kept, name), getattr(labels, name)[keep])
+
+
+def test_buffers_kept_between_calls_change_nothing(monkeypatch):
+    """Calls of other sizes in between (fewer positions, another vocabulary) leave a call's result as it was alone."""
+    monkeypatch.setattr(topk, "TOPK_BLOCK", 8)
+    monkeypatch.setattr(topk, "CPU_CHUNK_ELEMENTS", 1003 * 10)
+    first = awkward_logits(1, 1003, seed=21, masked=True)
+    alone = topk.soft_labels(first, PER_ROW, 7, "probs")
+    topk.soft_labels([torch.randn(3, 1003)], torch.tensor([3]), 7, "probs")  # reuses part of the held buffers
+    topk.soft_labels([torch.randn(40, 2000)], torch.tensor([40]), 7, "probs")  # replaces them
+    again = topk.soft_labels(first, PER_ROW, 7, "probs")
+    for name in ("ids", "logprobs", "confidence", "entropy", "captured_mass", "stored_kl", "usable"):
+        assert torch.equal(getattr(alone, name), getattr(again, name)), name
