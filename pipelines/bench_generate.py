@@ -424,7 +424,7 @@ class StageClock:
 STARTUP = "startup: open corpus, load + hash teacher, probe"
 PROCESS_UNIT = "process_unit (a unit's batches: everything below)"
 INNER = ("convert batch (Arrow -> padded tensor)", "teacher forward", "valid_positions (gather unpadded logits)",
-         "soft_labels (log_softmax, top-k, entropy)")
+         "soft_labels (top-k, log-sum-exp, entropy, NaN/Inf check)")
 
 
 def instrumented_generate(corpus_path: Path, spec: str, out: Path, batch_size: int, rows_per_shard: int) -> dict[str, Any]:
@@ -455,7 +455,7 @@ def instrumented_generate(corpus_path: Path, spec: str, out: Path, batch_size: i
     faults = {(g, s): r[1] for (g, s), r in clock.records.items()}
     if ("main", PROCESS_UNIT) in seconds:
         rows.append({
-            "thread": "main", "stage": "rest of process_unit (NaN/Inf check, .cpu().numpy(), bookkeeping)",
+            "thread": "main", "stage": "rest of process_unit (.cpu().numpy(), bookkeeping)",
             "seconds": seconds["main", PROCESS_UNIT] - sum(seconds.get(("main", s), 0.0) for s in INNER),
             "minor_faults": faults["main", PROCESS_UNIT] - sum(faults.get(("main", s), 0) for s in INNER),
             "calls": clock.records["main", PROCESS_UNIT][2],

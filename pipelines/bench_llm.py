@@ -123,7 +123,7 @@ def generate_stages(corpus: Path, teacher_spec: str, out: Path, top_k: int) -> l
         (pipe, "forward", INNER[1]),
         (pipe, "valid_positions", INNER[2]),
         (pipe, "usable_positions", "usable_positions (NaN/Inf check)"),
-        (pipe, "soft_labels", "soft_labels (top-k, log-sum-exp, entropy, fidelity)"),
+        (pipe, "soft_labels", "soft_labels (top-k, log-sum-exp, entropy, NaN/Inf check, fidelity)"),
         (pipe, "build_shard", "build_shard (Arrow table)"),
         (pipe, "write_shard", "write_shard (zstd Parquet, fsync, sha256, rename)"),
         (pipe, "process_unit", PROCESS_UNIT),
