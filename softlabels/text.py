@@ -170,12 +170,13 @@ class DocumentWindows:
 
     def _windows(self, sample_ids: list[str], documents: list[tuple[list[int], np.ndarray | None]]) -> pa.Table:
         names: list[str] = []
-        windows: list[list[int]] = []
+        windows: list[np.ndarray] = []
         targets: list[np.ndarray] = []
         size = self.max_length
-        for sample_id, (ids, assistant) in zip(sample_ids, documents):
+        for sample_id, (token_list, assistant) in zip(sample_ids, documents):
+            ids = np.asarray(token_list, dtype=np.int32)
             for window, begin in enumerate(range(0, len(ids), size)):
-                piece = ids[begin: begin + size]
+                piece = ids[begin: begin + size]  # a view of the document's int32 ids
                 if assistant is not None:
                     # position p is a target when token p + 1 (possibly the next window's first) is an assistant token
                     following = assistant[begin + 1: begin + len(piece) + 1]
@@ -201,11 +202,10 @@ class DocumentWindows:
         names = [name.replace(f"{first}#", f"{first}#pack", 1) for name in table.column(ID_COLUMN).to_pylist()]
         return table.set_column(0, ID_COLUMN, pa.array(names, pa.string()))
 
-    def _table(self, names: list[str], windows: list[list[int]], targets: list[np.ndarray] | None) -> pa.Table:
-        lengths = np.fromiter((len(w) for w in windows), dtype=np.int64, count=len(windows))
+    def _table(self, names: list[str], windows: list[np.ndarray], targets: list[np.ndarray] | None) -> pa.Table:
         offsets = np.zeros(len(windows) + 1, dtype=np.int32)
-        np.cumsum(lengths, out=offsets[1:])
-        flat = np.fromiter((t for w in windows for t in w), dtype=np.int32, count=int(offsets[-1]))
+        np.cumsum([len(w) for w in windows], out=offsets[1:])
+        flat = np.concatenate(windows) if windows else np.zeros(0, dtype=np.int32)
         arrays = [pa.array(names, pa.string()), pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))]
         fields = [ID_COLUMN, TOKENS_COLUMN]
         if targets is not None:
