@@ -18,7 +18,7 @@ Draws are reproducible from what identifies a position, never from how work was 
 So the draws of a position depend only on (fingerprint, sample id, position index) and that
 position's teacher probabilities: resume, ranks, Ray actors and any ``--batch-size`` give the same
 ids. Positions are processed in chunks of ``CPU_CHUNK_ELEMENTS / 2`` float64 values on the CPU
-(8 MB, which stays in cache between passes) or ``CHUNK_ELEMENTS / 2`` (32 MB) on an accelerator,
+(16 MB) or ``CHUNK_ELEMENTS / 2`` (32 MB) on an accelerator,
 in one scratch block reused for every chunk; the cost per position is a few in-place passes over
 V (copy to float64, subtract the max, exp, cumulative sum) and a binary search per draw.
 
