@@ -74,9 +74,14 @@ def chapters() -> list[tuple[str, str, str]]:
     return [(name, f"{name}-{chapter:03d}", "\n".join(verses)) for (name, chapter), verses in texts.items()]
 
 
-def write_text_corpus(tokenizer, held_out: set[str], tokens: int, path: Path) -> None:  # noqa: ANN001
+def write_text_corpus(tokenizer, held_out: set[str], tokens: int, path: Path, window: int) -> None:  # noqa: ANN001
     """Training chapters as raw-text documents (JSONL: id, book, text), evenly spread over the
-    training books, about ``tokens`` tokens in all: the input of ``generate --text-column text``."""
+    training books, about ``tokens`` tokens in all: the input of ``generate --text-column text``.
+
+    Beside it, ``train_chapters.parquet`` holds the same chapters pre-tokenized the way this script
+    cuts books: each chapter tokenized as ``tokenizer(text)`` does it (the ids ``--text-column``
+    sees), the chapters joined and cut into fixed ``window``-token windows, the remainder dropped.
+    It is the like-for-like pre-tokenized run that the raw-text run is compared with."""
     train = [c for c in chapters() if c[0] not in held_out]
     sizes = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for _, _, text in train]
     count = max(1, min(len(train), round(tokens / (sum(sizes) / len(sizes)))))
@@ -86,6 +91,14 @@ def write_text_corpus(tokenizer, held_out: set[str], tokens: int, path: Path) ->
             name, chapter, text = train[index]
             handle.write(json.dumps({"id": chapter, "book": name, "text": text}) + "\n")
     print(f"{path}: {len(keep)} chapters, {sum(sizes[i] for i in keep):,} tokens of raw text from the training books")
+    ids = np.concatenate([np.asarray(tokenizer(train[i][2])["input_ids"], dtype=np.int32) for i in keep])
+    blocks = ids[: len(ids) // window * window].reshape(-1, window)
+    table = pa.table({
+        "id": [f"chapters-{i:04d}" for i in range(len(blocks))],
+        "inputs": pa.FixedSizeListArray.from_arrays(pa.array(blocks.reshape(-1)), window),
+    })
+    pq.write_table(table, path.with_name("train_chapters.parquet"), compression="zstd")
+    print(f"{path.with_name('train_chapters.parquet')}: the same chapters pre-tokenized, {len(blocks):,} windows of {window} tokens")
 
 
 def windows(tokenizer, text: str, size: int) -> np.ndarray:  # noqa: ANN001
@@ -139,7 +152,7 @@ def main() -> None:
               f"({table.num_rows * args.window:,} tokens) from {len(parts)} books")
     if args.text_tokens is not None:
         held_out = {name for index, (name, _) in enumerate(books()) if index % HELD_OUT_EVERY == HELD_OUT_OFFSET}
-        write_text_corpus(tokenizer, held_out, args.text_tokens, args.out / "train_text.jsonl")
+        write_text_corpus(tokenizer, held_out, args.text_tokens, args.out / "train_text.jsonl", args.window)
     write_student_config(teacher_dir, args.out / "student")
     print(f"{args.out / 'student' / 'config.json'}: the student (hf:{args.out / 'student'})")
 

@@ -263,6 +263,7 @@ def collate(
     label_column: str | None = AUTO,
     codec: LogprobCodec | None = None,
     schema: pa.Schema | None = None,
+    proposal_temperature: float | None = None,
 ) -> dict[str, Any]:
     """Turn shard rows into a batch of tensors; usable as a DataLoader ``collate_fn``.
 
@@ -278,6 +279,8 @@ def collate(
         schema: the Arrow schema of row dicts (e.g. ``hf_dataset.features.arrow_schema``), so
             their types are exact. Without it, a list-of-numbers input column counts as a
             sequence unless every row holds a single position (a classifier), when it is a fixed vector.
+        proposal_temperature: of sampled rows; by default from the header, else from the
+            ``sample_log_normalizer`` field's metadata (pass the manifest's when both are gone).
 
     Returns:
         ``sample_id`` (list of str); ``inputs`` ([B, ...] float32/int64) and ``lengths`` (int64 [B],
@@ -310,7 +313,8 @@ def collate(
         label_column = header.get("label_column") if header else None
     if schema is None and isinstance(rows, (list, tuple)) and input_column in table.column_names:
         table = _classifier_inputs_fixed(table, input_column)
-    proposal_temperature = _proposal_temperature(table.schema, header) if sampled else 1.0
+    if proposal_temperature is None:
+        proposal_temperature = _proposal_temperature(table.schema, header) if sampled else 1.0
     return ShardRows(table, input_column, label_column, codec, proposal_temperature).batch(np.arange(table.num_rows))
 
 

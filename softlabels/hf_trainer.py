@@ -7,7 +7,8 @@ callbacks then come from transformers:
   lists as an HF ``datasets.Dataset`` (one row per shard row).
 * ``SoftLabelCollator.from_directory(DIR)``: rows -> ``input_ids`` [B, T] int64 and
   ``attention_mask`` [B, T] for the model, plus the targets under names the model never sees
-  (``SOFT_LABEL_KEYS``): ``topk_ids`` [B, T, k] int64, ``topk_logprobs`` [B, T, k] float32,
+  (``SOFT_LABEL_KEYS``): ``topk_ids`` [B, T, k] int64, ``topk_logprobs`` [B, T, k] float32 (or
+  sampled targets: ``sample_ids``, ``sample_counts``, ``sample_logprobs`` and the proposal's fields),
   ``target_mask`` [B, T] bool (positions with targets; for chat shards only the assistant's) and
   ``hard_labels`` [B, T] int64 (the next token, or the label column; ``IGNORE_INDEX`` where none).
 * ``SoftLabelTrainer(..., temperature=, alpha=, tail=)``: a ``Trainer`` whose ``compute_loss`` is
@@ -43,7 +44,7 @@ from .errors import UserError, VerificationError
 from .losses import IGNORE_INDEX, hard_label_loss, kd_loss
 from .options import TAIL_MODES
 from .rundir import RunDirectory
-from .train import hard_labels
+from .train import hard_labels, teacher_top1
 from .verify import verify
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as softlabels.hf: no retries against an unreachable hub
@@ -54,12 +55,13 @@ except ImportError as exc:  # pragma: no cover - the [hf] extra is missing
 
 __all__ = ["SOFT_LABEL_KEYS", "SoftLabelCollator", "SoftLabelTrainer", "load_soft_label_dataset", "soft_label_loss"]
 
-SOFT_LABEL_KEYS = ("topk_ids", "topk_logprobs", "target_mask", "hard_labels")
+SOFT_LABEL_KEYS = ("topk_ids", "topk_logprobs", "sample_ids", "sample_counts", "sample_logprobs", "sample_log_normalizer",
+                   "proposal_temperature", "target_mask", "hard_labels")
 """Batch keys that carry targets; ``SoftLabelTrainer`` removes them before calling the model."""
 
 
 def _sealed_manifest(directory: str | os.PathLike[str], verify_shards: bool | None = None) -> dict[str, Any]:
-    """The manifest of a sealed top-k directory; ``verify_shards`` True/False runs the full/quick verify first."""
+    """The manifest of a sealed top-k or sampled directory; ``verify_shards`` True/False runs the full/quick verify first."""
     try:
         if verify_shards is not None:
             verify(directory, quick=not verify_shards)
@@ -69,8 +71,8 @@ def _sealed_manifest(directory: str | os.PathLike[str], verify_shards: bool | No
             raise UserError(f"{directory}: {exc}") from None
         raise
     targets = manifest.get("targets", "topk")
-    if targets != "topk":
-        raise UserError(f"{directory}: holds {targets!r} targets; the HF Trainer path reads top-k soft labels only")
+    if targets not in ("topk", "sample"):
+        raise UserError(f"{directory}: holds {targets!r} targets; the HF Trainer path reads top-k or sampled soft labels")
     return manifest
 
 
@@ -89,7 +91,7 @@ def load_soft_label_dataset(directory: str | os.PathLike[str], verify_sha256: bo
         in the shards (``sample_id``, the input column, ``topk_ids``, the log-prob column, ...).
 
     Raises:
-        UserError: not a sealed local directory, no rows, or not top-k targets.
+        UserError: not a sealed local directory, or no rows.
         VerificationError: a damaged shard, naming the file.
     """
     run_directory = RunDirectory.open(directory)
@@ -115,7 +117,10 @@ class SoftLabelCollator:
     The rows have lost the shard header, so the input column, label column and log-prob codec
     come from the manifest. Returns ``input_ids`` int64 [B, T] (padding 0), ``attention_mask``
     int64 [B, T] (1 on each row's tokens), ``topk_ids`` int64 [B, T, k], ``topk_logprobs`` float32
-    [B, T, k], ``target_mask`` bool [B, T] (collate's ``mask``: the positions that have targets) and
+    [B, T, k] (sampled shards: ``sample_ids``, ``sample_counts``, ``sample_logprobs`` [B, T, m],
+    ``sample_log_normalizer`` [B, T] when the proposal temperature is not 1, and
+    ``proposal_temperature``, as ``collate`` gives them), ``target_mask`` bool [B, T] (collate's
+    ``mask``: the positions that have targets) and
     ``hard_labels`` int64 [B, T] (``IGNORE_INDEX`` where none), built by ``softlabels.train.hard_labels``
     as ``train-student`` builds them: the label column when there is one, else the next token.
     """
@@ -125,6 +130,8 @@ class SoftLabelCollator:
         self.label_column: str | None = manifest.get("label_column")
         self.codec = LogprobCodec.from_header(manifest)
         self.vocab_size = int(manifest["vocab_size"])
+        self.sampled = manifest.get("targets", "topk") == "sample"
+        self.proposal_temperature = float(manifest.get("proposal_temperature", 1.0))
         if self.input_column is None:
             raise UserError("these shards have no input column; the HF Trainer path feeds token ids to the model")
 
@@ -134,7 +141,8 @@ class SoftLabelCollator:
         return cls(_sealed_manifest(directory))
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = collate(rows, input_column=self.input_column, label_column=self.label_column, codec=self.codec)
+        batch = collate(rows, input_column=self.input_column, label_column=self.label_column, codec=self.codec,
+                        proposal_temperature=self.proposal_temperature if self.sampled else None)
         tokens = batch["inputs"]
         if tokens.dim() != 2 or torch.is_floating_point(tokens):
             raise UserError(f"column {self.input_column!r} holds {tuple(tokens.shape[1:])} {tokens.dtype} values per row, "
@@ -143,13 +151,13 @@ class SoftLabelCollator:
             attention = (torch.arange(tokens.shape[1])[None, :] < batch["lengths"][:, None]).long()
         else:
             attention = torch.ones_like(tokens)
-        steps = batch["topk_ids"].shape[1]
+        steps = batch["mask"].shape[1]
         next_token = "labels" not in batch and steps > 1  # train-student's rule for token sequences
         labels = hard_labels(batch, next_token, steps)
         if labels is None:
             labels = torch.full((tokens.shape[0], steps), IGNORE_INDEX, dtype=torch.int64)
-        return {"input_ids": tokens.long(), "attention_mask": attention, "topk_ids": batch["topk_ids"],
-                "topk_logprobs": batch["topk_logprobs"], "target_mask": batch["mask"], "hard_labels": labels}
+        targets = {key: batch[key] for key in SOFT_LABEL_KEYS if key in batch}
+        return {"input_ids": tokens.long(), "attention_mask": attention, **targets, "target_mask": batch["mask"], "hard_labels": labels}
 
 
 def soft_label_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], temperature: float = 2.0,
@@ -158,25 +166,37 @@ def soft_label_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], temper
 
     Args:
         logits: student logits [B, T', V] with T' >= T (a causal LM), or [B, V] (one position).
-        batch: ``topk_ids`` [B, T, k], ``topk_logprobs`` [B, T, k], ``target_mask`` bool [B, T],
-            optionally ``hard_labels`` [B, T] (``IGNORE_INDEX`` where none).
+        batch: ``topk_ids`` [B, T, k] and ``topk_logprobs`` [B, T, k], or sampled targets
+            (``sample_ids``, ``sample_counts``, ``sample_logprobs`` [B, T, m], ``proposal_temperature``,
+            optionally ``sample_log_normalizer`` [B, T]); ``target_mask`` bool [B, T]; optionally
+            ``hard_labels`` [B, T] (``IGNORE_INDEX`` where none).
         temperature, alpha, tail: as ``train-student --temperature --alpha --tail``.
 
     Returns:
-        ``loss``, ``kd`` (``kd_loss`` over the target positions, T^2-scaled), ``ce`` (hard-label
+        ``loss``, ``kd`` (``kd_loss`` over the target positions, T^2-scaled; for sampled targets the
+        RS-KD estimate, and ``tail`` is unused), ``ce`` (hard-label
         CE over the labelled target positions; 0 if none), and the counts ``positions``,
         ``labelled`` and ``agree`` (target positions whose student argmax is the teacher's top-1).
     """
     if logits.dim() == 2:
         logits = logits.unsqueeze(1)
-    steps = batch["topk_ids"].shape[1]
+    steps = batch["target_mask"].shape[1]
     if logits.shape[1] < steps:
         raise UserError(f"the model returns {logits.shape[1]} positions but the soft labels have {steps}")
     mask = batch["target_mask"].to(logits.device)
     valid_logits = logits[:, :steps][mask].float()  # [N, V]: padding and non-target positions cost no fp32 copy or work
-    top_ids = batch["topk_ids"].to(logits.device)[mask]
     every = torch.ones(len(valid_logits), dtype=torch.bool, device=logits.device)  # 0, not NaN, with no target position
-    kd = kd_loss(valid_logits, top_ids, batch["topk_logprobs"].to(logits.device)[mask], temperature, tail, mask=every)
+
+    def pick(name: str) -> torch.Tensor:
+        return batch[name].to(logits.device)[mask]
+
+    if "sample_ids" in batch:
+        normalizer = pick("sample_log_normalizer") if "sample_log_normalizer" in batch else None
+        kd = kd_loss(valid_logits, pick("sample_ids"), pick("sample_logprobs"), temperature, tail, mask=every, targets="sample",
+                     sample_counts=pick("sample_counts"), proposal_temperature=float(batch["proposal_temperature"]),
+                     proposal_log_normalizer=normalizer)
+    else:
+        kd = kd_loss(valid_logits, pick("topk_ids"), pick("topk_logprobs"), temperature, tail, mask=every)
     labels = batch.get("hard_labels")
     if labels is not None:
         valid_labels = labels.to(logits.device)[mask]
@@ -185,7 +205,7 @@ def soft_label_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], temper
     else:
         ce = valid_logits.sum() * 0.0
         labelled = torch.zeros((), dtype=torch.int64, device=logits.device)
-    agree = (valid_logits.argmax(dim=-1) == top_ids[:, 0]).sum()
+    agree = (valid_logits.argmax(dim=-1) == teacher_top1(batch).to(logits.device)[mask]).sum()
     return {"loss": alpha * kd + (1.0 - alpha) * ce, "kd": kd, "ce": ce, "positions": mask.sum(), "labelled": labelled, "agree": agree}
 
 
@@ -214,7 +234,7 @@ class SoftLabelTrainer(Trainer):
                             "otherwise the Trainer drops the soft-label columns before the collator")
         self.temperature, self.alpha, self.tail = temperature, alpha, tail
         if self.args.label_names is None:
-            self.label_names = ["topk_ids"]  # so evaluate() computes a loss
+            self.label_names = ["target_mask"]  # so evaluate() computes a loss (top-k and sampled batches have it)
         self._train_sums: torch.Tensor | None = None  # kd, ce, batches; on the model's device: no sync per step
         self._eval_sums: torch.Tensor | None = None  # kd * positions, ce * labelled, positions, labelled, agree
         self._vocab_checked = False
@@ -223,8 +243,9 @@ class SoftLabelTrainer(Trainer):
                      num_items_in_batch: Any = None) -> Any:
         """``soft_label_loss`` of the batch; the model sees every key but ``SOFT_LABEL_KEYS``."""
         targets = {key: inputs[key] for key in SOFT_LABEL_KEYS if key in inputs}
-        if "topk_ids" not in targets or "target_mask" not in targets:
-            raise UserError("SoftLabelTrainer batches need topk_ids, topk_logprobs and target_mask: use SoftLabelCollator as data_collator")
+        if ("topk_ids" not in targets and "sample_ids" not in targets) or "target_mask" not in targets:
+            raise UserError("SoftLabelTrainer batches need topk_ids (or sample_ids), their log-probabilities and target_mask: "
+                            "use SoftLabelCollator as data_collator")
         model_inputs = {key: value for key, value in inputs.items() if key not in SOFT_LABEL_KEYS}
         outputs = model(**model_inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]

@@ -4,7 +4,8 @@ A tiny random Llama teacher (vocab 300, sharpened so its top-k holds most of the
 ragged token rows and 41 held-out rows with ``softlabels generate``. The Trainer's loss on a batch
 is checked against ``kd_loss`` plus next-token CE built by hand from the shard files read with
 pyarrow, and against ``train-student``'s ``batch_losses``; 30 Trainer steps lower the held-out KD;
-a LoRA (peft) student trains through the same path.
+a LoRA (peft) student trains through the same path; sampled shards (N=12 draws, at the teacher and
+at proposal temperature 2) train through it with the RS-KD loss.
 """
 
 from __future__ import annotations
@@ -67,6 +68,12 @@ def soft_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         out = work / name
         generate(GenerateConfig(corpus=[str(corpus)], teachers=[f"hf:{work / 'teacher'}"], out=str(out), id_column="id",
                                 top_k=TOP_K, rows_per_shard=50, batch_size=16, logprob_dtype=dtype, progress=False))
+        found[name] = out
+    for name, proposal in (("train-sampled", None), ("train-sampled-t2", 2.0)):
+        out = work / name
+        generate(GenerateConfig(corpus=[str(corpora["train"])], teachers=[f"hf:{work / 'teacher'}"], out=str(out), id_column="id",
+                                targets="sample", samples=12, proposal_temperature=proposal, rows_per_shard=50, batch_size=16,
+                                progress=False))
         found[name] = out
     return found
 
@@ -307,3 +314,66 @@ def test_misuse_is_one_clear_line(soft_dirs, tmp_path):
     (tmp_path / "unsealed").mkdir()
     with pytest.raises(UserError):
         load_soft_label_dataset(tmp_path / "unsealed")
+
+
+def sampled_kd_by_hand(table: pa.Table, logits: torch.Tensor, temperature: float, proposal: float) -> float:
+    """T^2 x mean over positions of sum_i (c_i / N) (log q_i - log s_T(i)), q = p^(1/t) / Z_t, with T = t:
+    the RS-KD estimate written out per position from the pyarrow rows, in float64."""
+    log_s = torch.log_softmax(logits.double() / temperature, dim=-1).numpy()
+    total, positions = 0.0, 0
+    for i, row in enumerate(table.to_pylist()):
+        normalizers = row.get("sample_log_normalizer") or [0.0] * len(row["sample_ids"])
+        for t, (ids, counts, logprobs) in enumerate(zip(row["sample_ids"], row["sample_counts"], row["sample_logprobs"])):
+            n = sum(counts)
+            total += sum(c / n * (lp / proposal - normalizers[t] - log_s[i, t, v]) for v, c, lp in zip(ids, counts, logprobs))
+            positions += 1
+    return temperature**2 * total / positions
+
+
+@pytest.mark.parametrize("name, temperature", [("train-sampled", 1.0), ("train-sampled-t2", 2.0)])
+def test_trainer_loss_on_sampled_shards_is_the_rs_kd_estimate(soft_dirs, tmp_path, name, temperature):
+    from softlabels import collate
+    from softlabels.hf import HFLogits
+    from softlabels.options import TrainConfig
+    from softlabels.train import batch_losses, student_logits
+
+    directory, alpha, count = soft_dirs[name], 0.3, 13
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["targets"] == "sample" and ("sample_log_normalizer" in pq.read_schema(
+        next((directory / "data").glob("*.parquet"))).names) == (temperature != 1.0)
+    dataset = load_soft_label_dataset(directory, cache_dir=tmp_path / "cache")
+    collator = SoftLabelCollator.from_directory(directory)
+    batch = collator([dataset[i] for i in range(count)])
+    assert "topk_ids" not in batch and batch["sample_ids"].shape[:2] == batch["target_mask"].shape
+    student = llama(seed=5).eval()
+    trainer = SoftLabelTrainer(model=student, args=training_args(tmp_path / "out"), data_collator=collator,
+                               temperature=temperature, alpha=alpha)
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch)
+        table = shard_rows(directory, count)
+        want = targets_by_hand(soft_dirs["train"], shard_rows(soft_dirs["train"], count))  # same corpus rows: tokens and next tokens
+        logits = student(input_ids=want["tokens"], attention_mask=want["attention"]).logits
+        kd = sampled_kd_by_hand(table, logits, temperature, temperature)
+        has = want["next"] != -100
+        ce = float(torch.nn.functional.cross_entropy(logits[has], want["next"][has]))
+    assert float(loss) == pytest.approx(alpha * kd + (1 - alpha) * ce, rel=1e-5, abs=1e-6)
+
+    native = collate(pa.concat_tables([pq.read_table(p) for p in sorted((directory / "data").glob("*.parquet"))]).slice(0, count))
+    config = TrainConfig(data=[str(directory)], student="unused", out=str(tmp_path / "unused"), temperature=temperature, alpha=alpha)
+    with torch.no_grad():
+        terms = batch_losses(student_logits(HFLogits(student), native, torch.device("cpu")), native, config, next_token=True)
+    assert float(loss) == pytest.approx(float(terms["loss"]), rel=1e-5, abs=1e-6)
+
+
+def test_thirty_trainer_steps_on_sampled_shards_lower_the_held_out_kd(soft_dirs, tmp_path):
+    """Trained from N=12 draws per position (alpha 1, T=1), evaluated against the held-out top-k targets."""
+    train = load_soft_label_dataset(soft_dirs["train-sampled"], cache_dir=tmp_path / "cache")
+    heldout = load_soft_label_dataset(soft_dirs["heldout"], cache_dir=tmp_path / "cache")
+    trainer = SoftLabelTrainer(model=llama(seed=7, tied=False), args=training_args(tmp_path / "out", max_steps=30), train_dataset=train,
+                               eval_dataset=heldout, data_collator=SoftLabelCollator.from_directory(soft_dirs["train-sampled"]),
+                               temperature=1.0, alpha=1.0)
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    assert after["eval_kd"] < 0.8 * before["eval_kd"], (before, after)
+    assert after["eval_top1_agreement"] > before["eval_top1_agreement"] + 0.1
