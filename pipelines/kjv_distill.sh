@@ -54,12 +54,15 @@ else
 fi
 GENERATE=(--teacher "$TEACHER" --id-column id --precision bf16 --batch-size 8 --rows-per-shard 256 --no-progress)
 
-# The shards of an arm (the k=64 shards also serve the hard and online arms), written once.
+# The shards of an arm, written once. The hard and online arms use no stored targets, only the rows:
+# they read the k=64 shards when an arm makes them, else the first arm's, else k=64's.
+OWN_SHARDS=$(for ARM in $ARMS; do case "$ARM" in offline_k* | sampled_*) echo "$ARM" ;; esac; done)
+ROWS_ARM=$(echo "$OWN_SHARDS" | grep -x offline_k64 || echo "$OWN_SHARDS" | head -n 1)
 shards_of() {
   case "$1" in
     offline_k*) echo "$RUN/soft_k${1#offline_k}" ;;
     sampled_*) echo "$RUN/soft_s${1#sampled_}" ;;
-    hard | online) echo "$RUN/soft_k64" ;;
+    hard | online) if [ -n "$ROWS_ARM" ]; then shards_of "$ROWS_ARM"; else echo "$RUN/soft_k64"; fi ;;
     *) echo "unknown arm $1 in ARMS" >&2; exit 1 ;;
   esac
 }
