@@ -33,7 +33,9 @@ model's ``forward`` does not name before the collator sees them.
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -233,6 +235,11 @@ class SoftLabelTrainer(Trainer):
             raise UserError("SoftLabelTrainer needs TrainingArguments(remove_unused_columns=False): "
                             "otherwise the Trainer drops the soft-label columns before the collator")
         self.temperature, self.alpha, self.tail = temperature, alpha, tail
+        collator = self.data_collator
+        if isinstance(collator, SoftLabelCollator) and collator.sampled and not (
+                math.isclose(temperature, 1.0) or math.isclose(temperature, collator.proposal_temperature)):
+            warnings.warn(f"temperature {temperature:g} is neither 1 nor the proposal temperature {collator.proposal_temperature:g} "
+                          "of the sampled targets: their KD estimate is then consistent, not unbiased", stacklevel=2)
         if self.args.label_names is None:
             self.label_names = ["target_mask"]  # so evaluate() computes a loss (top-k and sampled batches have it)
         self._train_sums: torch.Tensor | None = None  # kd, ce, batches; on the model's device: no sync per step

@@ -359,3 +359,5 @@ def test_trainer_loss_on_sampled_shards_is_the_rs_kd_estimate(soft_dirs, tmp_pat
         ce = float(torch.nn.functional.cross_entropy(logits[has], want["next"][has]))
     assert float(loss) == pytest.approx(alpha * kd + (1 - alpha) * ce, rel=1e-5, abs=1e-6)
     assert float(loss) == pytest.approx(train_student_loss(directory, count, student, temperature, alpha, tmp_path), rel=1e-5, abs=1e-6)
+    with pytest.warns(UserWarning, match="neither 1 nor the proposal temperature"):  # as train-student warns
+        SoftLabelTrainer(model=student, args=training_args(tmp_path / "warn"), data_collator=collator, temperature=1.5)
