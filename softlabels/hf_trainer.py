@@ -43,10 +43,10 @@ import torch
 from .codec import LogprobCodec
 from .data import collate
 from .errors import UserError, VerificationError
-from .losses import IGNORE_INDEX, hard_label_loss, kd_loss
+from .losses import IGNORE_INDEX, hard_label_loss
 from .options import TAIL_MODES
 from .rundir import RunDirectory
-from .train import hard_labels, teacher_top1
+from .train import hard_labels, stored_kd_per_position, teacher_top1
 from .verify import verify
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as softlabels.hf: no retries against an unreachable hub
@@ -187,18 +187,7 @@ def soft_label_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], temper
         raise UserError(f"the model returns {logits.shape[1]} positions but the soft labels have {steps}")
     mask = batch["target_mask"].to(logits.device)
     valid_logits = logits[:, :steps][mask].float()  # [N, V]: padding and non-target positions cost no fp32 copy or work
-    every = torch.ones(len(valid_logits), dtype=torch.bool, device=logits.device)  # 0, not NaN, with no target position
-
-    def pick(name: str) -> torch.Tensor:
-        return batch[name].to(logits.device)[mask]
-
-    if "sample_ids" in batch:
-        normalizer = pick("sample_log_normalizer") if "sample_log_normalizer" in batch else None
-        kd = kd_loss(valid_logits, pick("sample_ids"), pick("sample_logprobs"), temperature, tail, mask=every, targets="sample",
-                     sample_counts=pick("sample_counts"), proposal_temperature=float(batch["proposal_temperature"]),
-                     proposal_log_normalizer=normalizer)
-    else:
-        kd = kd_loss(valid_logits, pick("topk_ids"), pick("topk_logprobs"), temperature, tail, mask=every)
+    kd = stored_kd_per_position(valid_logits, batch, temperature, tail, mask).sum() / mask.sum().clamp(min=1) * temperature**2
     labels = batch.get("hard_labels")
     if labels is not None:
         valid_labels = labels.to(logits.device)[mask]

@@ -126,7 +126,8 @@ def hard_labels(batch: dict[str, Any], next_token: bool, steps: int) -> torch.Te
     return None
 
 
-def stored_kd_per_position(logits: torch.Tensor, batch: dict[str, Any], config: TrainConfig, mask: torch.Tensor | None = None) -> torch.Tensor:
+def stored_kd_per_position(logits: torch.Tensor, batch: dict[str, Any], temperature: float, tail: str,
+                           mask: torch.Tensor | None = None) -> torch.Tensor:
     """KL(teacher_T || student_T) at each position against the batch's stored targets, without T^2.
 
     Top-k batches use ``kd_loss_per_position`` with ``--tail``; sampled batches (``sample_ids``) the
@@ -148,8 +149,8 @@ def stored_kd_per_position(logits: torch.Tensor, batch: dict[str, Any], config: 
     if "sample_ids" in batch:
         normalizer = pick("sample_log_normalizer") if "sample_log_normalizer" in batch else None
         return sampled_kd_loss_per_position(logits, pick("sample_ids"), pick("sample_counts"), pick("sample_logprobs"),
-                                            config.temperature, float(batch["proposal_temperature"]), normalizer)
-    return kd_loss_per_position(logits, pick("topk_ids"), pick("topk_logprobs"), config.temperature, config.tail)
+                                            temperature, float(batch["proposal_temperature"]), normalizer)
+    return kd_loss_per_position(logits, pick("topk_ids"), pick("topk_logprobs"), temperature, tail)
 
 
 def teacher_top1(batch: dict[str, Any]) -> torch.Tensor:
@@ -180,7 +181,7 @@ def batch_losses(logits: torch.Tensor, batch: dict[str, Any], config: TrainConfi
     if teacher_logits is not None:
         per_position = dense_kd_per_position(valid_logits, teacher_logits[mask], config.temperature)
     else:
-        per_position = stored_kd_per_position(valid_logits, batch, config, mask)
+        per_position = stored_kd_per_position(valid_logits, batch, config.temperature, config.tail, mask)
     valid = mask.sum()
     kd = per_position.sum() / valid.clamp(min=1) * config.temperature**2
     labels = hard_labels(batch, next_token, logits.shape[1])
@@ -371,7 +372,7 @@ def evaluate(model: torch.nn.Module, dataset: SoftLabelDataset, config: TrainCon
             logits = student_logits(model, batch, device)
         logits = logits.float()
         mask = batch["mask"].to(device)
-        per_position = stored_kd_per_position(logits, batch, config)
+        per_position = stored_kd_per_position(logits, batch, config.temperature, config.tail)
         kd_sum += float((per_position * mask).sum())
         prediction = logits.argmax(dim=-1)
         agree += float(((prediction == teacher_top1(batch).to(device)) & mask).sum())
