@@ -7,7 +7,7 @@
 #   SOURCE=text bash pipelines/kjv_distill.sh runs/kjv_text       # from raw text (generate --text-column)
 #   SOURCE=chapters bash pipelines/kjv_distill.sh runs/kjv_chapters   # the same chapters, pre-tokenized
 #   ARMS="hard offline_k20 offline_k64 sampled_12 sampled_24 online" SEEDS="0 1 2" \
-#     bash pipelines/kjv_distill.sh runs/kjv_rskd 400 200 170    # the sampled-targets comparison
+#     bash pipelines/kjv_distill.sh runs/kjv_rskd 300 200 160    # the sampled-targets comparison (README)
 #
 # Arms (ARMS, default "hard offline_k20 offline_k64 online"): hard labels (alpha 0); offline KD from
 # top-k shards (offline_kK, generate --top-k K); offline KD from sampled shards (sampled_N, generate

@@ -49,7 +49,7 @@ from .storage import Location, atomic_write_text
 from .teachers import Teacher, autocast, load_model, load_teacher, resolve_device
 
 __all__ = ["TrainConfig", "TrainSummary", "DistillationRecipe", "train_student", "evaluate", "student_logits", "hard_labels",
-           "batch_losses", "stored_kd_per_position", "teacher_top1", "MetricsLog"]
+           "batch_losses", "stored_kd_per_position", "teacher_top1", "MetricsLog", "canonical_safetensors"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -440,6 +440,22 @@ def _check_resume(config: TrainConfig, recorded: dict[str, Any]) -> None:
         raise UserError(f"--resume: {config.out} was trained with different settings ({'; '.join(differences)})")
 
 
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its ``__metadata__`` keys in sorted order.
+
+    safetensors writes the metadata map in a random order per save (safetensors issue #584), so two
+    identical students would differ in their header bytes. The tensors and their offsets, which are
+    relative to the end of the header, are unchanged; the header is padded with spaces to 8 bytes.
+    """
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + size:]
+
+
 def _save_student(model: torch.nn.Module, out: Location, spec: str, manifest: dict[str, Any]) -> None:
     import tempfile
 
@@ -448,7 +464,7 @@ def _save_student(model: torch.nn.Module, out: Location, spec: str, manifest: di
     with tempfile.TemporaryDirectory(prefix="softlabels-student-") as scratch:
         staged = os.path.join(scratch, "student.safetensors")
         save_model(model, staged, metadata={"spec": spec})  # stores tied weights (LM heads) once
-        (out / "student.safetensors").write_bytes(Path(staged).read_bytes())
+        (out / "student.safetensors").write_bytes(canonical_safetensors(Path(staged).read_bytes()))
     record = {"spec": f"{spec}@{(out / 'student.safetensors').uri}", "factory": spec,
               "teachers": manifest["teachers"], "vocab_size": manifest["vocab_size"]}
     (out / "student.json").write_bytes((json.dumps(record, indent=2) + "\n").encode())

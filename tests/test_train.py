@@ -172,3 +172,32 @@ def test_online_teacher_matches_offline_distillation_when_k_equals_v(tmp_path, s
     offline, online = _losses(tmp_path / "offline"), _losses(tmp_path / "online")
     assert [s for s, _ in online] == list(range(1, 9))
     assert [loss for _, loss in online] == pytest.approx([loss for _, loss in offline], rel=5e-3, abs=1e-5)
+
+
+def test_student_file_bytes_do_not_depend_on_metadata_order(tmp_path):
+    """safetensors writes metadata in a random order; canonical_safetensors makes equal students equal bytes."""
+    from safetensors import safe_open
+    from safetensors.torch import save_model
+
+    from softlabels.train import canonical_safetensors
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(37, 11), torch.nn.Linear(11, 37, bias=False))
+    model[1].weight = model[0].weight  # tied, as an LM head: save_model adds an alias to the metadata
+    metadata = {f"key{i:02d}": f"value {i}" for i in range(16)}
+    files = []
+    for attempt in range(4):
+        path = tmp_path / f"student{attempt}.safetensors"
+        order = dict(sorted(metadata.items(), reverse=bool(attempt % 2)))
+        save_model(model, str(path), metadata=order)
+        files.append(canonical_safetensors(path.read_bytes()))
+    assert len(set(files)) == 1
+    fixed = tmp_path / "fixed.safetensors"
+    fixed.write_bytes(files[0])
+    with safe_open(str(fixed), "pt") as reader, safe_open(str(tmp_path / "student0.safetensors"), "pt") as original:
+        assert reader.metadata() == original.metadata() and len(reader.metadata()) == 17
+        assert list(json.loads(files[0][8:8 + int.from_bytes(files[0][:8], "little")])["__metadata__"]) == sorted(reader.metadata())
+        assert sorted(reader.keys()) == sorted(original.keys())
+        for name in reader.keys():
+            assert torch.equal(reader.get_tensor(name), original.get_tensor(name))
+    assert int.from_bytes(files[0][:8], "little") % 8 == 0
