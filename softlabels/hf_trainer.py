@@ -33,7 +33,6 @@ model's ``forward`` does not name before the collator sees them.
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from typing import Any
@@ -43,7 +42,7 @@ import torch
 from .codec import LogprobCodec
 from .data import collate
 from .errors import UserError, VerificationError
-from .losses import IGNORE_INDEX, hard_label_loss
+from .losses import IGNORE_INDEX, hard_label_loss, sampled_estimate_is_unbiased
 from .options import TAIL_MODES
 from .rundir import RunDirectory
 from .train import hard_labels, stored_kd_per_position, teacher_top1
@@ -225,8 +224,8 @@ class SoftLabelTrainer(Trainer):
                             "otherwise the Trainer drops the soft-label columns before the collator")
         self.temperature, self.alpha, self.tail = temperature, alpha, tail
         collator = self.data_collator
-        if isinstance(collator, SoftLabelCollator) and collator.sampled and not (
-                math.isclose(temperature, 1.0) or math.isclose(temperature, collator.proposal_temperature)):
+        if isinstance(collator, SoftLabelCollator) and collator.sampled and not sampled_estimate_is_unbiased(
+                temperature, collator.proposal_temperature):
             warnings.warn(f"temperature {temperature:g} is neither 1 nor the proposal temperature {collator.proposal_temperature:g} "
                           "of the sampled targets: their KD estimate is then consistent, not unbiased", stacklevel=2)
         if self.args.label_names is None:

@@ -46,6 +46,7 @@ __all__ = [
     "kd_loss",
     "kd_loss_per_position",
     "sampled_kd_loss_per_position",
+    "sampled_estimate_is_unbiased",
     "dense_kd_per_position",
     "dense_kd_loss",
     "hard_label_loss",
@@ -121,6 +122,14 @@ def kd_loss_per_position(
     dense = (log_tau - math.log(others)).unsqueeze(-1).expand_as(student).clone()
     dense.scatter_(-1, ids, teacher)
     return _kl(torch.log_softmax(dense / temperature, dim=-1), student)
+
+
+def sampled_estimate_is_unbiased(temperature: float, proposal_temperature: float) -> bool:
+    """Whether the RS-KD estimate is unbiased at ``temperature``: at T=1 and at the proposal's T.
+
+    At any other T the draws are reweighted self-normalised: consistent as N grows, biased for finite N.
+    """
+    return math.isclose(temperature, 1.0) or math.isclose(temperature, proposal_temperature)
 
 
 def sampled_kd_loss_per_position(

@@ -43,7 +43,8 @@ from .distributed import distributed_env
 from .errors import UserError, VerificationError
 from .hf import disable_progress_bars
 from .inputs import TeacherInputs
-from .losses import IGNORE_INDEX, dense_kd_per_position, hard_label_loss, kd_loss_per_position, sampled_kd_loss_per_position
+from .losses import (IGNORE_INDEX, dense_kd_per_position, hard_label_loss, kd_loss_per_position, sampled_estimate_is_unbiased,
+                     sampled_kd_loss_per_position)
 from .options import TrainConfig, flag_of
 from .storage import Location, atomic_write_text
 from .teachers import Teacher, autocast, load_model, load_teacher, resolve_device
@@ -341,7 +342,7 @@ def _warn_biased_temperature(config: TrainConfig, sources: list[SoftLabelDataset
     pairs = list(zip(sources, config.data)) + ([(eval_set, config.eval)] if eval_set is not None else [])
     for source, directory in pairs:
         t = source.proposal_temperature
-        if source.targets == "sample" and not (math.isclose(config.temperature, 1.0) or math.isclose(config.temperature, t)):
+        if source.targets == "sample" and not sampled_estimate_is_unbiased(config.temperature, t):
             print(f"warning: --temperature {config.temperature:g} is neither 1 nor the proposal temperature {t:g} of the sampled "
                   f"targets in {directory}: their KD estimate is then consistent, not unbiased", file=sys.stderr)
 
