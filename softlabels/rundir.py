@@ -48,6 +48,7 @@ import pyarrow.parquet as pq
 
 from .errors import UserError, VerificationError
 from .fidelity import Fidelity
+from .lease import is_lease_name
 from .schema import FORMAT, FORMAT_V1, READABLE_FORMATS, decode_header, shard_schema, soft_columns, targets_of
 from .storage import Location, atomic_write_text, commit_file
 
@@ -378,7 +379,7 @@ class RunDirectory:
     def foreign_file(self, fingerprint: str | None = None) -> str | None:
         """The first file in the directory that softlabels did not write (relative to the root), or None.
 
-        softlabels writes only ``manifest.json`` (and its temporary names), ``data/shard-NNNNNN.parquet``
+        softlabels writes only ``manifest.json`` (and its temporary names), the lease (``lease.LEASE_NAMES``), ``data/shard-NNNNNN.parquet``
         carrying a softlabels header (of run ``fingerprint`` when given), ``_journal/`` records and
         ``_staging/*.tmp``. Journalled shards are recognised by name; only the others are opened.
         """
@@ -395,8 +396,8 @@ class RunDirectory:
                     return name
                 if fingerprint is not None and manifest.get("fingerprint") != fingerprint:
                     return name
-            elif name.startswith(MANIFEST_NAME) and name.endswith(".tmp"):
-                continue
+            elif name.startswith(MANIFEST_NAME) and name.endswith(".tmp") or is_lease_name(name):
+                continue  # a seal's temporary manifest, or the lease of a writer (this one's included)
             elif name == DATA_DIR and (root / name).is_dir():
                 for shard_name_ in (root / name).listdir():
                     shard = root / name / shard_name_

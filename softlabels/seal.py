@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import UserError, VerificationError
+from .lease import lease_scope, take_lease
 from .rundir import RunDirectory, build_manifest, check_shard, read_shard_header, run_header, settings_fingerprint, shard_name
 from .storage import Location
 
@@ -101,6 +102,7 @@ def _already_sealed(directory: RunDirectory, fingerprint: str | None) -> SealRep
                       int(totals.get("rows", 0)), int(totals.get("positions", 0)), int(totals.get("bytes", 0)), already_sealed=True)
 
 
+@lease_scope
 def seal(directory: str | os.PathLike[str]) -> SealReport:
     """Write the manifest of a directory whose units are all committed, from its journals and shards.
 
@@ -111,6 +113,7 @@ def seal(directory: str | os.PathLike[str]) -> SealReport:
     """
     run_directory = RunDirectory.open(directory)
     root = run_directory.root
+    take_lease(root, "softlabels seal", flag=None)  # one writer per directory, until seal ends
     if not run_directory.journal_paths():  # a selection, or a directory sealed and then stripped of its journals
         done = _already_sealed(run_directory, None)
         if done is not None:

@@ -43,6 +43,7 @@ from .distributed import distributed_env
 from .errors import UserError, VerificationError
 from .hf import disable_progress_bars
 from .inputs import TeacherInputs
+from .lease import is_lease_name, lease_scope, take_lease
 from .losses import (IGNORE_INDEX, dense_kd_per_position, hard_label_loss, kd_loss_per_position, sampled_estimate_is_unbiased,
                      sampled_kd_loss_per_position)
 from .options import TrainConfig, flag_of
@@ -206,7 +207,7 @@ def _check_out(config: TrainConfig) -> Location:
     if out.is_file():
         raise UserError(f"--out {out} exists and is not a directory")
     for name in out.listdir():
-        if name not in OUTPUT_NAMES and not (name.endswith(".tmp") and name.split(".tmp")[0].startswith(OUTPUT_NAMES)):
+        if name not in OUTPUT_NAMES and not is_lease_name(name) and not (name.endswith(".tmp") and name.split(".tmp")[0].startswith(OUTPUT_NAMES)):
             raise UserError(f"--out {out} holds {name}, which train-student did not write; give an empty or new --out")
     if (out / CHECKPOINT_NAME).is_file() and not config.resume:
         raise UserError(f"--out {out} already holds a checkpoint; pass --resume to continue it or choose another --out")
@@ -793,6 +794,7 @@ class DistillationRecipe:
                 torch.distributed.destroy_process_group()
 
 
+@lease_scope
 def train_student(config: TrainConfig) -> TrainSummary:
     """Train (or resume) a student from soft-label directories: ``DistillationRecipe`` set up,
     trained, and cleaned up on every exit path.
@@ -802,6 +804,7 @@ def train_student(config: TrainConfig) -> TrainSummary:
             ``--resume`` whose checkpoint was made with other settings.
         KeyboardInterrupt: SIGINT or SIGTERM, after a checkpoint at the step boundary.
     """
+    take_lease(config.out, "softlabels train-student")  # one writer per --out, until training ends
     if not config.progress:
         disable_progress_bars()
     recipe = DistillationRecipe(config)
