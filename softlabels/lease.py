@@ -215,6 +215,7 @@ class _LocalLease(Lease):
             os.pwrite(fd, json.dumps(self.record).encode(), 0)
             self.locked = False
             return True
+        wrote = exclusive
         if exclusive:  # nobody holds it: a new file, or one a dead holder left
             if not _same_file(fd, self.path):
                 return False
@@ -242,7 +243,7 @@ class _LocalLease(Lease):
             return False
         if holder["job"] != self.record["job"]:
             raise self._held(holder)
-        self.holder, self.joined = holder, holder.get("pid") != self.record["pid"] or holder.get("host") != self.record["host"]
+        self.holder, self.joined = holder, not wrote
         return True
 
     def release(self) -> None:
