@@ -117,6 +117,31 @@ def _ours(data: bytes) -> bool:
     return text.startswith(MARK) or MARK.startswith(text)
 
 
+def _machine() -> str | None:
+    """This boot of this machine and this pid namespace (Linux), where a pid names one process; else None."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
+
+
+MACHINE = _machine()
+
+
+def _gone(record: dict[str, Any]) -> bool:
+    """Is the holder of ``record`` a process of this machine that is no longer running?"""
+    if MACHINE is None or record.get("machine") != MACHINE or not isinstance(record.get("pid"), int):
+        return False
+    try:
+        os.kill(record["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def _new_record(command: str) -> dict[str, Any]:
     env = distributed_env()
     job = launcher_job()
@@ -124,7 +149,7 @@ def _new_record(command: str) -> dict[str, Any]:
     started = datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
     return {"softlabels_lease": 1, "command": command, "host": host, "pid": pid,
             "job": job or f"{host}:{pid}:{uuid.uuid4().hex}", "launcher": job is not None,
-            "rank": env.rank, "world_size": env.world_size, "started": started, "started_unix": now}
+            "rank": env.rank, "world_size": env.world_size, "started": started, "started_unix": now, "machine": MACHINE}
 
 
 class Lease:
@@ -274,18 +299,27 @@ class _StoreLease(Lease):
     def _epoch(self, number: int) -> Location:
         return self.folder / f"{number:08d}.json"
 
-    def _read(self, number: int) -> dict[str, Any] | None:
+    def _read(self, number: int | str) -> dict[str, Any] | None:
+        """The record of epoch ``number`` (or of the object named so), None if it is gone or unreadable."""
         try:
-            return _parse(self._epoch(number).read_bytes())
+            return _parse((self._epoch(number) if isinstance(number, int) else self.folder / number).read_bytes())
         except FileNotFoundError:
             return None
+
+    def _abandoned(self, epoch: int, holder: dict[str, Any], names: list[str]) -> bool:
+        """Did every holder of the epoch die on this machine (so its lease need not run out)?"""
+        if holder.get("job") == self.record["job"]:
+            return False
+        members = [name for name in names if (m := MEMBER_NAME.fullmatch(name)) and int(m.group(1)) == epoch]
+        records = [self._read(name) for name in members] if holder.get("launcher") else [holder]
+        return all(record is not None and _gone(record) for record in records) and bool(records)
 
     def _acquire(self) -> None:
         for _ in range(STORE_ATTEMPTS):
             names = self.folder.listdir()
             top = max(_numbers(names), default=0)
             holder = self._read(top) if f"{top:08d}.json" in names else None
-            if holder is not None and time.time() < float(holder.get("expires_unix", 0)):
+            if holder is not None and time.time() < float(holder.get("expires_unix", 0)) and not self._abandoned(top, holder, names):
                 if holder.get("job") != self.record["job"]:
                     left = float(holder["expires_unix"]) - time.time()
                     raise self._held(holder, f" (a writer that stopped without releasing it holds a store lease until it expires, "

@@ -307,3 +307,24 @@ def test_the_ranks_of_one_torchrun_job_share_the_lease(tmp_path, request, monkey
     as_rank(0, TORCHELASTIC_RUN_ID="run-b")
     with hold_lease(out, "softlabels generate") as lease:
         assert not lease.joined and lease.previous is None
+
+
+def test_a_store_lease_of_a_holder_killed_on_this_machine_is_taken_over_at_once(s3_bucket, tmp_path):
+    out = f"{s3_bucket}/soft"
+    code = ("import time; from softlabels.lease import hold_lease\n"
+            f"with hold_lease({out!r}, 'softlabels generate'):\n"
+            "    print('held', flush=True); time.sleep(300)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], env=child_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LeaseHeld, match=f"pid {holder.pid} on host"):
+            with hold_lease(out, "softlabels seal", flag=None):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    folder = Location.of(out) / STORE_DIR
+    assert folder.listdir() == ["00000001.json"]  # unexpired: it was renewed moments ago
+    with hold_lease(out, "softlabels generate") as lease:  # its pid is gone from this machine: no need to wait
+        assert lease.previous["pid"] == holder.pid and folder.listdir() == ["00000002.json"]
+    assert Location.of(out).listdir() == []
