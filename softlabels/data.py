@@ -57,6 +57,7 @@ from .schema import (
     sample_logprob_column,
     targets_of,
 )
+from .storage import store_failure
 
 __all__ = ["SoftLabelDataset", "SoftLabelLoader", "collate", "Piece", "ShardRows", "NestedBlock"]
 
@@ -504,7 +505,7 @@ class SoftLabelDataset(IterableDataset):
                     metadata = pq.read_metadata(handle)
                 header = decode_header(metadata.metadata)  # the footer's key-value pairs: no Arrow schema to rebuild
             except (pa.ArrowInvalid, OSError) as exc:
-                raise VerificationError(f"{path.name}: not a readable Parquet file ({exc})") from None
+                raise store_failure(exc, path) or VerificationError(f"{path.name}: not a readable Parquet file ({exc})") from None
             if header is None or header.get("fingerprint") != self.manifest["fingerprint"]:
                 raise VerificationError(f"{path.name}: header belongs to another run (fingerprint differs)")
             if metadata.num_rows != entry["rows"]:
@@ -631,8 +632,8 @@ class SoftLabelDataset(IterableDataset):
             with path.open() as handle:
                 parquet = pq.ParquetFile(handle, page_checksum_verification=True)
                 return parquet.read_row_group(piece.row_group, columns=columns)
-        except (pa.ArrowException, OSError) as exc:
-            raise VerificationError(f"{path.name}: unreadable ({type(exc).__name__}: {exc})") from None
+        except (pa.ArrowException, OSError) as exc:  # a store that fails is not a damaged shard
+            raise store_failure(exc, path) or VerificationError(f"{path.name}: unreadable ({type(exc).__name__}: {exc})") from None
 
     def _columns(self) -> list[str]:
         if self.targets == "sample":
