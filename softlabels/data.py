@@ -742,7 +742,20 @@ class SoftLabelLoader(DataLoader):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
         dataset: SoftLabelDataset = self.dataset  # type: ignore[assignment]
-        for batch in super().__iter__():
-            dataset.record_consumed(batch)
-            yield batch
+        try:
+            for batch in super().__iter__():
+                dataset.record_consumed(batch)
+                yield batch
+        except (UserError, VerificationError) as exc:
+            raise _worker_error(exc) from None
         dataset.end_of_epoch()
+
+
+def _worker_error(exc: ValueError) -> ValueError:
+    """A worker's one-line error as it was raised there: torch re-raises it with the worker's
+    traceback in the message ("Caught X in DataLoader worker process N. Original Traceback ...")."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    if len(lines) < 2 or not lines[0].startswith("Caught "):
+        return exc
+    name, _, message = lines[-1].partition(": ")  # the traceback's last line: "module.Type: message"
+    return type(exc)(message if message and name.rsplit(".", 1)[-1] == type(exc).__name__ else lines[-1])

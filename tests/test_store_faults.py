@@ -152,19 +152,25 @@ def test_failed_multipart_write_leaves_no_object_and_no_pending_upload(faulty_s3
     assert target.read_bytes() == data and faulty_s3.pending_uploads() == []
 
 
-def test_store_outage_while_training_blames_the_store_not_a_shard(tmp_path, faulty_s3, corpus):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_store_outage_while_training_blames_the_store_not_a_shard(tmp_path, faulty_s3, corpus, workers):
+    from softlabels import SoftLabelDataset
+
     data = f"{faulty_s3.bucket}/soft"
     assert generate(corpus, data).code == 0
-    args = ["train-student", data, "--student", "softlabels.models:digits_mlp", "--max-steps", 6, "--batch-size", 16, "--no-progress"]
+    # train-student reads shards to verify them, then their footers, then trains: the first read
+    # after as many as verify and opening the dataset make is the training loop's first
     before = faulty_s3.proxy.count("GET", r"/soft/data/shard-")
-    assert run_cli(*args, "--out", tmp_path / "clean").code == 0
-    reads = faulty_s3.proxy.count("GET", r"/soft/data/shard-") - before
-    # the last shard read of the same run happens in the training loop (after verify and the footers)
-    rule = faulty_s3.proxy.add(Rule(action="outage", method="GET", path=r"/soft/data/shard-", nth=(reads,)))
-    result = run_cli(*args, "--out", tmp_path / "student")
+    assert run_cli("verify", data).code == 0
+    SoftLabelDataset(data, batch_size=16, verify_sha256=False)
+    setup = faulty_s3.proxy.count("GET", r"/soft/data/shard-") - before
+    rule = faulty_s3.proxy.add(Rule(action="outage", method="GET", path=r"/soft/data/shard-", nth=(setup + 1,)))
+    result = run_cli("train-student", data, "--student", "softlabels.models:digits_mlp", "--max-steps", 4, "--batch-size", 16,
+                     "--no-progress", "--num-workers", workers, "--out", tmp_path / "student")
     assert rule.failed == 1
     assert_one_line_error(result, "/soft/data/shard-", "object store")
     assert "unreadable" not in result.err and "corrupt" not in result.err
+    assert not (tmp_path / "student" / "student.safetensors").exists()
 
 
 def test_dataset_reads_during_an_outage_raise_a_store_error(faulty_s3, corpus):
