@@ -340,6 +340,7 @@ class RunDirectory:
         """
         root = Location.of(directory)
         if not root.is_dir():
+            root.require_bucket()  # a missing bucket says so
             raise UserError(f"{root}: no such directory")
         return cls(root, cls._detect(root))
 

@@ -322,7 +322,7 @@ class Location:
             with store_errors(self):
                 self.fs.delete_file(self.path)
 
-    def require_bucket(self, flag: str) -> None:
+    def require_bucket(self, flag: str = "") -> None:
         """Refuse, before any work, a store location whose bucket is missing or cannot be reached.
 
         Raises:
@@ -334,7 +334,8 @@ class Location:
         with store_errors(self):
             info = self.fs.get_file_info(bucket)
         if info.type == _FILE_TYPE().NotFound:
-            raise StoreError(f"{flag} {self.uri}: bucket {bucket!r} does not exist (create it, or check the name and AWS_ENDPOINT_URL)")
+            named = f"{flag} {self.uri}" if flag else self.uri
+            raise StoreError(f"{named}: bucket {bucket!r} does not exist (create it, or check the name and AWS_ENDPOINT_URL)")
 
 
 def _FILE_TYPE() -> Any:
@@ -376,16 +377,17 @@ def describe_store_failure(uri: str, exc: BaseException) -> StoreError:
     if len(detail) > 300:
         detail = detail[:300] + "..."
     lowered = detail.lower()
+    rerun = "committed work is kept; rerun the same command when the store is back"
     if isinstance(exc, PermissionError) or "access_denied" in lowered or "accessdenied" in lowered or "forbidden" in lowered:
-        what = "permission denied by the object store"
+        what, rerun = "permission denied by the object store", "check the credentials' permissions, then rerun"
     elif "nosuchbucket" in lowered or "no_such_bucket" in lowered or "bucket does not exist" in lowered:
-        what = "the bucket does not exist"
+        what, rerun = "the bucket does not exist", "create it, or check the name and the endpoint"
     elif "network_connection" in lowered or "could not connect" in lowered or "couldn't connect" in lowered or "connect timeout" in lowered:
         endpoint = os.environ.get("AWS_ENDPOINT_URL")
         what = "cannot reach the object store" + (f" at {endpoint}" if endpoint and uri.lower().startswith("s3://") else "")
     else:
         what = "object store I/O failed"
-    return StoreError(f"{uri}: {what}; committed work is kept, rerun when the store is back ({detail})")
+    return StoreError(f"{uri}: {what}; {rerun} ({detail})")
 
 
 def store_failure(exc: BaseException, place: "Location | str") -> StoreError | None:

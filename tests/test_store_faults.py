@@ -84,7 +84,8 @@ def test_outage_mid_run_is_one_line_and_a_rerun_completes_identical(faulty_s3, c
     rule = faulty_s3.proxy.add(Rule(action="outage", method="PUT", path=r"/out/data/shard-", nth=(2,)))
     failed = generate(corpus, out)
     assert rule.failed == 1 and faulty_s3.proxy.down
-    assert_one_line_error(failed, out, "rerun")
+    # the shard's write or the overlapped corpus read, whichever meets the outage first, names its URI
+    assert_one_line_error(failed, faulty_s3.bucket, "cannot reach the object store", "rerun")
     assert "unreadable" not in failed.err and "corrupt" not in failed.err
     faulty_s3.proxy.clear()  # the store is back
     assert not (Location.of(out) / "manifest.json").is_file()
@@ -127,7 +128,7 @@ def test_missing_bucket_is_refused_before_the_teacher_loads(tmp_path, faulty_s3,
     assert_one_line_error(trained, "--out s3://softlabels-no-such-bucket/student", "does not exist")
     missing_data = run_cli("train-student", "s3://softlabels-no-such-bucket/soft", "--student", "softlabels.models:digits_mlp",
                            "--max-steps", 2, "--out", tmp_path / "student", "--no-progress")
-    assert_one_line_error(missing_data, "s3://softlabels-no-such-bucket/soft")
+    assert_one_line_error(missing_data, "s3://softlabels-no-such-bucket/soft", "does not exist")
 
 
 def test_permission_denied_is_one_line(tmp_path, faulty_s3):
@@ -183,6 +184,8 @@ def test_dataset_reads_during_an_outage_raise_a_store_error(faulty_s3, corpus):
     with pytest.raises(UserError) as raised:
         next(iter(dataset))
     assert isinstance(raised.value, StoreError) and "shard-" in str(raised.value) and "\n" not in str(raised.value)
+    verified = run_cli("verify", data)  # exit 1, the store failed; not 2, which says the data is damaged
+    assert_one_line_error(verified, data, "object store")
 
 
 def test_proxy_faults_are_deterministic():
