@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,8 +211,18 @@ class Location:
     def read_bytes(self) -> bytes:
         if self.local:
             return Path(self.path).read_bytes()
-        with store_errors(self), self.fs.open_input_stream(self.path) as handle:
-            return handle.read()
+        attempt = 0
+        while True:
+            try:
+                with store_errors(self), self.fs.open_input_stream(self.path) as handle:
+                    return handle.read()
+            except StoreError as exc:
+                # The AWS SDK does not retry an error answer longer than the object it reads (a
+                # 503's XML for a small journal record): "Failed to flush response stream". We do.
+                if "Failed to flush response stream" not in str(exc) or attempt >= store_retries():
+                    raise
+                time.sleep(0.025 * 2**attempt)
+                attempt += 1
 
     def read_head(self, count: int) -> bytes:
         """The first ``count`` bytes (fewer if the file is shorter)."""
@@ -464,6 +475,12 @@ def _object_store(uri: str) -> tuple[str, Any]:
     return path.rstrip("/"), fs
 
 
+def fsspec_filesystem(uri: str) -> Any:
+    """The fsspec filesystem for a store URI, configured as softlabels' own (endpoint, retries):
+    for what pyarrow lacks, such as deleting an object without leaving a folder marker."""
+    return _fsspec_store(uri)
+
+
 def _fsspec_store(uri: str) -> Any:
     try:
         import fsspec
@@ -483,4 +500,4 @@ def _fsspec_store(uri: str) -> Any:
 
 
 __all__ += ["URI_SCHEMES", "is_uri", "Location", "StoreError", "store_errors", "store_failure", "describe_store_failure",
-            "store_retries", "STORE_RETRIES_ENV"]
+            "store_retries", "STORE_RETRIES_ENV", "fsspec_filesystem"]

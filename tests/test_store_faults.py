@@ -153,6 +153,17 @@ def test_failed_multipart_write_leaves_no_object_and_no_pending_upload(faulty_s3
     assert target.read_bytes() == data and faulty_s3.pending_uploads() == []
 
 
+def test_small_objects_are_read_through_5xx(faulty_s3):
+    """The AWS SDK gives up on a 5xx whose error document is longer than the object being read
+    ("Failed to flush response stream"); whole-object reads retry it like any transient fault."""
+    for size in (1, 7, 129):
+        record = Location.of(f"{faulty_s3.bucket}/_journal/rank-00000/record-{size}.json")
+        record.write_bytes(b"{" * size)
+        rule = faulty_s3.proxy.add(Rule(status=503, method="GET", fraction=1.0, streak=2))
+        assert record.read_bytes() == b"{" * size and rule.failed == 2
+        faulty_s3.proxy.clear()
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_store_outage_while_training_blames_the_store_not_a_shard(tmp_path, faulty_s3, corpus, workers):
     from softlabels import SoftLabelDataset
