@@ -210,7 +210,8 @@ class FaultProxy:
 
     Use as a context manager, or ``start()`` / ``stop()``. ``url`` is what clients point at
     (``AWS_ENDPOINT_URL``). Faults: ``add(Rule(...))``, ``clear()``, ``outage()`` / ``restore()``.
-    ``requests`` lists every (method, target) seen, in arrival order.
+    ``requests`` lists every (method, target) seen, in arrival order; ``on_request(method, target)``,
+    when set, is called first for each (a hook to act at an exact request).
     """
 
     def __init__(self, upstream: str, lifetime_s: float = 600.0, socket_timeout_s: float = 30.0) -> None:
