@@ -304,13 +304,17 @@ class Location:
             if len(data) >= MULTIPART_BYTES:  # smaller objects are one PUT: nothing is left pending
                 self._abort_uploads()
             raise
+        if len(data) >= MULTIPART_BYTES:  # the upload of a process killed while writing this key
+            self._abort_uploads()
         return True
 
     def _abort_uploads(self) -> None:
         """Abort the multipart uploads pending for this key (best effort: the store may be down).
 
         pyarrow neither completes nor aborts the multipart upload of a failed write; its parts would
-        be stored (and billed) until a lifecycle rule removes them. Only softlabels writes its keys.
+        be stored (and billed) until a lifecycle rule removes them. Only softlabels writes its keys,
+        one writer each (the lease; ranks own disjoint keys), so any pending upload of a key it has
+        just written or failed to write is a leftover.
         """
         if not self.uri.lower().startswith("s3://"):
             return

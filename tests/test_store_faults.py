@@ -149,7 +149,10 @@ def test_failed_multipart_write_leaves_no_object_and_no_pending_upload(faulty_s3
     assert faulty_s3.proxy.count("POST", r"\?uploads") == 1  # it did go up in parts
     assert faulty_s3.keys() == [] and faulty_s3.pending_uploads() == []
     faulty_s3.proxy.clear()
-    target.write_bytes(data)  # and with the store healthy, the same write lands whole
+    # the upload of a writer killed mid-write (the store was down for its abort) ...
+    faulty_s3.client().create_multipart_upload(Bucket=faulty_s3.name, Key="big.bin")
+    assert faulty_s3.pending_uploads() == ["big.bin"]
+    target.write_bytes(data)  # ... is aborted by the next whole write of the key, which lands whole
     assert target.read_bytes() == data and faulty_s3.pending_uploads() == []
 
 
