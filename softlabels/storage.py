@@ -298,6 +298,8 @@ class Location:
                 return False
             return True
         try:
+            # One write call, all the bytes: pyarrow's S3 stream completes the upload on close even
+            # when the ``with`` body raised, so an incremental write would commit a partial object.
             with store_errors(self, write=True), self.fs.open_output_stream(self.path) as handle:
                 handle.write(data)
         except BaseException:
