@@ -125,7 +125,7 @@ def test_missing_bucket_is_refused_before_the_teacher_loads(tmp_path, faulty_s3,
 
     trained = run_cli("train-student", f"{faulty_s3.bucket}/out", "--student", "softlabels.models:digits_mlp", "--max-steps", 2,
                       "--out", "s3://softlabels-no-such-bucket/student", "--no-progress")
-    assert_one_line_error(trained, "--out s3://softlabels-no-such-bucket/student", "does not exist")
+    assert_one_line_error(trained, "s3://softlabels-no-such-bucket/student", "does not exist")
     missing_data = run_cli("train-student", "s3://softlabels-no-such-bucket/soft", "--student", "softlabels.models:digits_mlp",
                            "--max-steps", 2, "--out", tmp_path / "student", "--no-progress")
     assert_one_line_error(missing_data, "s3://softlabels-no-such-bucket/soft", "does not exist")
