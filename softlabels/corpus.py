@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from .errors import UserError
 from .schema import ID_COLUMN
-from .storage import Location, is_uri
+from .storage import Location, is_uri, store_failure
 
 __all__ = ["CorpusFile", "Unit", "Corpus", "auto_rows_per_shard", "discover_files", "open_corpus"]
 
@@ -254,8 +254,14 @@ class Corpus:
 
 
 def _read_parquet_rows(path: Location, start: int, stop: int, columns: list[str]) -> pa.Table:
-    with path.open() as handle:
-        return _read_parquet_slice(pq.ParquetFile(handle), start, stop, columns)
+    try:
+        with path.open() as handle:
+            return _read_parquet_slice(pq.ParquetFile(handle), start, stop, columns)
+    except OSError as exc:
+        failure = store_failure(exc, path)
+        if failure is not None:
+            raise failure from None
+        raise
 
 
 def _read_parquet_slice(parquet: pq.ParquetFile, start: int, stop: int, columns: list[str]) -> pa.Table:
@@ -361,7 +367,10 @@ def _sample_column(path: Location, column: str) -> pa.ChunkedArray | None:
                 if column not in parquet.schema_arrow.names:
                     return None
                 table = pa.Table.from_batches(list(parquet.iter_batches(batch_size=SIZE_SAMPLE_ROWS, columns=[column]))[:1])
-    except (pa.ArrowInvalid, OSError):
+    except (pa.ArrowInvalid, OSError) as exc:
+        failure = store_failure(exc, path)
+        if failure is not None:
+            raise failure from None
         return None  # reported with the file's name when the corpus is opened
     if column not in table.column_names:
         return None
@@ -402,7 +411,7 @@ def open_corpus(
                     metadata = pq.read_metadata(handle)
                 schema = metadata.schema.to_arrow_schema()
             except (pa.ArrowInvalid, OSError) as exc:
-                raise UserError(f"corpus file {path}: not a readable Parquet file ({exc})") from None
+                raise store_failure(exc, path) or UserError(f"corpus file {path}: not a readable Parquet file ({exc})") from None
             files.append(CorpusFile(path, relpath, metadata.num_rows, size, schema))
     files = [f for f in files if f.rows > 0]
     if not files:

@@ -50,7 +50,7 @@ from .errors import UserError, VerificationError
 from .fidelity import Fidelity
 from .lease import is_lease_name
 from .schema import FORMAT, FORMAT_V1, READABLE_FORMATS, decode_header, shard_schema, soft_columns, targets_of
-from .storage import Location, atomic_write_text, commit_file
+from .storage import Location, atomic_write_text, commit_file, store_failure
 
 __all__ = [
     "MANIFEST_NAME",
@@ -168,7 +168,10 @@ def read_shard_header(path: Location) -> dict[str, Any] | None:
     try:
         with path.open() as handle:
             return decode_header(pq.read_schema(handle).metadata)
-    except (pa.ArrowInvalid, OSError, ValueError):
+    except (pa.ArrowInvalid, OSError, ValueError) as exc:
+        failure = store_failure(exc, path)  # the store failing says nothing about the file
+        if failure is not None:
+            raise failure from None
         return None
 
 
@@ -213,7 +216,7 @@ def check_shard(path: Location, entry: ShardEntry, manifest: dict[str, Any], has
             schema = parquet.schema_arrow
             rows = parquet.metadata.num_rows
     except (pa.ArrowInvalid, OSError) as exc:
-        raise VerificationError(f"{name}: not a readable Parquet file ({exc})") from None
+        raise store_failure(exc, path) or VerificationError(f"{name}: not a readable Parquet file ({exc})") from None
     header = decode_header(schema.metadata)
     if header is None or header.get("fingerprint") != manifest.get("fingerprint"):
         raise VerificationError(f"{name}: header belongs to another run (fingerprint differs)")
@@ -338,6 +341,7 @@ class RunDirectory:
         """
         root = Location.of(directory)
         if not root.is_dir():
+            root.require_bucket()  # a missing bucket says so
             raise UserError(f"{root}: no such directory")
         return cls(root, cls._detect(root))
 
@@ -346,9 +350,11 @@ class RunDirectory:
         """The v2 directory a command writes to (it need not exist yet).
 
         Raises:
-            UserError: it exists and is not a directory, or it holds a v1 dataset.
+            UserError: it exists and is not a directory, or it holds a v1 dataset; its store's bucket
+                is missing or the store cannot be reached.
         """
         root = Location.of(directory)
+        root.require_bucket(flag)  # a missing bucket is refused before any work, not at the first write
         if root.is_file():
             raise UserError(f"{flag} {root} exists and is not a directory")
         if root.is_dir() and cls._detect(root) == "v1":
@@ -641,7 +647,7 @@ class RunDirectory:
                     metadata = pq.read_metadata(handle)
                 shard_header = decode_header(metadata.schema.to_arrow_schema().metadata)
             except (pa.ArrowInvalid, OSError, ValueError) as exc:
-                raise VerificationError(f"{path.name}: not a readable Parquet file ({exc})") from None
+                raise store_failure(exc, path) or VerificationError(f"{path.name}: not a readable Parquet file ({exc})") from None
             if shard_header is None:
                 raise VerificationError(f"{path.name}: no softlabels header in its footer")
             if header is None:

@@ -204,6 +204,7 @@ def batch_losses(logits: torch.Tensor, batch: dict[str, Any], config: TrainConfi
 def _check_out(config: TrainConfig) -> Location:
     """``--out`` may hold only what train-student writes; a checkpoint there needs ``--resume``."""
     out = Location.of(config.out)
+    out.require_bucket("--out")  # before any data is read or model built
     if out.is_file():
         raise UserError(f"--out {out} exists and is not a directory")
     for name in out.listdir():
