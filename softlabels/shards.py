@@ -29,6 +29,7 @@ from .fidelity import Fidelity
 from .rundir import RunDirectory
 from .sampling import SampledTargets, sample_arrays
 from .schema import LOGPROB_COLUMNS, SOFT_COLUMNS, STAT_COLUMNS, id_type, shard_schema, targets_of
+from .storage import writing
 
 __all__ = ["ROW_GROUP_POSITIONS", "ShardPayload", "build_shard", "write_shard", "write_parquet", "soft_label_bytes"]
 
@@ -109,12 +110,9 @@ def write_shard(table: pa.Table, directory: RunDirectory, unit: int, positions: 
     footers: list[pq.FileMetaData] = []
     if directory.root.local:
         staged = directory.staging_path(unit)
-        try:
+        with writing(directory.unit_shard_path(unit), staged):  # never leave a short shard; a full disk is one line
             write_parquet(table, staged, positions, footers)
             size, digest = directory.commit_staged(unit)
-        except BaseException:
-            staged.unlink(missing_ok=True)  # never leave a short shard behind
-            raise
     else:
         buffer = pa.BufferOutputStream()
         write_parquet(table, buffer, positions, footers)
