@@ -63,7 +63,8 @@ def writing(path: "str | os.PathLike[str]", *partial: Path, action: str = "write
             except OSError:
                 pass  # the directory itself is unwritable: the temporary name still says it is partial
         if isinstance(exc, OSError):
-            raise UserError(f"cannot {action} {os.fspath(path)}: {os_error_reason(exc)}") from None
+            failed = exc.filename if action == "create directory" and exc.filename else path  # the first folder refused
+            raise UserError(f"cannot {action} {os.fspath(failed)}: {os_error_reason(exc)}") from None
         raise
 
 
