@@ -180,7 +180,7 @@ COMMANDS = [
             "committed shards are kept; rerun the same command to resume"),
     Command("train-student", TrainConfig, _train,
             "Distil a student from soft-label shards (KD + hard-label CE); resumable, DDP under torchrun.",
-            "no checkpoint was written; rerun the same command"),
+            "no checkpoint was written; rerun the same command (no --resume needed)"),
     Command("init-student", InitStudentConfig, _init_student,
             "Write an hf: student made of some of an hf: teacher's layers (default every other: DistilBERT's initialisation).",
             "nothing was written to --out; rerun the same command"),

@@ -398,7 +398,9 @@ class Location:
     def delete(self) -> None:
         """Remove this file if it is there."""
         if self.local:
-            Path(self.path).unlink(missing_ok=True)
+            if os.path.lexists(self.path):  # nothing to remove is no write, even on a read-only disk
+                with writing(self.uri, action="remove"):
+                    Path(self.path).unlink(missing_ok=True)
             return
         if self.is_file():
             self.fs.delete_file(self.path)
