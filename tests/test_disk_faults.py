@@ -384,3 +384,30 @@ def test_an_unexpected_os_error_is_one_line(tmp_path, monkeypatch):
     result = run_cli("verify", tmp_path)
     assert result.code == 1
     one_line(result.err, str(tmp_path / "x"), "input/output error")
+
+
+class _FlatClassifier(torch.nn.Module):
+    """A vector classifier that accepts (and ignores) lengths: ragged rows fail inside its forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        return self.linear(x)
+
+
+def flat_classifier() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return _FlatClassifier()
+
+
+def test_a_teacher_failing_on_later_rows_is_one_line_naming_them(tmp_path):
+    rows = [[0.5] * (65 if i == 23 else 64) for i in range(30)]
+    table = pa.table({"id": [f"t-{i:05d}" for i in range(30)], "inputs": pa.array(rows, pa.list_(pa.float32()))})
+    corpus = write_parquet(table, tmp_path / "ragged.parquet")
+    result = run_cli("generate", corpus, "--out", tmp_path / "out", "--teacher", f"{__name__}:flat_classifier", "--id-column", "id",
+                     "--batch-size", 7, "--no-progress")
+    assert result.code == 1
+    one_line(result.err, "forward failed", "t-00021", "t-00023")
+    assert not tmp_files(tmp_path / "out")
