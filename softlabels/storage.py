@@ -3,7 +3,9 @@
 A leaf module: it knows nothing about soft labels. Every write softlabels makes to disk goes through
 ``atomic_write_text`` or ``commit_file``: the bytes land under a temporary name, are fsync'd, then
 renamed into place and the directory entry is fsync'd, so a crash leaves either the old file or the
-whole new one.
+whole new one. Journals and ``metrics.jsonl`` are appended with ``append_line``, which cuts off a line
+torn by a crash before the next one. ``writing`` turns a refusal of the disk (full, read-only,
+permission) into one ``UserError`` naming the file, and removes temporary files on every exit path.
 """
 
 from __future__ import annotations
