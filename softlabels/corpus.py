@@ -244,9 +244,17 @@ class Corpus:
                 try:
                     vectors = table.column(vector.name).cast(vector.type)
                 except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                    lengths = pc.list_value_length(table.column(vector.name)).fill_null(-1).to_numpy(zero_copy_only=False)
+                    bad = np.flatnonzero(lengths != vector.type.list_size)
+                    first = slot * self.rows_per_shard
+                    if self.id_column and self.id_column in table.column_names:
+                        ids = [str(v) for v in table.column(self.id_column).take(pa.array(bad[:5])).to_pylist()]
+                    else:
+                        ids = [f"{corpus_file.relpath}#{first + int(row)}" for row in bad[:5]]
+                    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
                     raise UserError(
-                        f"corpus file {corpus_file.path}, rows {unit.start}-{unit.stop - 1}: column {vector.name!r} holds vectors "
-                        f"of another length than the {vector.type.list_size} of the file's first rows"
+                        f"corpus file {corpus_file.path}: column {vector.name!r} holds vectors of {vector.type.list_size} values in the "
+                        f"file's first rows, but sample ids {', '.join(ids)}{more} have another length (vectors must all be one size)"
                     ) from None
                 table = table.set_column(table.schema.get_field_index(vector.name), vector, vectors)
         # a unit may be a sub-range of its slot (the vocabulary probe reads the first rows only)
@@ -366,7 +374,10 @@ def _sample_column(path: Location, column: str) -> pa.ChunkedArray | None:
                 parquet = pq.ParquetFile(handle)
                 if column not in parquet.schema_arrow.names:
                     return None
-                table = pa.Table.from_batches(list(parquet.iter_batches(batch_size=SIZE_SAMPLE_ROWS, columns=[column]))[:1])
+                batches = list(parquet.iter_batches(batch_size=SIZE_SAMPLE_ROWS, columns=[column]))[:1]
+                if not batches:
+                    return None  # a file of 0 rows has nothing to sample (an empty corpus is named later)
+                table = pa.Table.from_batches(batches)
     except (pa.ArrowInvalid, OSError) as exc:
         failure = store_failure(exc, path)
         if failure is not None:

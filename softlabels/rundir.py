@@ -50,7 +50,7 @@ from .errors import UserError, VerificationError
 from .fidelity import Fidelity
 from .lease import is_lease_name
 from .schema import FORMAT, FORMAT_V1, READABLE_FORMATS, decode_header, shard_schema, soft_columns, targets_of
-from .storage import Location, atomic_write_text, commit_file, store_failure
+from .storage import Location, append_line, atomic_write_text, commit_file, store_failure, writing
 
 __all__ = [
     "MANIFEST_NAME",
@@ -259,7 +259,16 @@ class Journal:
         return self.location.local_path
 
     def exists(self) -> bool:
-        return (self.location / "run.json").is_file() if self.per_object else self.location.is_file()
+        """Does the journal hold a readable run record? One torn by a crash counts as none, so the
+        journal starts afresh (its shard records were unusable without it) instead of never again."""
+        if self.per_object:
+            run = self.location / "run.json"
+            return run.is_file() and (_parse_record(run.read_text()) or {}).get("kind") == "run"
+        if not self.location.is_file():
+            return False
+        with open(self.path, encoding="utf-8", errors="replace") as handle:
+            first = handle.readline()
+        return (_parse_record(first) or {}).get("kind") == "run"
 
     def start(self, run: dict[str, Any]) -> None:
         """Begin a fresh journal whose first record names the run's fingerprint and settings."""
@@ -267,18 +276,19 @@ class Journal:
         if self.per_object:
             (self.location / "run.json").write_bytes(text.encode())
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with writing(self.path.parent, action="create directory"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            for stale in self.path.parent.glob(f"{self.path.name}.*.tmp"):  # this rank's start killed before its rename
+                stale.unlink(missing_ok=True)
         atomic_write_text(self.path, text)
 
     def append(self, entry: ShardEntry) -> None:
-        line = json.dumps({"kind": "shard", **entry}, sort_keys=True) + "\n"
+        """One shard record, fsync'd; on local disk a torn last line is cut off first (``append_line``)."""
+        line = json.dumps({"kind": "shard", **entry}, sort_keys=True)
         if self.per_object:
-            (self.location / f"{entry['file'].removesuffix('.parquet')}.json").write_bytes(line.encode())
+            (self.location / f"{entry['file'].removesuffix('.parquet')}.json").write_bytes((line + "\n").encode())
             return
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(line)
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_line(self.path, line)
 
     def read(self) -> tuple[dict[str, Any] | None, list[ShardEntry]]:
         """The run record and the shard records (a shard record without a run record is ignored)."""

@@ -114,6 +114,7 @@ def seal(directory: str | os.PathLike[str]) -> SealReport:
     run_directory = RunDirectory.open(directory)
     root = run_directory.root
     take_lease(root, "softlabels seal", flag=None)  # one writer per directory, until seal ends
+    run_directory.discard_stale_manifest_writes()  # of a seal killed before its rename
     if not run_directory.journal_paths():  # a selection, or a directory sealed and then stripped of its journals
         done = _already_sealed(run_directory, None)
         if done is not None:

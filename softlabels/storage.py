@@ -3,12 +3,15 @@
 A leaf module: it knows nothing about soft labels. Every write softlabels makes to disk goes through
 ``atomic_write_text`` or ``commit_file``: the bytes land under a temporary name, are fsync'd, then
 renamed into place and the directory entry is fsync'd, so a crash leaves either the old file or the
-whole new one.
+whole new one. Journals and ``metrics.jsonl`` are appended with ``append_line``, which cuts off a line
+torn by a crash before the next one. ``writing`` turns a refusal of the disk (full, read-only,
+permission) into one ``UserError`` naming the file, and removes temporary files on every exit path.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from contextlib import contextmanager
@@ -19,8 +22,9 @@ from typing import Any, Iterator
 import pyarrow as pa
 
 from .errors import UserError
+from .faults import kill_point
 
-__all__ = ["sha256_file", "fsync_path", "atomic_write_text", "commit_file"]
+__all__ = ["sha256_file", "fsync_path", "os_error_reason", "writing", "atomic_write_text", "append_line", "commit_file"]
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
@@ -41,24 +45,127 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def os_error_reason(exc: OSError) -> str:
+    """The cause of an I/O error in words: "no space left on device", "read-only file system", ..."""
+    text = os.strerror(exc.errno) if exc.errno else (exc.strerror or str(exc) or type(exc).__name__)
+    text = " ".join(text.split())  # one line, whatever the library wrote
+    return text[:1].lower() + text[1:]
+
+
+@contextmanager
+def writing(path: "str | os.PathLike[str]", *partial: Path, action: str = "write") -> Iterator[None]:
+    """The one place local write errors become one line: an ``OSError`` inside raises
+    ``UserError("cannot write PATH: no space left on device")``, and on any exception (Ctrl-C too)
+    the ``partial`` files are removed, so nothing half-written stays behind."""
+    try:
+        yield
+    except BaseException as exc:
+        for leftover in partial:
+            try:
+                leftover.unlink(missing_ok=True)
+            except OSError:
+                pass  # the directory itself is unwritable: the temporary name still says it is partial
+        if isinstance(exc, OSError):
+            failed = exc.filename if action == "create directory" and exc.filename else path  # the first folder refused
+            raise UserError(f"cannot {action} {os.fspath(failed)}: {os_error_reason(exc)}") from None
+        raise
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically (the temporary name is per process)."""
+    """Replace ``path`` with ``text`` atomically (the temporary name is per process).
+
+    Raises:
+        UserError: the disk is full, read-only or not writable (the temporary file is removed).
+    """
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # ranks sealing at once never share a tmp
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
+    with writing(path, tmp):
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        kill_point(f"{path.name}-staged")
+        os.replace(tmp, path)
+        kill_point(f"{path.name}-renamed")
+        fsync_path(path.parent)
+
+
+def append_line(path: Path, line: str, durable: bool = True) -> None:
+    """Append ``line`` (one JSON record, no newline) and a newline to ``path``, fsync'd when ``durable``.
+
+    A crash mid-append leaves a torn last line with no newline. It is cut off first, so it can never
+    swallow the new record (a JSON object is not valid until its last byte, so readers drop it); a
+    tail that parses whole, missing only its newline, is kept. A write that fails is cut off too.
+
+    Raises:
+        UserError: the disk is full, read-only or not writable.
+    """
+    data = (line + "\n").encode()
+    with writing(path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        end = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            whole = _end_of_last_line(fd, end)
+            if whole < end:
+                if _parses_whole(os.pread(fd, end - whole, whole)):
+                    data = b"\n" + data
+                else:
+                    os.ftruncate(fd, whole)
+                    end = whole
+            kill_point(f"{path.name}-torn", lambda: (_write_at(fd, data[: len(data) // 2], end), os.fsync(fd)))
+            _write_at(fd, data, end)
+            if durable:
+                os.fsync(fd)
+        except BaseException:
+            try:
+                os.ftruncate(fd, end)  # no part of this line stays
+            except OSError:
+                pass
+            raise
+        finally:
+            os.close(fd)
+        kill_point(f"{path.name}-appended")
+
+
+def _end_of_last_line(fd: int, end: int, block: int = 1 << 16) -> int:
+    """The offset just past the file's last newline (0 when it has none)."""
+    stop = end
+    while stop > 0:
+        start = max(0, stop - block)
+        found = os.pread(fd, stop - start, start).rfind(b"\n")
+        if found >= 0:
+            return start + found + 1
+        stop = start
+    return 0
+
+
+def _parses_whole(tail: bytes) -> bool:
+    try:
+        return isinstance(json.loads(tail), dict)
+    except ValueError:
+        return False
+
+
+def _write_at(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 def commit_file(staged: Path, target: Path) -> tuple[int, str]:
-    """fsync ``staged``, hash it and rename it to ``target``; returns (bytes, sha256) of the file."""
-    fsync_path(staged)
-    digest = sha256_file(staged)
-    size = staged.stat().st_size
-    os.replace(staged, target)
-    fsync_path(target.parent)
+    """fsync ``staged``, hash it and rename it to ``target``; returns (bytes, sha256) of the file.
+
+    Raises:
+        UserError: the disk refused (``staged`` is removed).
+    """
+    with writing(target, staged):
+        fsync_path(staged)
+        digest = sha256_file(staged)
+        size = staged.stat().st_size
+        kill_point(f"{target.name}-staged")
+        os.replace(staged, target)
+        kill_point(f"{target.name}-renamed")
+        fsync_path(target.parent)
     return size, digest
 
 
@@ -260,9 +367,14 @@ class Location:
 
     # -- writing ------------------------------------------------------------------------------
     def mkdir(self) -> None:
-        """Create the directory (local disk); object stores have no directories to create."""
+        """Create the directory (local disk); object stores have no directories to create.
+
+        Raises:
+            UserError: local disk refused (read-only, permission denied, a file in the way).
+        """
         if self.local:
-            os.makedirs(self.path, exist_ok=True)
+            with writing(self.uri, action="create directory"):
+                os.makedirs(self.path, exist_ok=True)
 
     def write_bytes(self, data: bytes, exclusive: bool = False) -> bool:
         """Replace this file with ``data`` whole: local disk stages, fsyncs and renames; an object
@@ -272,22 +384,30 @@ class Location:
             exclusive: write only if nothing is there yet (an object store's conditional create,
                 ``O_EXCL`` on local disk); returns False, writing nothing, if something is.
         """
-        if self.local:
+        if self.local:  # a refusal of the disk is one UserError naming the file; no temporary file stays
             target = Path(self.path)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if exclusive:
-                try:
-                    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-                except FileExistsError:
-                    return False
-                os.close(fd)
             tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-            fsync_path(target.parent)
+            with writing(self.uri, tmp):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if exclusive:
+                    try:
+                        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+                    except FileExistsError:
+                        return False
+                    os.close(fd)
+                try:
+                    with open(tmp, "wb") as handle:
+                        handle.write(data)
+                        handle.flush()
+                        os.fsync(handle.fileno())
+                    kill_point(f"{target.name}-staged")
+                    os.replace(tmp, target)
+                except BaseException:
+                    if exclusive:  # the empty placeholder is ours and must not look like a whole file
+                        target.unlink(missing_ok=True)
+                    raise
+                kill_point(f"{target.name}-renamed")
+                fsync_path(target.parent)
             return True
         if exclusive:
             try:
@@ -333,7 +453,9 @@ class Location:
     def delete(self) -> None:
         """Remove this file if it is there."""
         if self.local:
-            Path(self.path).unlink(missing_ok=True)
+            if os.path.lexists(self.path):  # nothing to remove is no write, even on a read-only disk
+                with writing(self.uri, action="remove"):
+                    Path(self.path).unlink(missing_ok=True)
             return
         if self.is_file():
             with store_errors(self):

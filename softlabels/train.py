@@ -47,7 +47,7 @@ from .lease import is_lease_name, lease_scope, take_lease
 from .losses import (IGNORE_INDEX, dense_kd_per_position, hard_label_loss, kd_loss_per_position, sampled_estimate_is_unbiased,
                      sampled_kd_loss_per_position)
 from .options import TrainConfig, flag_of
-from .storage import Location, atomic_write_text
+from .storage import Location, append_line, atomic_write_text, writing
 from .teachers import Teacher, autocast, load_model, load_teacher, resolve_device
 
 __all__ = ["TrainConfig", "TrainSummary", "DistillationRecipe", "train_student", "evaluate", "student_logits", "hard_labels",
@@ -398,13 +398,17 @@ def evaluate(model: torch.nn.Module, dataset: SoftLabelDataset, config: TrainCon
 
 class MetricsLog:
     """``metrics.jsonl``: appended on local disk; on an object store (no append) the whole small
-    object is written again with each record."""
+    object is written again with each record. A line torn by a crash is dropped when a resumed run
+    opens the file, and a torn tail never swallows the next record (``append_line``)."""
 
     def __init__(self, location: Location, step: int) -> None:
         self.location = location
         self.lines: list[str] = []
         if location.is_file():  # a resumed run: drop records past the checkpoint, so it reads as one run
-            self.lines = [line for line in location.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+            for line in location.read_bytes().decode("utf-8", errors="replace").splitlines():
+                record = _metrics_record(line)
+                if record is not None and record.get("step", 0) <= step:
+                    self.lines.append(line)
             self._write_all()
 
     def _write_all(self) -> None:
@@ -417,10 +421,30 @@ class MetricsLog:
         line = json.dumps(record, sort_keys=True)
         self.lines.append(line)
         if self.location.local:
-            with open(self.location.local_path, "a", encoding="utf-8") as handle:
-                handle.write(line + "\n")
+            append_line(self.location.local_path, line, durable=False)
         else:
             self._write_all()
+
+
+def _metrics_record(line: str) -> dict[str, Any] | None:
+    """A metrics.jsonl line's record, or None for a torn or damaged line."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("step", 0), int):
+        return None
+    return record
+
+
+def _discard_partial_outputs(out: Location) -> None:
+    """``NAME.PID.tmp`` files of train-student outputs, left by a run killed mid-write (local disk)."""
+    if not out.local:
+        return
+    for name in out.listdir():
+        if name.endswith(".tmp") and name.split(".tmp")[0].startswith(OUTPUT_NAMES):
+            with writing(out / name, action="remove"):
+                (out / name).delete()
 
 
 def _save_checkpoint(location: Location, state: dict[str, Any]) -> None:
@@ -613,6 +637,7 @@ class DistillationRecipe:
         """Batch streams from the loaders' positions; rank 0 makes --out and opens metrics.jsonl at ``step``."""
         if self.env.rank == 0:
             self.out.mkdir()
+            _discard_partial_outputs(self.out)
             self.metrics = MetricsLog(self.out / METRICS_NAME, self.step)
         self.streams = [_Stream(source, self.config.num_workers) for source in self.sources]
 
