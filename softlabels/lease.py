@@ -27,6 +27,7 @@ process of the same host included, is refused.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import functools
@@ -46,7 +47,7 @@ from typing import Any, TypeVar
 
 from .distributed import distributed_env, launcher_job
 from .errors import UserError
-from .storage import Location
+from .storage import Location, fsspec_filesystem, store_errors
 
 __all__ = ["LOCAL_NAME", "STORE_DIR", "LEASE_NAMES", "TTL_S", "RENEW_S", "LeaseHeld", "Lease", "is_lease_name",
            "hold_lease", "lease_scope", "take_lease", "describe_holder"]
@@ -129,10 +130,18 @@ def _machine() -> str | None:
 MACHINE = _machine()
 
 
+LIVE_JOBS: collections.Counter[str] = collections.Counter()
+"""The jobs whose store leases this process holds right now (a lease of this pid not among them was
+left by an earlier command of the same process, for instance one the store's outage stopped)."""
+
+
 def _gone(record: dict[str, Any]) -> bool:
-    """Is the holder of ``record`` a process of this machine that is no longer running?"""
+    """Is the holder of ``record`` a process of this machine that is no longer running (or this very
+    process, which no longer holds it)?"""
     if MACHINE is None or record.get("machine") != MACHINE or not isinstance(record.get("pid"), int):
         return False
+    if record["pid"] == os.getpid():
+        return LIVE_JOBS[str(record.get("job"))] <= 0
     try:
         os.kill(record["pid"], 0)
     except ProcessLookupError:
@@ -340,6 +349,7 @@ class _StoreLease(Lease):
             self.member = self.folder / f"{self.epoch:08d}.rank-{self.record['rank']:05d}.json"
             self.member.write_bytes(json.dumps(self.record).encode())
         self._took_over()
+        LIVE_JOBS[self.record["job"]] += 1
         self.thread = threading.Thread(target=self._heartbeat, name="softlabels-lease", daemon=True)
         self.thread.start()
 
@@ -352,11 +362,12 @@ class _StoreLease(Lease):
                     return
                 renewed = {**self.holder, "expires_unix": time.time() + TTL_S}
                 self._epoch(self.epoch).write_bytes(json.dumps(renewed).encode())
-            except OSError:
-                continue  # the store is unreachable: the next renewal tries again
+            except (OSError, UserError):  # StoreError is a UserError: the store is unreachable for now
+                continue  # the next renewal tries again
 
     def release(self) -> None:
         self.stop.set()
+        LIVE_JOBS[self.record["job"]] -= 1
         if self.thread is not None:
             self.thread.join(timeout=RENEW_S)
         with contextlib.suppress(OSError, UserError):
@@ -376,10 +387,8 @@ def _numbers(names: list[str]) -> list[int]:
 
 def _delete(location: Location) -> None:
     """Delete an object through fsspec, which (unlike pyarrow) leaves no folder marker behind."""
-    import fsspec
-
-    store = fsspec.filesystem(location.uri.split("://", 1)[0])
-    with contextlib.suppress(FileNotFoundError):
+    store = fsspec_filesystem(location.uri)  # softlabels' own endpoint and retries, not a cached default
+    with contextlib.suppress(FileNotFoundError), store_errors(location):
         store.rm_file(location.uri)
 
 
