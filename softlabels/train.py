@@ -46,6 +46,7 @@ from .inputs import TeacherInputs
 from .losses import (IGNORE_INDEX, dense_kd_per_position, hard_label_loss, kd_loss_per_position, sampled_estimate_is_unbiased,
                      sampled_kd_loss_per_position)
 from .options import TrainConfig, flag_of
+from .rundir import refuse_out_inside_data
 from .storage import Location, atomic_write_text
 from .teachers import Teacher, autocast, load_model, load_teacher, resolve_device
 
@@ -203,6 +204,7 @@ def batch_losses(logits: torch.Tensor, batch: dict[str, Any], config: TrainConfi
 def _check_out(config: TrainConfig) -> Location:
     """``--out`` may hold only what train-student writes; a checkpoint there needs ``--resume``."""
     out = Location.of(config.out)
+    refuse_out_inside_data(out)
     if out.is_file():
         raise UserError(f"--out {out} exists and is not a directory")
     for name in out.listdir():
