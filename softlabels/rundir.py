@@ -47,6 +47,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .codec import LogprobCodec
 from .errors import UserError, VerificationError
 from .fidelity import Fidelity
 from .schema import FORMAT, FORMAT_V1, READABLE_FORMATS, decode_header, shard_schema, soft_columns, targets_of
@@ -194,6 +195,9 @@ def _manifest_damage(manifest: dict[str, Any]) -> str | None:
     settings = manifest.get("settings")
     if "settings" in manifest and (not isinstance(settings, dict) or settings_fingerprint(settings) != manifest.get("fingerprint")):
         return "its settings do not hash to its fingerprint"
+    for key in ("corpus", "id_column"):
+        if isinstance(settings, dict) and key in manifest and key in settings and manifest[key] != settings[key]:
+            return f"its {key} differs from the settings' {key}"
     return None
 
 
@@ -223,8 +227,17 @@ def _shape_damage(manifest: dict[str, Any]) -> str | None:
         if not isinstance(entry["sha256"], str) or not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
             return f"shards[{index}]: sha256 is not 64 hex digits"
     totals = manifest.get("totals")
-    if not isinstance(totals, dict) or not all(_is_count(totals.get(key)) for key in ("rows", "positions", "bytes")):
-        return "'totals' lacks counts of rows, positions and bytes"
+    if not isinstance(totals, dict) or not all(_is_count(totals.get(key)) for key in ("rows", "positions", "bytes", "shards")):
+        return "'totals' lacks counts of rows, positions, bytes and shards"
+    if totals["shards"] != len(shards):
+        return f"totals.shards is {totals['shards']}, but it lists {len(shards)} shards"
+    for key in ("rows", "positions", "bytes"):
+        if totals[key] != sum(entry[key] for entry in shards):
+            return f"totals.{key} is not the sum of its shards' {key}"
+    try:
+        LogprobCodec.from_header(manifest)
+    except (ValueError, TypeError) as exc:
+        return f"its log-prob storage is unreadable ({exc})"
     if not _is_count(manifest.get("vocab_size")) or not manifest["vocab_size"]:
         return "'vocab_size' is not a positive count"
     teachers = manifest.get("teachers")
@@ -343,6 +356,8 @@ def check_shard(path: Location, entry: ShardEntry, manifest: dict[str, Any], has
     if rows != entry.get("rows"):
         raise VerificationError(f"{name}: {rows} rows, manifest says {entry.get('rows')}")
     mismatch = header_mismatch(header, manifest)
+    if isinstance(header.get("positions"), int) and header["positions"] != entry.get("positions"):
+        mismatch = f"positions: shard has {header['positions']}, manifest has {entry.get('positions')!r}"
     if mismatch is not None:
         raise VerificationError(f"{name}: its header and the manifest differ on {mismatch}")
     codec_fields = {key: manifest[key] for key in SCHEMA_KEYS if key in manifest}

@@ -284,7 +284,9 @@ def test_shard_from_another_run_is_refused(original: Original, out: Path) -> Non
     """A whole, readable shard of a different run, with the manifest updated to its bytes and hash."""
     shutil.copy2(data_dir(original.other) / SHARDS[2], data_dir(out) / SHARDS[2])
     data = manifest(out)
-    data["shards"][2]["bytes"] = (data_dir(out) / SHARDS[2]).stat().st_size
+    size = (data_dir(out) / SHARDS[2]).stat().st_size
+    data["totals"]["bytes"] += size - data["shards"][2]["bytes"]  # a consistent forgery: only the header gives it away
+    data["shards"][2]["bytes"] = size
     data["shards"][2]["sha256"] = sha256(data_dir(out) / SHARDS[2])
     write_manifest(out, data)
     assert_verification_failed(run_cli("verify", out), SHARDS[2], "another run")
