@@ -42,7 +42,7 @@ from .distributed import distributed_env
 from .errors import UserError, VerificationError
 from .inputs import ColumnBlock, GatherPlan
 from .losses import IGNORE_INDEX
-from .rundir import RunDirectory, read_shard_header, run_header
+from .rundir import RunDirectory, header_mismatch, read_shard_header, run_header
 from .schema import (
     ID_COLUMN,
     PROPOSAL_TEMPERATURE_KEY,
@@ -478,7 +478,9 @@ class SoftLabelDataset(IterableDataset):
                 raise
             manifest, complete = {}, False
         if complete:
-            return manifest
+            sealed = directory.read_sealed()
+            directory.refuse_unlisted(sealed)  # data/ holds exactly the listed shards
+            return sealed
         if not allow_partial:
             raise VerificationError(f"{self.directory}: the run is not complete (no sealed manifest); pass allow_partial=True to read committed shards")
         runs, journal = directory.read_journals()
@@ -510,6 +512,8 @@ class SoftLabelDataset(IterableDataset):
                 raise VerificationError(f"{path.name}: header belongs to another run (fingerprint differs)")
             if metadata.num_rows != entry["rows"]:
                 raise VerificationError(f"{path.name}: {metadata.num_rows} rows, manifest says {entry['rows']}")
+            if (mismatch := header_mismatch(header, self.manifest)) is not None and not self.manifest.get("from_shards"):
+                raise VerificationError(f"{path.name}: its header and the manifest differ on {mismatch}")
             return [metadata.row_group(group).num_rows for group in range(metadata.num_row_groups)]
 
         groups: list[tuple[int, int, int]] = []

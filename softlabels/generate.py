@@ -368,8 +368,9 @@ def generate(config: GenerateConfig) -> GenerateSummary:
     run = _prepare(config)
     directory = run.directory
     recorded_settings = None
-    if directory.has_manifest():
-        recorded_settings = directory.read_manifest().get("settings", {})
+    sealed = directory.resume_manifest(run.fingerprint, len(run.corpus.units))  # a damaged one is rebuilt; data/ holds only this run
+    if sealed is not None:
+        recorded_settings = sealed.get("settings", {})
         _check_same_run(config.out, run.settings, recorded_settings)
     runs, journal_shards = directory.read_journals() if directory.root.is_dir() else ([], {})
     for recorded in runs:

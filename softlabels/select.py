@@ -176,6 +176,7 @@ def select(directory: str | os.PathLike[str], where: str, out: str | os.PathLike
     source = RunDirectory.open(directory)
     root = source.root
     manifest = source.read_sealed()
+    source.refuse_unlisted(manifest)
     target = RunDirectory.for_output(out)
     out = target.root
     settings = _selection_settings(manifest, where)

@@ -47,6 +47,7 @@ from .lease import is_lease_name, lease_scope, take_lease
 from .losses import (IGNORE_INDEX, dense_kd_per_position, hard_label_loss, kd_loss_per_position, sampled_estimate_is_unbiased,
                      sampled_kd_loss_per_position)
 from .options import TrainConfig, flag_of
+from .rundir import refuse_out_inside_data
 from .storage import Location, append_line, atomic_write_text, writing
 from .teachers import Teacher, autocast, load_model, load_teacher, resolve_device
 
@@ -205,6 +206,7 @@ def _check_out(config: TrainConfig) -> Location:
     """``--out`` may hold only what train-student writes; a checkpoint there needs ``--resume``."""
     out = Location.of(config.out)
     out.require_bucket("--out")  # before any data is read or model built
+    refuse_out_inside_data(out)
     if out.is_file():
         raise UserError(f"--out {out} exists and is not a directory")
     for name in out.listdir():
