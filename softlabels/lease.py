@@ -47,7 +47,7 @@ from typing import Any, TypeVar
 
 from .distributed import distributed_env, launcher_job
 from .errors import UserError
-from .storage import Location, fsspec_filesystem, store_errors
+from .storage import Location, fsspec_filesystem, os_error_reason, store_errors, writing
 
 __all__ = ["LOCAL_NAME", "STORE_DIR", "LEASE_NAMES", "TTL_S", "RENEW_S", "LeaseHeld", "Lease", "is_lease_name",
            "hold_lease", "lease_scope", "take_lease", "describe_holder"]
@@ -57,6 +57,8 @@ STORE_DIR = "_lease"
 LEASE_NAMES = (LOCAL_NAME, STORE_DIR)
 """The names a lease takes directly inside the directory it guards."""
 TTL_S = 60.0
+READ_TRIES = 5
+"""Reads of a store lease record that does not parse (one cut short by a concurrent renewal) before it is refused."""
 """Seconds an object-store lease lives after its last renewal."""
 RENEW_S = 15.0
 """Seconds between renewals of an object-store lease."""
@@ -222,13 +224,14 @@ class _LocalLease(Lease):
         self.locked = True
         deadline = time.monotonic() + WAIT_S
         while True:
-            try:
+            with writing(root, action="create directory"):  # a read-only or full disk: one line naming the folder
                 root.mkdir(parents=True, exist_ok=True)
+            try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except FileNotFoundError:
                 continue  # a holder leaving removed the directory it had created
             except OSError as exc:
-                raise UserError(f"{self.named}: cannot create {LOCAL_NAME} ({exc.strerror})") from None
+                raise UserError(f"{self.named}: cannot write {self.path}: {os_error_reason(exc)}") from None
             try:
                 if self._attempt(fd, deadline):
                     self.fd = fd
@@ -309,11 +312,25 @@ class _StoreLease(Lease):
         return self.folder / f"{number:08d}.json"
 
     def _read(self, number: int | str) -> dict[str, Any] | None:
-        """The record of epoch ``number`` (or of the object named so), None if it is gone or unreadable."""
-        try:
-            return _parse((self._epoch(number) if isinstance(number, int) else self.folder / number).read_bytes())
-        except FileNotFoundError:
-            return None
+        """The record of epoch ``number`` (or of the object named so); None if it is gone.
+
+        A store read sizes the object first, so a read that meets a renewal can come back cut short:
+        an unparsable record is read again, and one that stays unparsable is refused (never taken
+        over as if nobody held it).
+
+        Raises:
+            UserError: the object is not a softlabels lease record.
+        """
+        where = self._epoch(number) if isinstance(number, int) else self.folder / number
+        for attempt in range(READ_TRIES):
+            try:
+                record = _parse(where.read_bytes())
+            except FileNotFoundError:
+                return None
+            if record is not None:
+                return record
+            time.sleep(0.01 * 2**attempt)
+        raise UserError(f"{self.named}: {where} is not a softlabels lease record; softlabels never overwrites files it did not write")
 
     def _abandoned(self, epoch: int, holder: dict[str, Any], names: list[str]) -> bool:
         """Did every holder of the epoch die on this machine (so its lease need not run out)?"""
