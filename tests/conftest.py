@@ -24,6 +24,22 @@ DIGITS_TEACHERS = [
 ]
 DIGITS_UNLABELED = REPO / "data" / "digits" / "unlabeled.parquet"
 
+TEST_THREADS = 1
+"""Torch intra-op threads of every process the suite runs: this one, and (through OMP_NUM_THREADS and
+MKL_NUM_THREADS) every subprocess, torchrun rank and Ray worker it starts. CPU kernels may round
+differently at another thread count, so tests that compare the bytes of two runs rely on this pin;
+a test that wants another count sets it on both sides (test_determinism)."""
+os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(TEST_THREADS)
+torch.set_num_threads(TEST_THREADS)
+
+
+@pytest.fixture(autouse=True)
+def pinned_threads():
+    """Every test starts on TEST_THREADS torch threads, whatever the test before it set."""
+    if torch.get_num_threads() != TEST_THREADS:
+        torch.set_num_threads(TEST_THREADS)
+    yield
+
 
 @dataclass
 class CliResult:
