@@ -59,12 +59,113 @@ def run_cli(*args: object) -> CliResult:
 
 
 def run_cli_subprocess(*args: object, **popen: object) -> subprocess.CompletedProcess[str]:
-    """Run the real console entry point in a child process (for exit codes and tracebacks)."""
+    """Run the real console entry point in a child process (for exit codes and tracebacks).
+
+    The child is forked from a server that has already imported torch (CLI_FORK_SERVER), which saves
+    the seconds of a fresh interpreter's imports; it then runs ``python -m softlabels.cli ARGS`` as a
+    new process would (its own pid, exit status, stdout and stderr, uncaught exceptions printed by the
+    interpreter). A call with other options than ``cwd``, or while the environment differs from the
+    server's, starts a fresh interpreter instead."""
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
+    argv = [str(a) for a in args]
+    if set(popen) <= {"cwd"}:
+        done = CliForkServer.run(argv, env, popen.get("cwd"))
+        if done is not None:
+            return done
     return subprocess.run(
-        [sys.executable, "-m", "softlabels.cli", *[str(a) for a in args]],
+        [sys.executable, "-m", "softlabels.cli", *argv],
         capture_output=True, text=True, env=env, timeout=600, **popen,
     )
+
+
+CLI_FORK_SERVER = r"""
+import atexit, gc, json, os, runpy, signal, sys
+import numpy, torch, typer, transformers  # no thread starts on these imports (Polars and Arrow start some: the child imports them)
+import softlabels  # not softlabels.cli: runpy runs that as __main__
+gc.freeze()  # the child's garbage collector leaves the server's objects alone: their pages stay shared
+replies = os.fdopen(os.dup(1), "w")
+for line in sys.stdin:
+    request = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        replies.close()
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), fd)
+        os.chdir(request["cwd"])
+        signal.alarm(600)
+        sys.argv = ["softlabels", *request["argv"]]
+        code = 0
+        try:  # what the interpreter does with `python -m softlabels.cli`
+            runpy.run_module("softlabels.cli", run_name="__main__", alter_sys=True)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+            if not isinstance(exc.code, (int, type(None))):
+                print(exc.code, file=sys.stderr)
+        except KeyboardInterrupt:
+            sys.excepthook(*sys.exc_info())
+            code = -signal.SIGINT
+        except BaseException:
+            sys.excepthook(*sys.exc_info())
+            code = 1
+        atexit._run_exitfuncs()  # then exit without tearing down the modules (that would copy every shared page)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if code == -signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+        os._exit(code & 0xFF)
+    _, status = os.waitpid(pid, 0)
+    replies.write(json.dumps({"status": status}) + "\n")
+    replies.flush()
+"""
+
+
+class CliForkServer:
+    """One long-lived ``python`` that forks a child per ``run_cli_subprocess`` call (see there)."""
+
+    process: "subprocess.Popen[str] | None" = None
+    env: dict[str, str] = {}
+    broken = False
+
+    @classmethod
+    def run(cls, argv: list[str], env: dict[str, str], cwd: object) -> "subprocess.CompletedProcess[str] | None":
+        import tempfile
+
+        if cls.broken:
+            return None
+        if cls.process is None:
+            cls.env = dict(env)
+            cls.process = subprocess.Popen([sys.executable, "-c", CLI_FORK_SERVER], stdin=subprocess.PIPE,
+                                           stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
+        if env != cls.env:
+            return None
+        with tempfile.TemporaryDirectory() as scratch:
+            out, err = Path(scratch) / "stdout", Path(scratch) / "stderr"
+            request = {"argv": argv, "cwd": str(Path(cwd if cwd is not None else os.getcwd()).resolve()),
+                       "stdout": str(out), "stderr": str(err)}
+            try:
+                cls.process.stdin.write(json.dumps(request) + "\n")
+                cls.process.stdin.flush()
+                reply = cls.process.stdout.readline()
+            except (BrokenPipeError, OSError):
+                reply = ""
+            if not reply:
+                cls.broken = True
+                return None
+            code = os.waitstatus_to_exitcode(json.loads(reply)["status"])
+            return subprocess.CompletedProcess(["softlabels", *argv], code, out.read_text(), err.read_text())
+
+    @classmethod
+    def stop(cls) -> None:
+        if cls.process is not None:
+            cls.process.stdin.close()
+            cls.process.wait(timeout=60)
+            cls.process = None
+
+
+def pytest_sessionfinish(session, exitstatus):
+    CliForkServer.stop()
 
 
 def data_dir(out: Path) -> Path:
