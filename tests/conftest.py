@@ -64,8 +64,8 @@ def run_cli_subprocess(*args: object, **popen: object) -> subprocess.CompletedPr
     The child is forked from a server that has already imported torch (CLI_FORK_SERVER), which saves
     the seconds of a fresh interpreter's imports; it then runs ``python -m softlabels.cli ARGS`` as a
     new process would (its own pid, exit status, stdout and stderr, uncaught exceptions printed by the
-    interpreter). A call with other options than ``cwd``, or while the environment differs from the
-    server's, starts a fresh interpreter instead."""
+    interpreter). A call with other options than ``cwd``, or in an environment not seen before, starts a
+    fresh interpreter instead."""
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
     argv = [str(a) for a in args]
     if set(popen) <= {"cwd"}:
@@ -122,32 +122,38 @@ for line in sys.stdin:
 
 
 class CliForkServer:
-    """One long-lived ``python`` that forks a child per ``run_cli_subprocess`` call (see there)."""
+    """Long-lived ``python`` processes that fork a child per ``run_cli_subprocess`` call (see there): one
+    per environment asked for twice (the S3 tests add AWS variables), at most ``KEEP`` at a time."""
 
-    process: "subprocess.Popen[str] | None" = None
-    env: dict[str, str] = {}
+    KEEP = 2
+    servers: "dict[tuple[tuple[str, str], ...], subprocess.Popen[str]]" = {}
+    misses: "dict[tuple[tuple[str, str], ...], int]" = {}
     broken = False
 
     @classmethod
     def run(cls, argv: list[str], env: dict[str, str], cwd: object) -> "subprocess.CompletedProcess[str] | None":
         import tempfile
 
+        key = tuple(sorted(env.items()))
         if cls.broken:
             return None
-        if cls.process is None:
-            cls.env = dict(env)
-            cls.process = subprocess.Popen([sys.executable, "-c", CLI_FORK_SERVER], stdin=subprocess.PIPE,
-                                           stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
-        if env != cls.env:
-            return None
+        if key not in cls.servers:
+            cls.misses[key] = cls.misses.get(key, 0) + 1
+            if cls.misses[key] < 2:  # a one-off environment: a fresh interpreter costs what a server start does
+                return None
+            while len(cls.servers) >= cls.KEEP:
+                cls.stop(next(iter(cls.servers)))
+            cls.servers[key] = subprocess.Popen([sys.executable, "-c", CLI_FORK_SERVER], stdin=subprocess.PIPE,
+                                                stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
+        server = cls.servers[key]
         with tempfile.TemporaryDirectory() as scratch:
             out, err = Path(scratch) / "stdout", Path(scratch) / "stderr"
             request = {"argv": argv, "cwd": str(Path(cwd if cwd is not None else os.getcwd()).resolve()),
                        "stdout": str(out), "stderr": str(err)}
             try:
-                cls.process.stdin.write(json.dumps(request) + "\n")
-                cls.process.stdin.flush()
-                reply = cls.process.stdout.readline()
+                server.stdin.write(json.dumps(request) + "\n")
+                server.stdin.flush()
+                reply = server.stdout.readline()
             except (BrokenPipeError, OSError):
                 reply = ""
             if not reply:
@@ -157,11 +163,11 @@ class CliForkServer:
             return subprocess.CompletedProcess(["softlabels", *argv], code, out.read_text(), err.read_text())
 
     @classmethod
-    def stop(cls) -> None:
-        if cls.process is not None:
-            cls.process.stdin.close()
-            cls.process.wait(timeout=60)
-            cls.process = None
+    def stop(cls, key: "tuple[tuple[str, str], ...] | None" = None) -> None:
+        for one in [key] if key is not None else list(cls.servers):
+            server = cls.servers.pop(one)
+            server.stdin.close()
+            server.wait(timeout=60)
 
 
 def pytest_sessionfinish(session, exitstatus):
