@@ -33,6 +33,12 @@ os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(TEST_THREADS
 torch.set_num_threads(TEST_THREADS)
 
 
+def unpinned_environ() -> dict[str, str]:
+    """``os.environ`` without the TEST_THREADS pin: for child processes whose results are compared with no
+    other process's (the LLM pipeline), so they use every core as a user's run would."""
+    return {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
 @pytest.fixture(autouse=True)
 def pinned_threads():
     """Every test starts on TEST_THREADS torch threads, whatever the test before it set."""
