@@ -12,7 +12,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from softlabels.data import SoftLabelDataset
