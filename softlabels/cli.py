@@ -180,7 +180,7 @@ COMMANDS = [
             "committed shards are kept; rerun the same command to resume"),
     Command("train-student", TrainConfig, _train,
             "Distil a student from soft-label shards (KD + hard-label CE); resumable, DDP under torchrun.",
-            "a checkpoint was written; rerun the same command with --resume to continue"),
+            "no checkpoint was written; rerun the same command (no --resume needed)"),
     Command("init-student", InitStudentConfig, _init_student,
             "Write an hf: student made of some of an hf: teacher's layers (default every other: DistilBERT's initialisation).",
             "nothing was written to --out; rerun the same command"),
@@ -206,6 +206,20 @@ def _command_name(argv: list[str]) -> str | None:
     return next((arg for arg in argv if arg in names), None)
 
 
+def _checkpoint_advice(argv: list[str]) -> str | None:
+    """What is true of train-student's checkpoint in the --out named in ``argv`` after a Ctrl-C."""
+    out = next((a.split("=", 1)[1] for a in argv if a.startswith("--out=")), None)
+    if out is None and "--out" in argv[:-1]:
+        out = argv[argv.index("--out") + 1]
+    try:
+        from .storage import Location
+
+        held = out is not None and (Location.of(out) / "checkpoint.pt").is_file()
+    except Exception:  # a store that cannot be reached now: say nothing we do not know
+        return "rerun the same command, with --resume if --out holds a checkpoint.pt"
+    return "the last checkpoint in --out is kept; rerun the same command with --resume to continue from it" if held else None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; maps errors to exit codes without tracebacks."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -228,10 +242,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except typer.Exit as exc:
         return exc.exit_code
+    except OSError as exc:  # last resort: an I/O fault no layer below named (storage maps its own writes)
+        from .storage import os_error_reason
+
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"error: I/O failure{where}: {os_error_reason(exc)}", file=sys.stderr)
+        return 1
     except (KeyboardInterrupt, typer.Abort):
         status = INTERRUPTED
     if status == INTERRUPTED:
         advice = next((c.resume_advice for c in COMMANDS if c.name == name), "rerun the same command")
+        if name == "train-student":  # say what is true: there may be no checkpoint yet
+            advice = _checkpoint_advice(argv) or advice
         print(f"interrupted: {advice}", file=sys.stderr)
     return status if isinstance(status, int) else 0
 

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from .errors import UserError
 from .schema import ID_COLUMN
-from .storage import Location, is_uri
+from .storage import Location, is_uri, store_failure
 
 __all__ = ["CorpusFile", "Unit", "Corpus", "auto_rows_per_shard", "discover_files", "open_corpus"]
 
@@ -244,9 +244,17 @@ class Corpus:
                 try:
                     vectors = table.column(vector.name).cast(vector.type)
                 except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                    lengths = pc.list_value_length(table.column(vector.name)).fill_null(-1).to_numpy(zero_copy_only=False)
+                    bad = np.flatnonzero(lengths != vector.type.list_size)
+                    first = slot * self.rows_per_shard
+                    if self.id_column and self.id_column in table.column_names:
+                        ids = [str(v) for v in table.column(self.id_column).take(pa.array(bad[:5])).to_pylist()]
+                    else:
+                        ids = [f"{corpus_file.relpath}#{first + int(row)}" for row in bad[:5]]
+                    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
                     raise UserError(
-                        f"corpus file {corpus_file.path}, rows {unit.start}-{unit.stop - 1}: column {vector.name!r} holds vectors "
-                        f"of another length than the {vector.type.list_size} of the file's first rows"
+                        f"corpus file {corpus_file.path}: column {vector.name!r} holds vectors of {vector.type.list_size} values in the "
+                        f"file's first rows, but sample ids {', '.join(ids)}{more} have another length (vectors must all be one size)"
                     ) from None
                 table = table.set_column(table.schema.get_field_index(vector.name), vector, vectors)
         # a unit may be a sub-range of its slot (the vocabulary probe reads the first rows only)
@@ -254,8 +262,14 @@ class Corpus:
 
 
 def _read_parquet_rows(path: Location, start: int, stop: int, columns: list[str]) -> pa.Table:
-    with path.open() as handle:
-        return _read_parquet_slice(pq.ParquetFile(handle), start, stop, columns)
+    try:
+        with path.open() as handle:
+            return _read_parquet_slice(pq.ParquetFile(handle), start, stop, columns)
+    except OSError as exc:
+        failure = store_failure(exc, path)
+        if failure is not None:
+            raise failure from None
+        raise
 
 
 def _read_parquet_slice(parquet: pq.ParquetFile, start: int, stop: int, columns: list[str]) -> pa.Table:
@@ -360,8 +374,14 @@ def _sample_column(path: Location, column: str) -> pa.ChunkedArray | None:
                 parquet = pq.ParquetFile(handle)
                 if column not in parquet.schema_arrow.names:
                     return None
-                table = pa.Table.from_batches(list(parquet.iter_batches(batch_size=SIZE_SAMPLE_ROWS, columns=[column]))[:1])
-    except (pa.ArrowInvalid, OSError):
+                batches = list(parquet.iter_batches(batch_size=SIZE_SAMPLE_ROWS, columns=[column]))[:1]
+                if not batches:
+                    return None  # a file of 0 rows has nothing to sample (an empty corpus is named later)
+                table = pa.Table.from_batches(batches)
+    except (pa.ArrowInvalid, OSError) as exc:
+        failure = store_failure(exc, path)
+        if failure is not None:
+            raise failure from None
         return None  # reported with the file's name when the corpus is opened
     if column not in table.column_names:
         return None
@@ -402,7 +422,7 @@ def open_corpus(
                     metadata = pq.read_metadata(handle)
                 schema = metadata.schema.to_arrow_schema()
             except (pa.ArrowInvalid, OSError) as exc:
-                raise UserError(f"corpus file {path}: not a readable Parquet file ({exc})") from None
+                raise store_failure(exc, path) or UserError(f"corpus file {path}: not a readable Parquet file ({exc})") from None
             files.append(CorpusFile(path, relpath, metadata.num_rows, size, schema))
     files = [f for f in files if f.rows > 0]
     if not files:

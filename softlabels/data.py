@@ -42,7 +42,7 @@ from .distributed import distributed_env
 from .errors import UserError, VerificationError
 from .inputs import ColumnBlock, GatherPlan
 from .losses import IGNORE_INDEX
-from .rundir import RunDirectory, read_shard_header, run_header
+from .rundir import RunDirectory, header_mismatch, read_shard_header, run_header
 from .schema import (
     ID_COLUMN,
     PROPOSAL_TEMPERATURE_KEY,
@@ -57,6 +57,7 @@ from .schema import (
     sample_logprob_column,
     targets_of,
 )
+from .storage import store_failure
 
 __all__ = ["SoftLabelDataset", "SoftLabelLoader", "collate", "Piece", "ShardRows", "NestedBlock"]
 
@@ -477,7 +478,9 @@ class SoftLabelDataset(IterableDataset):
                 raise
             manifest, complete = {}, False
         if complete:
-            return manifest
+            sealed = directory.read_sealed()
+            directory.refuse_unlisted(sealed)  # data/ holds exactly the listed shards
+            return sealed
         if not allow_partial:
             raise VerificationError(f"{self.directory}: the run is not complete (no sealed manifest); pass allow_partial=True to read committed shards")
         runs, journal = directory.read_journals()
@@ -504,11 +507,13 @@ class SoftLabelDataset(IterableDataset):
                     metadata = pq.read_metadata(handle)
                 header = decode_header(metadata.metadata)  # the footer's key-value pairs: no Arrow schema to rebuild
             except (pa.ArrowInvalid, OSError) as exc:
-                raise VerificationError(f"{path.name}: not a readable Parquet file ({exc})") from None
+                raise store_failure(exc, path) or VerificationError(f"{path.name}: not a readable Parquet file ({exc})") from None
             if header is None or header.get("fingerprint") != self.manifest["fingerprint"]:
                 raise VerificationError(f"{path.name}: header belongs to another run (fingerprint differs)")
             if metadata.num_rows != entry["rows"]:
                 raise VerificationError(f"{path.name}: {metadata.num_rows} rows, manifest says {entry['rows']}")
+            if (mismatch := header_mismatch(header, self.manifest)) is not None and not self.manifest.get("from_shards"):
+                raise VerificationError(f"{path.name}: its header and the manifest differ on {mismatch}")
             return [metadata.row_group(group).num_rows for group in range(metadata.num_row_groups)]
 
         groups: list[tuple[int, int, int]] = []
@@ -631,8 +636,8 @@ class SoftLabelDataset(IterableDataset):
             with path.open() as handle:
                 parquet = pq.ParquetFile(handle, page_checksum_verification=True)
                 return parquet.read_row_group(piece.row_group, columns=columns)
-        except (pa.ArrowException, OSError) as exc:
-            raise VerificationError(f"{path.name}: unreadable ({type(exc).__name__}: {exc})") from None
+        except (pa.ArrowException, OSError) as exc:  # a store that fails is not a damaged shard
+            raise store_failure(exc, path) or VerificationError(f"{path.name}: unreadable ({type(exc).__name__}: {exc})") from None
 
     def _columns(self) -> list[str]:
         if self.targets == "sample":
@@ -741,7 +746,20 @@ class SoftLabelLoader(DataLoader):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
         dataset: SoftLabelDataset = self.dataset  # type: ignore[assignment]
-        for batch in super().__iter__():
-            dataset.record_consumed(batch)
-            yield batch
+        try:
+            for batch in super().__iter__():
+                dataset.record_consumed(batch)
+                yield batch
+        except (UserError, VerificationError) as exc:
+            raise _worker_error(exc) from None
         dataset.end_of_epoch()
+
+
+def _worker_error(exc: ValueError) -> ValueError:
+    """A worker's one-line error as it was raised there: torch re-raises it with the worker's
+    traceback in the message ("Caught X in DataLoader worker process N. Original Traceback ...")."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    if len(lines) < 2 or not lines[0].startswith("Caught "):
+        return exc
+    name, _, message = lines[-1].partition(": ")  # the traceback's last line: "module.Type: message"
+    return type(exc)(message if message and name.rsplit(".", 1)[-1] == type(exc).__name__ else lines[-1])

@@ -7,12 +7,13 @@ rank 0 of 1 on local device 0.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from typing import Mapping
 
 from .errors import UserError
 
-__all__ = ["DistributedEnv", "distributed_env"]
+__all__ = ["DistributedEnv", "distributed_env", "launcher_job"]
 
 
 @dataclass(frozen=True)
@@ -38,3 +39,29 @@ def distributed_env(environ: Mapping[str, str] | None = None) -> DistributedEnv:
     if env.world_size < 1 or not 0 <= env.rank < env.world_size:
         raise UserError(f"RANK {env.rank} is outside WORLD_SIZE {env.world_size}")
     return env
+
+
+LOOPBACK_HOSTS = ("localhost", "::1", "0.0.0.0")
+
+
+def launcher_job(environ: Mapping[str, str] | None = None) -> str | None:
+    """The identity of the multi-process job this rank belongs to, the same in each of its ranks; None
+    for a single process (WORLD_SIZE 1) or a launcher that names no job.
+
+    torchrun's ``TORCHELASTIC_RUN_ID`` (random under ``--standalone``, ``none`` by default otherwise)
+    with ``MASTER_ADDR:MASTER_PORT`` and ``WORLD_SIZE``: two jobs live at once cannot share a master
+    port on one address. A loopback master address adds the host name, as such a job has one host.
+
+    Raises:
+        UserError: as ``distributed_env``.
+    """
+    environ = os.environ if environ is None else environ
+    env = distributed_env(environ)
+    run_id = environ.get("TORCHELASTIC_RUN_ID", "")
+    addr, port = environ.get("MASTER_ADDR", ""), environ.get("MASTER_PORT", "")
+    if env.world_size == 1 or not ((run_id and run_id != "none") or (addr and port)):
+        return None
+    job = f"{run_id or 'none'}@{addr}:{port}/{env.world_size}"
+    if addr.startswith("127.") or addr in LOOPBACK_HOSTS:
+        job += f"@{socket.gethostname()}"
+    return job

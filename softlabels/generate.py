@@ -27,6 +27,7 @@ from .distributed import distributed_env
 from .errors import UserError, VerificationError
 from .hf import disable_progress_bars
 from .inputs import check_input_type, to_teacher_inputs
+from .lease import lease_scope, take_lease
 from .options import GenerateConfig, flag_of
 from .pipeline import GenerationRun, run_units_locally
 from .rundir import RunDirectory, build_manifest, settings_fingerprint, shard_name
@@ -345,6 +346,7 @@ def _summary(run: GenerationRun, manifest: dict[str, Any], written: int, started
     )
 
 
+@lease_scope
 def generate(config: GenerateConfig) -> GenerateSummary:
     """Run (or resume) a generation job and seal the directory.
 
@@ -361,12 +363,14 @@ def generate(config: GenerateConfig) -> GenerateSummary:
     output = RunDirectory.for_output(config.out)  # not a file, not a v1 dataset
     _check_out_apart_from_corpus(config)
     output.refuse_foreign()
+    take_lease(output.root, "softlabels generate")  # one writer per --out, until generate ends
     _check_engine(config)
     run = _prepare(config)
     directory = run.directory
     recorded_settings = None
-    if directory.has_manifest():
-        recorded_settings = directory.read_manifest().get("settings", {})
+    sealed = directory.resume_manifest(run.fingerprint, len(run.corpus.units))  # a damaged one is rebuilt; data/ holds only this run
+    if sealed is not None:
+        recorded_settings = sealed.get("settings", {})
         _check_same_run(config.out, run.settings, recorded_settings)
     runs, journal_shards = directory.read_journals() if directory.root.is_dir() else ([], {})
     for recorded in runs:

@@ -178,6 +178,24 @@ class GatherPlan:
         return self.row_of is None
 
 
+def _refuse_unequal_frames(column: pa.Array, name: str, sample_ids: pa.Array) -> None:
+    """A ``list<list<number>>`` column is frames of one feature size: rows whose frames have another
+    (or a null frame) are named before the teacher sees them."""
+    if not (_is_list(column.type) and _is_list(column.type.value_type)):
+        return
+    widths = pc.list_value_length(column.flatten()).fill_null(-1).to_numpy(zero_copy_only=False)
+    if not len(widths) or widths.min() == widths.max():
+        return
+    values, counts = np.unique(widths[widths >= 0], return_counts=True)
+    usual = int(values[counts.argmax()]) if len(values) else -1
+    row_of = np.repeat(np.arange(len(column)), pc.list_value_length(column).to_numpy(zero_copy_only=False))
+    bad = np.unique(row_of[widths != usual])
+    shown = sample_ids.take(pa.array(bad[:5])).to_pylist()
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    raise UserError(f"--input-column {name!r}: frames must all have one feature size ({usual} in most rows), "
+                    f"but sample ids {', '.join(map(str, shown))}{more} have frames of another size or null")
+
+
 def to_teacher_inputs(column: pa.Array | pa.ChunkedArray, name: str, sample_ids: pa.Array) -> TeacherInputs:
     """Convert a batch of the input column to teacher inputs.
 
@@ -191,6 +209,7 @@ def to_teacher_inputs(column: pa.Array | pa.ChunkedArray, name: str, sample_ids:
     if column.null_count:
         bad = sample_ids.filter(column.is_null()).to_pylist()[:5]
         raise UserError(f"--input-column {name!r} is null for sample ids {', '.join(bad)}")
+    _refuse_unequal_frames(column, name, sample_ids)
     block = ColumnBlock.from_arrow(column, f"--input-column {name}")
     rows = np.arange(len(column))
     if block.ragged:

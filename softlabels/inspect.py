@@ -2,7 +2,7 @@
 
 Only the columns a figure needs are read, and per-position figures come from exploding the list
 columns inside Polars, so no Python loop touches a position. The shards are the ones the manifest
-lists (stray files are not counted), each checked first as ``verify`` checks it (size, sha256,
+lists (a file in data/ it does not list is refused, naming it), each checked first as ``verify`` checks it (size, sha256,
 footer), so a damaged shard is a VerificationError naming it, never a page of plausible figures.
 Quantiles are linear interpolations, as numpy's default.
 
@@ -54,6 +54,7 @@ def inspect(directory: str | Path) -> dict[str, Any]:
     run_directory = RunDirectory.open(directory)
     root = run_directory.root
     manifest = run_directory.read_sealed()
+    run_directory.refuse_unlisted(manifest)  # data/ holds exactly the dataset
     shards = [run_directory.shard_path(entry["file"]) for entry in manifest["shards"]]
     for path, entry in zip(shards, manifest["shards"]):  # damaged shards are named, never summarised
         check_shard(path, entry, manifest)

@@ -120,7 +120,14 @@ def process_unit(run: GenerationRun, unit: Unit, table: pa.Table, on_batch: Call
         batch = table.slice(begin, config.batch_size)
         sample_ids = batch.column("sample_id").combine_chunks()
         inputs = to_teacher_inputs(batch.column(config.input_column), config.input_column, sample_ids).to(run.device)
-        member_logits = forward(run, inputs)
+        try:
+            member_logits = forward(run, inputs)
+        except UserError:
+            raise
+        except Exception as exc:  # the user's model failed on these rows: one line naming them, no traceback
+            shown = ", ".join(map(str, sample_ids.to_pylist()[:5])) + (f" and {len(sample_ids) - 5} more" if len(sample_ids) > 5 else "")
+            detail = " ".join(str(exc).split())[:500]
+            raise UserError(f"--teacher: forward failed on the batch of sample ids {shown}: {type(exc).__name__}: {detail}") from None
         flat_members, per_row = [], None
         for logits in member_logits:
             flat, per_row = valid_positions(logits, inputs.lengths)

@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -46,10 +47,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .codec import LogprobCodec
 from .errors import UserError, VerificationError
 from .fidelity import Fidelity
+from .lease import is_lease_name
 from .schema import FORMAT, FORMAT_V1, READABLE_FORMATS, decode_header, shard_schema, soft_columns, targets_of
-from .storage import Location, atomic_write_text, commit_file
+from .storage import Location, append_line, atomic_write_text, commit_file, store_failure, writing
 
 __all__ = [
     "MANIFEST_NAME",
@@ -63,6 +66,12 @@ __all__ = [
     "settings_fingerprint",
     "build_manifest",
     "check_shard",
+    "MANIFEST_CHECKSUM_KEY",
+    "MANIFEST_INTEGRITY_KEY",
+    "manifest_checksum",
+    "manifest_text",
+    "header_mismatch",
+    "refuse_out_inside_data",
     "Journal",
     "RunDirectory",
 ]
@@ -82,6 +91,15 @@ SHARD_FIELDS = ("file", "rows", "positions", "bytes", "sha256")
 REQUIRED_MANIFEST_KEYS = ("fingerprint", "top_k", "vocab_size", "teachers", "shards", "totals")
 """What a top-k manifest must hold; a sampled one (``targets: sample``) has ``SAMPLED_MANIFEST_KEYS`` instead of ``top_k``."""
 SAMPLED_MANIFEST_KEYS = ("samples", "proposal_temperature")
+MANIFEST_CHECKSUM_KEY = "manifest_sha256"
+"""The manifest's checksum of its own body: ``manifest_checksum``."""
+MANIFEST_INTEGRITY_KEY = "manifest_integrity"
+MANIFEST_INTEGRITY = "manifest_sha256 is the sha256 of the sorted, compact JSON of every other key"
+"""Written beside the checksum by every writer of this release. A manifest with neither key is one of an
+earlier release (read as it was); one with either must carry a matching checksum, so no single edit
+(the checksum key renamed or deleted included) turns the check off."""
+UNCHECKED_HEADER_KEYS = ("softlabels_version",)
+"""Run-header keys a manifest need not share with every shard: a resumed run mixes releases' shards."""
 SCHEMA_KEYS = ("format", "logprob_dtype", "logprob_scale", "targets", "samples", "proposal_temperature")
 """Header keys besides V, k and the teachers that set a shard's soft-label column types."""
 
@@ -153,6 +171,126 @@ def build_manifest(
     return manifest
 
 
+def manifest_checksum(manifest: dict[str, Any]) -> str:
+    """The sha256 of the manifest's body (every key but ``manifest_sha256``) as sorted, compact JSON."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_CHECKSUM_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def manifest_text(manifest: dict[str, Any]) -> str:
+    """The text of ``manifest.json``: the body with its integrity note and checksum added."""
+    body = {k: v for k, v in manifest.items() if k not in (MANIFEST_CHECKSUM_KEY, MANIFEST_INTEGRITY_KEY)}
+    body[MANIFEST_INTEGRITY_KEY] = MANIFEST_INTEGRITY
+    body[MANIFEST_CHECKSUM_KEY] = manifest_checksum(body)
+    return json.dumps(body, indent=2, sort_keys=True) + "\n"
+
+
+def _manifest_damage(manifest: dict[str, Any]) -> str | None:
+    """What makes a parsed manifest untrustworthy (checksum, entry shapes), or None."""
+    if MANIFEST_CHECKSUM_KEY in manifest or MANIFEST_INTEGRITY_KEY in manifest:
+        recorded = manifest.get(MANIFEST_CHECKSUM_KEY)
+        if not isinstance(recorded, str):
+            return f"no {MANIFEST_CHECKSUM_KEY}, which every manifest with {MANIFEST_INTEGRITY_KEY} carries"
+        if recorded != manifest_checksum(manifest):
+            return "its checksum does not match its contents"
+    settings = manifest.get("settings")
+    if "settings" in manifest and (not isinstance(settings, dict) or settings_fingerprint(settings) != manifest.get("fingerprint")):
+        return "its settings do not hash to its fingerprint"
+    for key in ("corpus", "id_column"):
+        if isinstance(settings, dict) and key in manifest and key in settings and manifest[key] != settings[key]:
+            return f"its {key} differs from the settings' {key}"
+    return None
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _shape_damage(manifest: dict[str, Any]) -> str | None:
+    """What a sealed manifest's readers would trip over (a shard entry or total missing or mistyped), or None."""
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        return "'shards' is not a list"
+    files: set[str] = set()
+    for index, entry in enumerate(shards):
+        if not isinstance(entry, dict):
+            return f"shards[{index}] is not an object"
+        for key in SHARD_FIELDS:
+            if key not in entry:
+                return f"shards[{index}] has no {key!r}"
+        if not isinstance(entry["file"], str) or not SHARD_PATTERN.fullmatch(entry["file"]):
+            return f"names an invalid shard file {entry['file']!r}"
+        if entry["file"] in files:
+            return f"lists {entry['file']} twice"
+        files.add(entry["file"])
+        if not all(_is_count(entry[key]) for key in ("rows", "positions", "bytes")):
+            return f"shards[{index}]: rows, positions and bytes must be counts"
+        if not isinstance(entry["sha256"], str) or not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
+            return f"shards[{index}]: sha256 is not 64 hex digits"
+    totals = manifest.get("totals")
+    if not isinstance(totals, dict) or not all(_is_count(totals.get(key)) for key in ("rows", "positions", "bytes", "shards")):
+        return "'totals' lacks counts of rows, positions, bytes and shards"
+    if totals["shards"] != len(shards):
+        return f"totals.shards is {totals['shards']}, but it lists {len(shards)} shards"
+    for key in ("rows", "positions", "bytes"):
+        if totals[key] != sum(entry[key] for entry in shards):
+            return f"totals.{key} is not the sum of its shards' {key}"
+    try:
+        LogprobCodec.from_header(manifest)
+    except (ValueError, TypeError) as exc:
+        return f"its log-prob storage is unreadable ({exc})"
+    if not _is_count(manifest.get("vocab_size")) or not manifest["vocab_size"]:
+        return "'vocab_size' is not a positive count"
+    teachers = manifest.get("teachers")
+    if not isinstance(teachers, list) or not teachers or not all(isinstance(t, dict) and isinstance(t.get("sha256"), str) for t in teachers):
+        return "'teachers' is not a list of {name, sha256}"
+    counted = "samples" if targets_of(manifest) == "sample" else "top_k"
+    if not _is_count(manifest.get(counted)) or not manifest[counted]:
+        return f"{counted!r} is not a positive count"
+    return None
+
+
+def header_mismatch(header: dict[str, Any], manifest: dict[str, Any]) -> str | None:
+    """The first run-header field of a shard that the manifest lacks or records otherwise, as
+    ``"FIELD: shard has X, manifest has Y"``, or None. Teachers are compared by sha256."""
+    for key, value in header.items():
+        if key in SHARD_HEADER_KEYS or key in UNCHECKED_HEADER_KEYS:
+            continue
+        if key not in manifest:
+            return f"{key}: shard has {value!r}, manifest has none"
+        recorded = manifest[key]
+        if key == "teachers" and isinstance(value, list) and isinstance(recorded, list):
+            value = [t.get("sha256") if isinstance(t, dict) else t for t in value]
+            recorded = [t.get("sha256") if isinstance(t, dict) else t for t in recorded]
+        if recorded != value:
+            return f"{key}: shard has {value!r}, manifest has {recorded!r}"
+    return None
+
+
+def refuse_out_inside_data(out: "str | os.PathLike[str] | Location", flag: str = "--out") -> None:
+    """Refuse an output inside a run's ``data/`` (a folder named ``data`` beside a manifest or journal):
+    anything written there breaks the dataset for every reader of ``DIR/data``.
+
+    Raises:
+        UserError: naming the run directory.
+    """
+    location = Location.of(out)
+    if location.local:
+        parts = Path(os.path.realpath(location.path)).parts
+        candidates = [Location.of(Path(*parts[:i])) for i in range(2, len(parts) + 1) if parts[i - 1] == DATA_DIR]
+    else:
+        text = location.uri.rstrip("/")
+        scheme, _, rest = text.partition("://")
+        pieces = rest.split("/")
+        candidates = [Location.of(f"{scheme}://{'/'.join(pieces[:i])}") for i in range(2, len(pieces) + 1) if pieces[i - 1] == DATA_DIR]
+    for folder in candidates:
+        parent = Location.of(os.path.dirname(folder.path)) if folder.local else Location.of(folder.uri.rsplit("/", 1)[0])
+        names = parent.listdir()
+        if MANIFEST_NAME in names or JOURNAL_DIR in names:
+            raise UserError(f"{flag} {location} is inside {folder}, the data folder of the soft-label run {parent}; "
+                            f"choose an {flag} outside it (only that run's shards may live in {DATA_DIR}/)")
+
+
 SHARD_HEADER_KEYS = ("unit", "rows", "positions")
 """Header keys that describe one shard, not the run: dropped when a shard header becomes a run header."""
 
@@ -167,7 +305,10 @@ def read_shard_header(path: Location) -> dict[str, Any] | None:
     try:
         with path.open() as handle:
             return decode_header(pq.read_schema(handle).metadata)
-    except (pa.ArrowInvalid, OSError, ValueError):
+    except (pa.ArrowInvalid, OSError, ValueError) as exc:
+        failure = store_failure(exc, path)  # the store failing says nothing about the file
+        if failure is not None:
+            raise failure from None
         return None
 
 
@@ -212,12 +353,17 @@ def check_shard(path: Location, entry: ShardEntry, manifest: dict[str, Any], has
             schema = parquet.schema_arrow
             rows = parquet.metadata.num_rows
     except (pa.ArrowInvalid, OSError) as exc:
-        raise VerificationError(f"{name}: not a readable Parquet file ({exc})") from None
+        raise store_failure(exc, path) or VerificationError(f"{name}: not a readable Parquet file ({exc})") from None
     header = decode_header(schema.metadata)
     if header is None or header.get("fingerprint") != manifest.get("fingerprint"):
         raise VerificationError(f"{name}: header belongs to another run (fingerprint differs)")
     if rows != entry.get("rows"):
         raise VerificationError(f"{name}: {rows} rows, manifest says {entry.get('rows')}")
+    mismatch = header_mismatch(header, manifest)
+    if isinstance(header.get("positions"), int) and header["positions"] != entry.get("positions"):
+        mismatch = f"positions: shard has {header['positions']}, manifest has {entry.get('positions')!r}"
+    if mismatch is not None:
+        raise VerificationError(f"{name}: its header and the manifest differ on {mismatch}")
     codec_fields = {key: manifest[key] for key in SCHEMA_KEYS if key in manifest}
     expected = _expected_fields(manifest["vocab_size"], manifest.get("top_k"), len(manifest["teachers"]), json.dumps(codec_fields, sort_keys=True))
     for field_name, field_type in expected:
@@ -255,7 +401,16 @@ class Journal:
         return self.location.local_path
 
     def exists(self) -> bool:
-        return (self.location / "run.json").is_file() if self.per_object else self.location.is_file()
+        """Does the journal hold a readable run record? One torn by a crash counts as none, so the
+        journal starts afresh (its shard records were unusable without it) instead of never again."""
+        if self.per_object:
+            run = self.location / "run.json"
+            return run.is_file() and (_parse_record(run.read_text()) or {}).get("kind") == "run"
+        if not self.location.is_file():
+            return False
+        with open(self.path, encoding="utf-8", errors="replace") as handle:
+            first = handle.readline()
+        return (_parse_record(first) or {}).get("kind") == "run"
 
     def start(self, run: dict[str, Any]) -> None:
         """Begin a fresh journal whose first record names the run's fingerprint and settings."""
@@ -263,18 +418,19 @@ class Journal:
         if self.per_object:
             (self.location / "run.json").write_bytes(text.encode())
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with writing(self.path.parent, action="create directory"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            for stale in self.path.parent.glob(f"{self.path.name}.*.tmp"):  # this rank's start killed before its rename
+                stale.unlink(missing_ok=True)
         atomic_write_text(self.path, text)
 
     def append(self, entry: ShardEntry) -> None:
-        line = json.dumps({"kind": "shard", **entry}, sort_keys=True) + "\n"
+        """One shard record, fsync'd; on local disk a torn last line is cut off first (``append_line``)."""
+        line = json.dumps({"kind": "shard", **entry}, sort_keys=True)
         if self.per_object:
-            (self.location / f"{entry['file'].removesuffix('.parquet')}.json").write_bytes(line.encode())
+            (self.location / f"{entry['file'].removesuffix('.parquet')}.json").write_bytes((line + "\n").encode())
             return
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(line)
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_line(self.path, line)
 
     def read(self) -> tuple[dict[str, Any] | None, list[ShardEntry]]:
         """The run record and the shard records (a shard record without a run record is ignored)."""
@@ -337,6 +493,7 @@ class RunDirectory:
         """
         root = Location.of(directory)
         if not root.is_dir():
+            root.require_bucket()  # a missing bucket says so
             raise UserError(f"{root}: no such directory")
         return cls(root, cls._detect(root))
 
@@ -345,9 +502,12 @@ class RunDirectory:
         """The v2 directory a command writes to (it need not exist yet).
 
         Raises:
-            UserError: it exists and is not a directory, or it holds a v1 dataset.
+            UserError: it exists and is not a directory, it holds a v1 dataset, or it lies inside a
+                run's ``data/``; its store's bucket is missing or the store cannot be reached.
         """
         root = Location.of(directory)
+        root.require_bucket(flag)  # a missing bucket is refused before any work, not at the first write
+        refuse_out_inside_data(root, flag)
         if root.is_file():
             raise UserError(f"{flag} {root} exists and is not a directory")
         if root.is_dir() and cls._detect(root) == "v1":
@@ -378,7 +538,7 @@ class RunDirectory:
     def foreign_file(self, fingerprint: str | None = None) -> str | None:
         """The first file in the directory that softlabels did not write (relative to the root), or None.
 
-        softlabels writes only ``manifest.json`` (and its temporary names), ``data/shard-NNNNNN.parquet``
+        softlabels writes only ``manifest.json`` (and its temporary names), the lease (``lease.LEASE_NAMES``), ``data/shard-NNNNNN.parquet``
         carrying a softlabels header (of run ``fingerprint`` when given), ``_journal/`` records and
         ``_staging/*.tmp``. Journalled shards are recognised by name; only the others are opened.
         """
@@ -392,11 +552,13 @@ class RunDirectory:
                 try:
                     manifest = self.read_manifest()
                 except VerificationError:
+                    if JOURNAL_DIR in names or self._parse_manifest()[1] is None:
+                        continue  # a damaged manifest of a run: resume_manifest rebuilds or names it
                     return name
                 if fingerprint is not None and manifest.get("fingerprint") != fingerprint:
                     return name
-            elif name.startswith(MANIFEST_NAME) and name.endswith(".tmp"):
-                continue
+            elif name.startswith(MANIFEST_NAME) and name.endswith(".tmp") or is_lease_name(name):
+                continue  # a seal's temporary manifest, or the lease of a writer (this one's included)
             elif name == DATA_DIR and (root / name).is_dir():
                 for shard_name_ in (root / name).listdir():
                     shard = root / name / shard_name_
@@ -563,27 +725,44 @@ class RunDirectory:
         return self.manifest_path.is_file()
 
     def read_manifest(self) -> dict[str, Any]:
-        """The parsed manifest.
+        """The parsed manifest, its checksum checked and its integrity keys removed.
 
         Raises:
-            VerificationError: missing, unparsable, or of no format this release reads.
+            VerificationError: missing, unparsable, of no format this release reads, or damaged (a
+                checksum that does not match, settings that do not hash to the fingerprint).
         """
         path = self.manifest_path
         if not path.is_file():
             raise VerificationError(f"{self.root}: no {MANIFEST_NAME}; not a sealed soft-label directory")
+        manifest, problem = self._parse_manifest()
+        if problem is not None:
+            raise VerificationError(f"{path}: {problem}")
+        damage = _manifest_damage(manifest)
+        if damage is not None:
+            raise VerificationError(f"{path}: damaged or edited ({damage}); {self._rebuild_advice()}")
+        return {k: v for k, v in manifest.items() if k not in (MANIFEST_CHECKSUM_KEY, MANIFEST_INTEGRITY_KEY)}
+
+    def _parse_manifest(self) -> tuple[dict[str, Any], str | None]:
+        """(the manifest as parsed, None) or ({}, what makes it unreadable)."""
         try:
-            manifest = json.loads(path.read_text())
+            manifest = json.loads(self.manifest_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise VerificationError(f"{path}: unreadable manifest ({exc})") from None
+            return {}, f"unreadable manifest ({exc}); {self._rebuild_advice()}"
+        except RecursionError:
+            return {}, f"unreadable manifest (nested too deep); {self._rebuild_advice()}"
         if not isinstance(manifest, dict) or manifest.get("format") not in READABLE_FORMATS:
-            raise VerificationError(f"{path}: format is not one of {', '.join(READABLE_FORMATS)}")
-        return manifest
+            return {}, f"format is not one of {', '.join(READABLE_FORMATS)}"
+        return manifest, None
+
+    def _rebuild_advice(self) -> str:
+        return (f"rebuild it from the journals with 'softlabels seal {self.root}' (or rerun the 'softlabels generate' or "
+                "'softlabels select' command that wrote it)")
 
     def read_sealed(self) -> dict[str, Any]:
-        """The manifest, which must be complete and hold the fields readers rely on.
+        """The manifest, which must be complete and hold the fields readers rely on, of the right types.
 
         Raises:
-            VerificationError: no manifest, an unfinished run, or a manifest missing a field.
+            VerificationError: no manifest, a damaged one, an unfinished run, or a field missing or mistyped.
         """
         manifest = self.read_manifest()
         if manifest.get("complete") is not True:
@@ -594,11 +773,75 @@ class RunDirectory:
         for key in required:
             if key not in manifest:
                 raise VerificationError(f"{self.manifest_path}: missing {key!r}")
+        problem = _shape_damage(manifest)
+        if problem is not None:
+            raise VerificationError(f"{self.manifest_path}: {problem}; {self._rebuild_advice()}")
+        return manifest
+
+    def unlisted_data_files(self, manifest: dict[str, Any]) -> list[str]:
+        """Names in the data folder that the manifest does not list (v1: ``*.parquet`` beside it)."""
+        listed = {entry.get("file") for entry in manifest.get("shards", []) if isinstance(entry, dict)}
+        names = self.data_dir.listdir()
+        if self.layout == "v1":
+            names = [name for name in names if name.endswith(".parquet")]
+        return [name for name in names if name not in listed]
+
+    def refuse_unlisted(self, manifest: dict[str, Any]) -> None:
+        """``data/`` holds exactly the dataset: refuse anything in it the manifest does not list.
+
+        Raises:
+            VerificationError: naming the first such file (and how many there are).
+        """
+        unlisted = self.unlisted_data_files(manifest)
+        if unlisted:
+            more = f" (and {len(unlisted) - 1} more)" if len(unlisted) > 1 else ""
+            raise VerificationError(
+                f"{self.data_dir / unlisted[0]}: not listed in {MANIFEST_NAME}{more}; every reader of {self.data_dir} would read it: "
+                f"move it out of the data folder"
+            )
+
+    def resume_manifest(self, fingerprint: str, units: int) -> dict[str, Any] | None:
+        """For ``generate`` resuming run ``fingerprint`` of ``units`` units: the manifest to compare
+        settings with (None when there is none, or when it is damaged and this run's journals will
+        rebuild it: it is then removed, and a line on stderr says so). Also refuses any file in the
+        data folder that is neither journalled, nor listed in the manifest, nor this run's own shard
+        of one of its units (a unit committed but not yet journalled, which is redone).
+
+        Raises:
+            VerificationError: a damaged manifest with no journal of any run to rebuild it from.
+            UserError: naming a file in the data folder that is not this run's.
+        """
+        manifest: dict[str, Any] | None = None
+        if self.has_manifest():
+            try:
+                manifest = self.read_manifest()
+            except VerificationError as exc:
+                runs, _ = self.read_journals()
+                if not runs:
+                    raise VerificationError(f"{exc}; there is no journal to rebuild it from: restore it, or use a new --out") from None
+                if any(run.get("fingerprint") == fingerprint for run in runs):
+                    self.remove_manifest()
+                    print(f"{self.manifest_path}: damaged; rebuilding it from this run's journals after re-checking every shard",
+                          file=sys.stderr)
+        known = set(self.read_journals()[1])
+        if manifest is not None and manifest.get("fingerprint") == fingerprint:
+            known |= {entry.get("file") for entry in manifest.get("shards", []) if isinstance(entry, dict)}
+        for name in self.data_dir.listdir():
+            if name in known:
+                continue
+            path = self.data_dir / name
+            header = read_shard_header(path) if SHARD_PATTERN.fullmatch(name) and path.is_file() else None
+            index = int(name[len("shard-"):-len(".parquet")]) if header is not None else -1
+            if header is None or header.get("fingerprint") != fingerprint or header.get("unit") != index or index >= units:
+                raise UserError(
+                    f"--out {self.root} holds {DATA_DIR}/{name}, which is no shard of this run's units and no journal lists; "
+                    f"every reader of {self.data_dir} would read it: move it out of the data folder"
+                )
         return manifest
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
-        """Seal: the manifest, written last (an empty ``_staging/`` is removed with it)."""
-        text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+        """Seal: the manifest with its checksum, written last (an empty ``_staging/`` is removed with it)."""
+        text = manifest_text(manifest)
         if self.root.local:
             atomic_write_text(self.manifest_path.local_path, text)
             if self.layout == "v2" and self.staging_dir.is_dir() and not self.staging_dir.listdir():
@@ -640,7 +883,7 @@ class RunDirectory:
                     metadata = pq.read_metadata(handle)
                 shard_header = decode_header(metadata.schema.to_arrow_schema().metadata)
             except (pa.ArrowInvalid, OSError, ValueError) as exc:
-                raise VerificationError(f"{path.name}: not a readable Parquet file ({exc})") from None
+                raise store_failure(exc, path) or VerificationError(f"{path.name}: not a readable Parquet file ({exc})") from None
             if shard_header is None:
                 raise VerificationError(f"{path.name}: no softlabels header in its footer")
             if header is None:

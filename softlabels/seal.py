@@ -13,7 +13,8 @@ for instance because the rank that would have sealed was killed at the very end.
 * the shard headers: the teachers' specs, the input and label columns and the storage codec; the
   manifest takes the header of unit 0, as the sealing rank of ``generate`` would have written it.
 
-A missing or damaged unit is a ``VerificationError`` (exit 2) naming every such unit, and no
+A damaged ``manifest.json`` (checksum, parse, shape) is rebuilt this way too, after every unit checks
+out. A missing or damaged unit is a ``VerificationError`` (exit 2) naming every such unit, and no
 manifest is written; rerunning the same ``generate`` command redoes exactly those units.
 """
 
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import UserError, VerificationError
+from .lease import lease_scope, take_lease
 from .rundir import RunDirectory, build_manifest, check_shard, read_shard_header, run_header, settings_fingerprint, shard_name
 from .storage import Location
 
@@ -50,12 +52,14 @@ class SealReport:
     positions: int
     bytes: int
     already_sealed: bool = False
+    rebuilt: bool = False
 
     def render(self) -> str:
         if self.already_sealed:
             return (f"{self.directory}: already sealed (fingerprint {self.fingerprint}, {self.shards} shards, "
                     f"{self.rows:,} rows); nothing to do, 'softlabels verify' checks it")
-        return (f"{self.directory}: sealed, {self.shards} shards, {self.rows:,} rows, {self.positions:,} positions, "
+        state = "sealed (the damaged manifest.json rebuilt from the journals)" if self.rebuilt else "sealed"
+        return (f"{self.directory}: {state}, {self.shards} shards, {self.rows:,} rows, {self.positions:,} positions, "
                 f"{self.bytes:,} bytes (fingerprint {self.fingerprint})")
 
 
@@ -101,6 +105,7 @@ def _already_sealed(directory: RunDirectory, fingerprint: str | None) -> SealRep
                       int(totals.get("rows", 0)), int(totals.get("positions", 0)), int(totals.get("bytes", 0)), already_sealed=True)
 
 
+@lease_scope
 def seal(directory: str | os.PathLike[str]) -> SealReport:
     """Write the manifest of a directory whose units are all committed, from its journals and shards.
 
@@ -111,14 +116,20 @@ def seal(directory: str | os.PathLike[str]) -> SealReport:
     """
     run_directory = RunDirectory.open(directory)
     root = run_directory.root
+    take_lease(root, "softlabels seal", flag=None)  # one writer per directory, until seal ends
+    run_directory.discard_stale_manifest_writes()  # of a seal killed before its rename
     if not run_directory.journal_paths():  # a selection, or a directory sealed and then stripped of its journals
         done = _already_sealed(run_directory, None)
         if done is not None:
             return done
+        if run_directory.has_manifest():
+            raise VerificationError(f"{run_directory.manifest_path}: damaged or not complete, and {root} has no journal to seal it from; "
+                                    "rerun the 'softlabels generate' or 'softlabels select' command that wrote it")
     fingerprint, settings, journal = _journalled_run(run_directory)
     done = _already_sealed(run_directory, fingerprint)
     if done is not None:
         return done
+    rebuilt = run_directory.has_manifest()  # damaged or unfinished: replaced once every unit checks out
 
     names = [shard_name(unit) for unit in range(unit_count(settings))]
     sizes = run_directory.data_dir.sizes()  # one listing, not a request per shard
@@ -169,6 +180,7 @@ def seal(directory: str | os.PathLike[str]) -> SealReport:
     header = run_header(first_header) if names else {}
     entries = [journal[name] for name in names]
     manifest = build_manifest(header, settings, settings.get("id_column"), settings["corpus"], entries)
+    run_directory.refuse_unlisted(manifest)  # never seal a data folder that holds more than the dataset
     run_directory.write_manifest(manifest)
     totals = manifest["totals"]
-    return SealReport(str(root), fingerprint, totals["shards"], totals["rows"], totals["positions"], totals["bytes"])
+    return SealReport(str(root), fingerprint, totals["shards"], totals["rows"], totals["positions"], totals["bytes"], rebuilt=rebuilt)

@@ -50,6 +50,7 @@ import pyarrow.parquet as pq
 
 from .codec import LogprobCodec
 from .errors import UserError, VerificationError
+from .lease import lease_scope, take_lease
 from .rundir import (MANIFEST_BODY_KEYS, RunDirectory, ShardEntry, build_manifest, check_shard,
                      run_header, settings_fingerprint)
 from .schema import FORMAT, HEADER_KEY, decode_header, encode_header, soft_columns
@@ -163,6 +164,7 @@ def _stored_as(table: pa.Table, source: LogprobCodec, target: LogprobCodec) -> p
     return table.set_column(index, field, table.column(index))
 
 
+@lease_scope
 def select(directory: str | os.PathLike[str], where: str, out: str | os.PathLike[str]) -> SelectSummary:
     """Write the rows of the sealed ``directory`` that meet ``where`` to a new sealed directory ``out``.
 
@@ -174,6 +176,7 @@ def select(directory: str | os.PathLike[str], where: str, out: str | os.PathLike
     source = RunDirectory.open(directory)
     root = source.root
     manifest = source.read_sealed()
+    source.refuse_unlisted(manifest)
     target = RunDirectory.for_output(out)
     out = target.root
     settings = _selection_settings(manifest, where)
@@ -186,6 +189,7 @@ def select(directory: str | os.PathLike[str], where: str, out: str | os.PathLike
                              totals["positions"], totals["shards"], totals["bytes"], already_complete=already)
 
     _check_out(target, root, fingerprint)
+    take_lease(out, "softlabels select")  # one writer per --out, until select ends
     done = _done(target, fingerprint) if out.is_dir() else None
     if done is not None:
         return summary(done, already=True)

@@ -29,6 +29,7 @@ from .fidelity import Fidelity
 from .rundir import RunDirectory
 from .sampling import SampledTargets, sample_arrays
 from .schema import LOGPROB_COLUMNS, SOFT_COLUMNS, STAT_COLUMNS, id_type, shard_schema, targets_of
+from .storage import writing
 
 __all__ = ["ROW_GROUP_POSITIONS", "ShardPayload", "build_shard", "write_shard", "write_parquet", "soft_label_bytes"]
 
@@ -106,20 +107,21 @@ def write_shard(table: pa.Table, directory: RunDirectory, unit: int, positions: 
     Returns (bytes, sha256, soft-label bytes) of the committed file. On any exception a staged
     file is removed.
     """
-    footers: list[pq.FileMetaData] = []
+    # The footer is read back rather than collected by the writer: a writer that failed (a full
+    # disk) would otherwise raise again from its finaliser, after the one-line error was printed.
     if directory.root.local:
         staged = directory.staging_path(unit)
-        try:
-            write_parquet(table, staged, positions, footers)
+        with writing(directory.unit_shard_path(unit), staged):  # never leave a short shard; a full disk is one line
+            write_parquet(table, staged, positions)
+            footer = pq.read_metadata(staged)
             size, digest = directory.commit_staged(unit)
-        except BaseException:
-            staged.unlink(missing_ok=True)  # never leave a short shard behind
-            raise
     else:
         buffer = pa.BufferOutputStream()
-        write_parquet(table, buffer, positions, footers)
-        size, digest = directory.commit_bytes(unit, buffer.getvalue().to_pybytes())
-    return size, digest, soft_label_bytes(footers[0])
+        write_parquet(table, buffer, positions)
+        data = buffer.getvalue()
+        footer = pq.read_metadata(pa.BufferReader(data))
+        size, digest = directory.commit_bytes(unit, data.to_pybytes())
+    return size, digest, soft_label_bytes(footer)
 
 
 def write_parquet(table: pa.Table, where: Any, positions: int, footers: list[pq.FileMetaData] | None = None) -> None:

@@ -33,7 +33,7 @@ from torch import nn
 from . import __version__
 from .errors import UserError
 from .options import InitStudentConfig
-from .storage import fsync_path, is_uri
+from .storage import fsync_path, is_uri, os_error_reason
 
 __all__ = ["INIT_RECORD_NAME", "InitStudentSummary", "every_other_layer", "find_layer_list", "halve_layers", "init_student", "select_layers"]
 
@@ -167,6 +167,16 @@ def _check_out(out: str, teacher: str) -> Path:
 def _write(student: nn.Module, path: Path, record: dict[str, Any]) -> None:
     """save_pretrained into a sibling staging directory, then swap it in: --out is never half written."""
     staging = path.parent / f".{path.name}.init-student.tmp"
+    try:
+        _swap_in(student, path, staging, record)
+    except BaseException as exc:  # a full or read-only disk, Ctrl-C: no staging directory stays behind
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise UserError(f"cannot write {path}: {os_error_reason(exc)}") from None
+        raise
+
+
+def _swap_in(student: nn.Module, path: Path, staging: Path, record: dict[str, Any]) -> None:
     if staging.exists():
         shutil.rmtree(staging)  # an interrupted earlier run's staging directory
     student.save_pretrained(str(staging))

@@ -43,10 +43,12 @@ from .distributed import distributed_env
 from .errors import UserError, VerificationError
 from .hf import disable_progress_bars
 from .inputs import TeacherInputs
+from .lease import is_lease_name, lease_scope, take_lease
 from .losses import (IGNORE_INDEX, dense_kd_per_position, hard_label_loss, kd_loss_per_position, sampled_estimate_is_unbiased,
                      sampled_kd_loss_per_position)
 from .options import TrainConfig, flag_of
-from .storage import Location, atomic_write_text
+from .rundir import refuse_out_inside_data
+from .storage import Location, append_line, atomic_write_text, writing
 from .teachers import Teacher, autocast, load_model, load_teacher, resolve_device
 
 __all__ = ["TrainConfig", "TrainSummary", "DistillationRecipe", "train_student", "evaluate", "student_logits", "hard_labels",
@@ -203,10 +205,12 @@ def batch_losses(logits: torch.Tensor, batch: dict[str, Any], config: TrainConfi
 def _check_out(config: TrainConfig) -> Location:
     """``--out`` may hold only what train-student writes; a checkpoint there needs ``--resume``."""
     out = Location.of(config.out)
+    out.require_bucket("--out")  # before any data is read or model built
+    refuse_out_inside_data(out)
     if out.is_file():
         raise UserError(f"--out {out} exists and is not a directory")
     for name in out.listdir():
-        if name not in OUTPUT_NAMES and not (name.endswith(".tmp") and name.split(".tmp")[0].startswith(OUTPUT_NAMES)):
+        if name not in OUTPUT_NAMES and not is_lease_name(name) and not (name.endswith(".tmp") and name.split(".tmp")[0].startswith(OUTPUT_NAMES)):
             raise UserError(f"--out {out} holds {name}, which train-student did not write; give an empty or new --out")
     if (out / CHECKPOINT_NAME).is_file() and not config.resume:
         raise UserError(f"--out {out} already holds a checkpoint; pass --resume to continue it or choose another --out")
@@ -396,13 +400,17 @@ def evaluate(model: torch.nn.Module, dataset: SoftLabelDataset, config: TrainCon
 
 class MetricsLog:
     """``metrics.jsonl``: appended on local disk; on an object store (no append) the whole small
-    object is written again with each record."""
+    object is written again with each record. A line torn by a crash is dropped when a resumed run
+    opens the file, and a torn tail never swallows the next record (``append_line``)."""
 
     def __init__(self, location: Location, step: int) -> None:
         self.location = location
         self.lines: list[str] = []
         if location.is_file():  # a resumed run: drop records past the checkpoint, so it reads as one run
-            self.lines = [line for line in location.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+            for line in location.read_bytes().decode("utf-8", errors="replace").splitlines():
+                record = _metrics_record(line)
+                if record is not None and record.get("step", 0) <= step:
+                    self.lines.append(line)
             self._write_all()
 
     def _write_all(self) -> None:
@@ -415,10 +423,30 @@ class MetricsLog:
         line = json.dumps(record, sort_keys=True)
         self.lines.append(line)
         if self.location.local:
-            with open(self.location.local_path, "a", encoding="utf-8") as handle:
-                handle.write(line + "\n")
+            append_line(self.location.local_path, line, durable=False)
         else:
             self._write_all()
+
+
+def _metrics_record(line: str) -> dict[str, Any] | None:
+    """A metrics.jsonl line's record, or None for a torn or damaged line."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("step", 0), int):
+        return None
+    return record
+
+
+def _discard_partial_outputs(out: Location) -> None:
+    """``NAME.PID.tmp`` files of train-student outputs, left by a run killed mid-write (local disk)."""
+    if not out.local:
+        return
+    for name in out.listdir():
+        if name.endswith(".tmp") and name.split(".tmp")[0].startswith(OUTPUT_NAMES):
+            with writing(out / name, action="remove"):
+                (out / name).delete()
 
 
 def _save_checkpoint(location: Location, state: dict[str, Any]) -> None:
@@ -611,6 +639,7 @@ class DistillationRecipe:
         """Batch streams from the loaders' positions; rank 0 makes --out and opens metrics.jsonl at ``step``."""
         if self.env.rank == 0:
             self.out.mkdir()
+            _discard_partial_outputs(self.out)
             self.metrics = MetricsLog(self.out / METRICS_NAME, self.step)
         self.streams = [_Stream(source, self.config.num_workers) for source in self.sources]
 
@@ -793,6 +822,7 @@ class DistillationRecipe:
                 torch.distributed.destroy_process_group()
 
 
+@lease_scope
 def train_student(config: TrainConfig) -> TrainSummary:
     """Train (or resume) a student from soft-label directories: ``DistillationRecipe`` set up,
     trained, and cleaned up on every exit path.
@@ -802,6 +832,7 @@ def train_student(config: TrainConfig) -> TrainSummary:
             ``--resume`` whose checkpoint was made with other settings.
         KeyboardInterrupt: SIGINT or SIGTERM, after a checkpoint at the step boundary.
     """
+    take_lease(config.out, "softlabels train-student")  # one writer per --out, until training ends
     if not config.progress:
         disable_progress_bars()
     recipe = DistillationRecipe(config)

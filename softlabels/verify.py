@@ -9,6 +9,10 @@ about 1 s per GB read.
 footer (header, rows, column types) is read, so it costs a request per shard rather than a read of
 every byte. It catches a missing, truncated, replaced or foreign shard; a flipped byte inside a data
 page is left to the full verify (or to the page checksums every read checks).
+
+Both check the manifest itself first: its checksum of its own body (any edit fails), its entries'
+shapes, that the data folder holds nothing it does not list, and each shard's run header against the
+manifest's fields (fingerprint, format, top_k or samples, vocab_size, teachers, codec, columns, ...).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import VerificationError
-from .rundir import SHARD_PATTERN, RunDirectory, check_shard
+from .rundir import RunDirectory, check_shard
 
 __all__ = ["VerifyReport", "verify"]
 
@@ -53,6 +57,7 @@ def verify(directory: str | Path, quick: bool = False) -> VerifyReport:
     run_directory = RunDirectory.open(directory)
     root = run_directory.root
     manifest = run_directory.read_sealed()
+    run_directory.refuse_unlisted(manifest)  # data/ holds exactly the dataset
     rows = positions = size = 0
     listed = set()
     sizes = run_directory.data_dir.sizes()  # one listing, not a request per shard
@@ -71,5 +76,4 @@ def verify(directory: str | Path, quick: bool = False) -> VerifyReport:
     totals = manifest["totals"]
     if (rows, positions, size) != (totals.get("rows"), totals.get("positions"), totals.get("bytes")):
         raise VerificationError(f"{root}/manifest.json: totals do not match the sum of its shards")
-    stray = sorted(name for name in sizes if SHARD_PATTERN.fullmatch(name) and name not in listed)  # the same listing
-    return VerifyReport(str(root), len(listed), rows, positions, size, stray, quick)
+    return VerifyReport(str(root), len(listed), rows, positions, size, [], quick)

@@ -24,6 +24,28 @@ DIGITS_TEACHERS = [
 ]
 DIGITS_UNLABELED = REPO / "data" / "digits" / "unlabeled.parquet"
 
+TEST_THREADS = 1
+"""Torch intra-op threads of every process the suite runs: this one, and (through OMP_NUM_THREADS and
+MKL_NUM_THREADS) every subprocess, torchrun rank and Ray worker it starts. CPU kernels may round
+differently at another thread count, so tests that compare the bytes of two runs rely on this pin;
+a test that wants another count sets it on both sides (test_determinism)."""
+os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(TEST_THREADS)
+torch.set_num_threads(TEST_THREADS)
+
+
+def unpinned_environ() -> dict[str, str]:
+    """``os.environ`` without the TEST_THREADS pin: for child processes whose results are compared with no
+    other process's (the LLM pipeline), so they use every core as a user's run would."""
+    return {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
+@pytest.fixture(autouse=True)
+def pinned_threads():
+    """Every test starts on TEST_THREADS torch threads, whatever the test before it set."""
+    if torch.get_num_threads() != TEST_THREADS:
+        torch.set_num_threads(TEST_THREADS)
+    yield
+
 
 @dataclass
 class CliResult:
@@ -43,12 +65,119 @@ def run_cli(*args: object) -> CliResult:
 
 
 def run_cli_subprocess(*args: object, **popen: object) -> subprocess.CompletedProcess[str]:
-    """Run the real console entry point in a child process (for exit codes and tracebacks)."""
+    """Run the real console entry point in a child process (for exit codes and tracebacks).
+
+    The child is forked from a server that has already imported torch (CLI_FORK_SERVER), which saves
+    the seconds of a fresh interpreter's imports; it then runs ``python -m softlabels.cli ARGS`` as a
+    new process would (its own pid, exit status, stdout and stderr, uncaught exceptions printed by the
+    interpreter). A call with other options than ``cwd``, or in an environment not seen before, starts a
+    fresh interpreter instead."""
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
+    argv = [str(a) for a in args]
+    if set(popen) <= {"cwd"}:
+        done = CliForkServer.run(argv, env, popen.get("cwd"))
+        if done is not None:
+            return done
     return subprocess.run(
-        [sys.executable, "-m", "softlabels.cli", *[str(a) for a in args]],
+        [sys.executable, "-m", "softlabels.cli", *argv],
         capture_output=True, text=True, env=env, timeout=600, **popen,
     )
+
+
+CLI_FORK_SERVER = r"""
+import atexit, gc, json, os, runpy, signal, sys
+import numpy, torch, typer, transformers  # no thread starts on these imports (Polars and Arrow start some: the child imports them)
+import softlabels  # not softlabels.cli: runpy runs that as __main__
+gc.freeze()  # the child's garbage collector leaves the server's objects alone: their pages stay shared
+replies = os.fdopen(os.dup(1), "w")
+for line in sys.stdin:
+    request = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        replies.close()
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), fd)
+        os.chdir(request["cwd"])
+        signal.alarm(600)
+        sys.argv = ["softlabels", *request["argv"]]
+        code = 0
+        try:  # what the interpreter does with `python -m softlabels.cli`
+            runpy.run_module("softlabels.cli", run_name="__main__", alter_sys=True)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+            if not isinstance(exc.code, (int, type(None))):
+                print(exc.code, file=sys.stderr)
+        except KeyboardInterrupt:
+            sys.excepthook(*sys.exc_info())
+            code = -signal.SIGINT
+        except BaseException:
+            sys.excepthook(*sys.exc_info())
+            code = 1
+        atexit._run_exitfuncs()  # then exit without tearing down the modules (that would copy every shared page)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if code == -signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+        os._exit(code & 0xFF)
+    _, status = os.waitpid(pid, 0)
+    replies.write(json.dumps({"status": status}) + "\n")
+    replies.flush()
+"""
+
+
+class CliForkServer:
+    """Long-lived ``python`` processes that fork a child per ``run_cli_subprocess`` call (see there): one
+    per environment asked for twice (the S3 tests add AWS variables), at most ``KEEP`` at a time."""
+
+    KEEP = 2
+    servers: "dict[tuple[tuple[str, str], ...], subprocess.Popen[str]]" = {}
+    misses: "dict[tuple[tuple[str, str], ...], int]" = {}
+    broken = False
+
+    @classmethod
+    def run(cls, argv: list[str], env: dict[str, str], cwd: object) -> "subprocess.CompletedProcess[str] | None":
+        import tempfile
+
+        key = tuple(sorted(env.items()))
+        if cls.broken:
+            return None
+        if key not in cls.servers:
+            cls.misses[key] = cls.misses.get(key, 0) + 1
+            if cls.misses[key] < 2:  # a one-off environment: a fresh interpreter costs what a server start does
+                return None
+            while len(cls.servers) >= cls.KEEP:
+                cls.stop(next(iter(cls.servers)))
+            cls.servers[key] = subprocess.Popen([sys.executable, "-c", CLI_FORK_SERVER], stdin=subprocess.PIPE,
+                                                stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
+        server = cls.servers[key]
+        with tempfile.TemporaryDirectory() as scratch:
+            out, err = Path(scratch) / "stdout", Path(scratch) / "stderr"
+            request = {"argv": argv, "cwd": str(Path(cwd if cwd is not None else os.getcwd()).resolve()),
+                       "stdout": str(out), "stderr": str(err)}
+            try:
+                server.stdin.write(json.dumps(request) + "\n")
+                server.stdin.flush()
+                reply = server.stdout.readline()
+            except (BrokenPipeError, OSError):
+                reply = ""
+            if not reply:
+                cls.broken = True
+                return None
+            code = os.waitstatus_to_exitcode(json.loads(reply)["status"])
+            return subprocess.CompletedProcess(["softlabels", *argv], code, out.read_text(), err.read_text())
+
+    @classmethod
+    def stop(cls, key: "tuple[tuple[str, str], ...] | None" = None) -> None:
+        for one in [key] if key is not None else list(cls.servers):
+            server = cls.servers.pop(one)
+            server.stdin.close()
+            server.wait(timeout=60)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    CliForkServer.stop()
 
 
 def data_dir(out: Path) -> Path:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DIGITS_TEACHERS, REPO, run_cli, run_cli_subprocess, token_table, write_parquet
+from conftest import DIGITS_TEACHERS, REPO, run_cli, run_cli_subprocess, token_table, unpinned_environ, write_parquet
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
@@ -294,7 +294,7 @@ def test_gguf_student_trains_and_rebuilds_from_its_spec(tmp_path):
     # train-student from the GGUF with transformers' bars silenced, the dequantisation bar included
     script = ("import sys; from softlabels.hf import disable_progress_bars; from softlabels.cli import main\n"
               "disable_progress_bars(); sys.exit(main(sys.argv[1:]))\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    env = {**unpinned_environ(), "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", script, "train-student", str(tmp_path / "soft"), "--student", f"hf:{smol}",
                              "--out", str(out), "--max-steps", "1", "--batch-size", "4", "--lr", "1e-4", "--warmup-steps", "0", "--no-progress"],
                             check=False, capture_output=True, text=True, env=env, timeout=900)

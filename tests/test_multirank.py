@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, classifier_table, journal_path, journal_paths, read_output, save_teacher, write_parquet
+from conftest import (REPO, TEST_THREADS, classifier_table, journal_path, journal_paths, read_output, run_cli, run_cli_subprocess,
+                      save_teacher, write_parquet)
 
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    return {**env, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "1", **extra}
+    return {**env, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": str(TEST_THREADS), **extra}
 
 
 def _args(corpus: Path, teacher: str, out: Path) -> list[str]:
@@ -35,9 +36,8 @@ def setup(tmp_path_factory):
     corpus = write_parquet(classifier_table(117, seed=21), root / "c.parquet")
     teacher = save_teacher("slow_teachers:slow_digits", 4, root / "t.safetensors")
     single = root / "single"
-    result = subprocess.run([sys.executable, "-m", "softlabels.cli", *_args(corpus, teacher, single)], env=_env(),
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    result = run_cli(*_args(corpus, teacher, single))  # in process, on one thread like each rank (conftest.TEST_THREADS)
+    assert result.code == 0, result.err
     return corpus, teacher, single
 
 
@@ -79,7 +79,7 @@ def test_a_killed_rank_is_picked_up_by_a_rerun(tmp_path, setup):
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_output(out).equals(read_output(single))
     assert _hashes(out) == _hashes(single)
-    assert subprocess.run([sys.executable, "-m", "softlabels.cli", "verify", str(out)], env=_env()).returncode == 0
+    assert run_cli_subprocess("verify", out).returncode == 0
 
 
 def test_one_helper_reads_the_launcher_environment():

@@ -8,20 +8,28 @@ pass while silently not running it.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, unpinned_environ
 
 
-def test_kjv_smoke_pipeline(tmp_path):
-    run = tmp_path / "kjv"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    """The smoke pipeline, run once: its windows, student config and held-out shards are reused (copied)
+    by the other pipeline test, whose run then skips preparing them as a rerun does."""
+    run = tmp_path_factory.mktemp("kjv_smoke") / "kjv"
+    env = {**unpinned_environ(), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(["bash", str(REPO / "pipelines" / "kjv_distill.sh"), str(run), "12", "6", "3"],
                             capture_output=True, text=True, env=env, timeout=1200)
     assert result.returncode == 0, result.stderr[-4000:]
+    return run
+
+
+def test_kjv_smoke_pipeline(smoke_run):
+    run = smoke_run
     table = (run / "results.md").read_text()
     for label in ("teacher", "hard next-token labels only", "offline KD from k=20", "offline KD from k=64", "online KD"):
         assert label in table
@@ -67,15 +75,18 @@ def test_expected_calibration_error_matches_a_per_bin_loop():
 
 
 @pytest.mark.slow
-def test_kjv_pipeline_sampled_arm_and_seeds(tmp_path):
+def test_kjv_pipeline_sampled_arm_and_seeds(tmp_path, smoke_run):
     """ARMS / SEEDS: a sampled arm, two seeds each, reported as mean ± sd; a rerun skips finished arms."""
     import math
+    import shutil
     import statistics
 
     from safetensors.torch import load_file
 
     run = tmp_path / "kjv"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ARMS": "hard sampled_12", "SEEDS": "0 1"}
+    for prepared in ("corpus", "soft_heldout"):  # the same 12 + 6 windows and held-out shards as the smoke run's
+        shutil.copytree(smoke_run / prepared, run / prepared)
+    env = {**unpinned_environ(), "HF_HUB_OFFLINE": "1", "ARMS": "hard sampled_12", "SEEDS": "0 1"}
     command = ["bash", str(REPO / "pipelines" / "kjv_distill.sh"), str(run), "12", "6", "3"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -11,15 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, interrupt_after, journal_shards, read_output, save_teacher, shard_paths, tmp_files, token_table, classifier_table, write_parquet
+from conftest import (REPO, interrupt_after, journal_shards, read_output, run_cli, run_cli_subprocess, save_teacher, shard_paths, tmp_files,
+                      token_table, classifier_table, write_parquet)
+
+
+def _generate_args(corpus: Path, teachers: list[str], out: Path) -> list[str]:
+    args = ["generate", str(corpus), "--out", str(out), "--id-column", "id", "--rows-per-shard", "25", "--batch-size", "7", "--no-progress"]
+    for spec in teachers:
+        args += ["--teacher", spec]
+    return args
 
 
 def _generate_command(corpus: Path, teachers: list[str], out: Path) -> list[str]:
-    command = [sys.executable, "-m", "softlabels.cli", "generate", str(corpus), "--out", str(out),
-               "--id-column", "id", "--rows-per-shard", "25", "--batch-size", "7", "--no-progress"]
-    for spec in teachers:
-        command += ["--teacher", spec]
-    return command
+    return [sys.executable, "-m", "softlabels.cli", *_generate_args(corpus, teachers, out)]
 
 
 def _env() -> dict[str, str]:
@@ -45,13 +49,23 @@ def setups(tmp_path_factory) -> dict[str, tuple[Path, list[str]]]:
     return {"ensemble": (digits, teachers), "tokens": (tokens, token_teacher)}
 
 
+@pytest.fixture(scope="module")
+def straight_runs(setups, tmp_path_factory) -> dict[str, Path]:
+    """Each setup's uninterrupted run, once (in this process, on the suite's pinned thread count, as the
+    subprocesses below run: the same bytes, test_determinism)."""
+    runs = {}
+    for name, (corpus, teachers) in setups.items():
+        runs[name] = tmp_path_factory.mktemp("straight") / name
+        result = run_cli(*_generate_args(corpus, teachers, runs[name]))
+        assert result.code == 0, result.err
+    return runs
+
+
 @pytest.mark.parametrize("setup", ["ensemble", "tokens"])
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["sigkill", "sigint"])
-def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, setups, setup, sig):
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, setups, straight_runs, setup, sig):
     corpus, teachers = setups[setup]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    first = subprocess.run(_generate_command(corpus, teachers, straight), env=_env(), capture_output=True, text=True)
-    assert first.returncode == 0, first.stderr
+    straight, resumed = straight_runs[setup], tmp_path / "resumed"
 
     interrupted = _interrupt_after(_generate_command(corpus, teachers, resumed), resumed, 2, sig)
     assert not (resumed / "manifest.json").exists(), "an interrupted run must not be sealed"
@@ -65,7 +79,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, setups, setup, 
     committed_before = journal_shards(resumed)
     assert 2 <= committed_before < 5
 
-    rerun = subprocess.run(_generate_command(corpus, teachers, resumed), env=_env(), capture_output=True, text=True)
+    rerun = run_cli_subprocess(*_generate_args(corpus, teachers, resumed))
     assert rerun.returncode == 0, rerun.stderr
     assert f"{5 - committed_before} written this run" in rerun.stdout
     assert read_output(resumed).equals(read_output(straight))
@@ -76,11 +90,11 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, setups, setup, 
 def test_rerun_of_a_complete_directory_does_nothing(tmp_path, setups):
     corpus, teachers = setups["ensemble"]
     out = tmp_path / "out"
-    command = _generate_command(corpus, teachers, out)
-    assert subprocess.run(command, env=_env(), capture_output=True).returncode == 0
+    command = _generate_args(corpus, teachers, out)
+    assert run_cli_subprocess(*command).returncode == 0
     mtimes = {p.name: p.stat().st_mtime_ns for p in shard_paths(out)}
     assert len(mtimes) == 5
-    again = subprocess.run(command, env=_env(), capture_output=True, text=True)
+    again = run_cli_subprocess(*command)
     assert again.returncode == 0 and "already complete" in again.stdout
     assert {p.name: p.stat().st_mtime_ns for p in shard_paths(out)} == mtimes
 
@@ -88,12 +102,12 @@ def test_rerun_of_a_complete_directory_does_nothing(tmp_path, setups):
 def test_different_settings_in_the_same_directory_are_refused(tmp_path, setups):
     corpus, teachers = setups["ensemble"]
     out = tmp_path / "out"
-    assert subprocess.run(_generate_command(corpus, teachers, out), env=_env(), capture_output=True).returncode == 0
-    changed = _generate_command(corpus, teachers, out) + ["--top-k", "3"]
-    result = subprocess.run(changed, env=_env(), capture_output=True, text=True)
+    assert run_cli_subprocess(*_generate_args(corpus, teachers, out)).returncode == 0
+    changed = _generate_args(corpus, teachers, out) + ["--top-k", "3"]
+    result = run_cli_subprocess(*changed)
     assert result.returncode == 1
     assert "--top-k" in result.stderr and "10" in result.stderr and "3" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    fewer = _generate_command(corpus, teachers[:1], out)
-    result = subprocess.run(fewer, env=_env(), capture_output=True, text=True)
+    fewer = _generate_args(corpus, teachers[:1], out)
+    result = run_cli_subprocess(*fewer)
     assert result.returncode == 1 and "--teacher" in result.stderr

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import (DIGITS_TEACHERS, REPO, classifier_table, interrupt_after, run_cli, s3_journal_shards, save_teacher,
+from conftest import (DIGITS_TEACHERS, REPO, classifier_table, interrupt_after, run_cli, run_cli_subprocess, s3_journal_shards, save_teacher,
                       token_table, upload, write_parquet)
 from softlabels.storage import Location
 
@@ -133,17 +133,18 @@ def test_killed_s3_generate_resumes_byte_identical(tmp_path, s3_bucket, sig):
     s3_corpus = upload(local, f"{s3_bucket}/corpus/tokens.parquet")
     teacher = save_teacher("slow_teachers:slow_tokens", 5, tmp_path / "slow_tokens.safetensors")
 
-    def command(out: str) -> list[str]:
-        return [sys.executable, "-m", "softlabels.cli", "generate", s3_corpus, "--out", out, "--id-column", "id",
-                "--rows-per-shard", "25", "--batch-size", "7", "--no-progress", "--teacher", teacher]
+    def args(out: str) -> list[str]:
+        return ["generate", s3_corpus, "--out", out, "--id-column", "id", "--rows-per-shard", "25", "--batch-size", "7",
+                "--no-progress", "--teacher", teacher]
 
     straight, resumed = f"{s3_bucket}/straight", f"{s3_bucket}/resumed"
-    first = subprocess.run(command(straight), env=env(), capture_output=True, text=True)
-    assert first.returncode == 0, first.stderr
-    interrupted = interrupt_after(command(resumed), tmp_path, 2, sig, env(), journalled=lambda: s3_journal_shards(resumed))
+    first = run_cli(*args(straight))  # in process, on the suite's pinned threads like the processes below
+    assert first.code == 0, first.err
+    interrupted = interrupt_after([sys.executable, "-m", "softlabels.cli", *args(resumed)], tmp_path, 2, sig, env(),
+                                  journalled=lambda: s3_journal_shards(resumed))
     assert interrupted.returncode != 0
     assert not (Location.of(resumed) / "manifest.json").is_file(), "an interrupted run must not be sealed"
-    rerun = subprocess.run(command(resumed), env=env(), capture_output=True, text=True)
+    rerun = run_cli_subprocess(*args(resumed))
     assert rerun.returncode == 0, rerun.stderr
     assert shard_hashes(resumed) == shard_hashes(straight) and len(shard_hashes(straight)) == 5
 
@@ -152,7 +153,8 @@ def test_two_ranks_on_s3_equal_one_process(tmp_path, s3_bucket):
     local = write_parquet(classifier_table(117, seed=23), tmp_path / "c.parquet")
     s3_corpus = upload(local, f"{s3_bucket}/corpus/c.parquet")
     teacher = save_teacher("slow_teachers:slow_digits", 4, tmp_path / "t.safetensors")
-    base = {k: v for k, v in env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    # the single process and each rank on one thread: another count may round differently (test_determinism)
+    base = {**{k: v for k, v in env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}, "OMP_NUM_THREADS": "1"}
 
     def args(out: str) -> list[str]:
         return [sys.executable, "-m", "softlabels.cli", "generate", s3_corpus, "--teacher", teacher, "--out", out,
@@ -161,7 +163,7 @@ def test_two_ranks_on_s3_equal_one_process(tmp_path, s3_bucket):
     single = subprocess.run(args(f"{s3_bucket}/single"), env=base, capture_output=True, text=True)
     assert single.returncode == 0, single.stderr
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args(f"{s3_bucket}/ranks")[1:]]
-    ranks = subprocess.run(command, env={**base, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    ranks = subprocess.run(command, env=base, capture_output=True, text=True, timeout=600)
     assert ranks.returncode == 0, ranks.stderr[-3000:]
     assert shard_hashes(f"{s3_bucket}/ranks") == shard_hashes(f"{s3_bucket}/single")
     manifests = [json.loads((Location.of(f"{s3_bucket}/{d}") / "manifest.json").read_text()) for d in ("single", "ranks")]

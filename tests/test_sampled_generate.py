@@ -36,7 +36,7 @@ import torch
 from scipy import stats
 from torch import nn
 
-from conftest import REPO, interrupt_after, read_output, run_cli, save_teacher, shard_paths, token_table, write_parquet
+from conftest import REPO, interrupt_after, read_output, run_cli, run_cli_subprocess, save_teacher, shard_paths, token_table, write_parquet
 from slow_teachers import Slow
 from softlabels.codec import LogprobCodec
 from softlabels.sampling import SAMPLER, draw_targets, position_keys, targets_from_arrow
@@ -230,7 +230,7 @@ def test_killed_and_resumed_sampled_run_is_byte_identical(tmp_path, setup):
     command = [sys.executable, "-m", "softlabels.cli", *_args(setup["corpus"], [setup["slow"]], out)]
     killed = interrupt_after(command, out, 2, signal.SIGKILL, _env())
     assert killed.returncode == -signal.SIGKILL and not (out / "manifest.json").exists()
-    rerun = subprocess.run(command, env=_env(), capture_output=True, text=True)
+    rerun = run_cli_subprocess(*_args(setup["corpus"], [setup["slow"]], out))
     assert rerun.returncode == 0, rerun.stderr
     assert "written this run" in rerun.stdout and "5 written" not in rerun.stdout
     assert _hashes(out) == _hashes(setup["straight"])

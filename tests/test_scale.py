@@ -129,6 +129,7 @@ def test_a_torn_journal_line_costs_only_its_own_shard(tmp_path: Path) -> None:
     text = journal.path.read_text()
     journal.path.write_text(text + '{"kind": "shard", "file": "shard-000003.par')  # killed mid-append
     assert journal.read() == whole
-    journal.append({"file": "shard-000004.parquet", "unit": 4, "rows": 1})  # lands on the torn line: lost too
+    journal.append({"file": "shard-000004.parquet", "unit": 4, "rows": 1})  # the torn tail is cut off first: not lost
     journal.append({"file": "shard-000005.parquet", "unit": 5, "rows": 1})
-    assert [e["unit"] for e in journal.read()[1]] == [0, 1, 2, 5]
+    assert [e["unit"] for e in journal.read()[1]] == [0, 1, 2, 4, 5]
+    assert "shard-000003" not in journal.path.read_text()

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import REPO, interrupt_after, read_output, run_cli, shard_paths
+from conftest import REPO, interrupt_after, read_output, run_cli, run_cli_subprocess, shard_paths
 
 transformers = pytest.importorskip("transformers")
 
@@ -273,17 +272,16 @@ def test_text_run_killed_then_resumed_is_byte_identical(tmp_path, llm, documents
     corpus = _write_corpus(many, tmp_path / "docs.jsonl")
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
 
-    def command(out: Path) -> list[str]:
-        return [sys.executable, "-m", "softlabels.cli", "generate", str(corpus), "--teacher", f"hf:{llm['teacher']}",
-                "--id-column", "id", "--text-column", "text", "--max-length", str(MAX_LENGTH), "--rows-per-shard", "3",
-                "--batch-size", "2", "--no-progress", "--out", str(out)]
+    def args(out: Path) -> list[str]:
+        return ["generate", str(corpus), "--teacher", f"hf:{llm['teacher']}", "--id-column", "id", "--text-column", "text",
+                "--max-length", str(MAX_LENGTH), "--rows-per-shard", "3", "--batch-size", "2", "--no-progress", "--out", str(out)]
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert subprocess.run(command(straight), env=env, capture_output=True).returncode == 0
-    killed = interrupt_after(command(resumed), resumed, 3, signal.SIGKILL, env)
+    assert run_cli(*args(straight)).code == 0  # in process, on the suite's pinned threads like the processes below
+    killed = interrupt_after([sys.executable, "-m", "softlabels.cli", *args(resumed)], resumed, 3, signal.SIGKILL, env)
     assert killed.returncode == -signal.SIGKILL
     assert not (resumed / "manifest.json").exists()
-    rerun = subprocess.run(command(resumed), env=env, capture_output=True, text=True)
+    rerun = run_cli_subprocess(*args(resumed))
     assert rerun.returncode == 0, rerun.stderr
     hashes = [json.loads((d / "manifest.json").read_text())["shards"] for d in (straight, resumed)]
     assert [(s["file"], s["sha256"]) for s in hashes[0]] == [(s["file"], s["sha256"]) for s in hashes[1]]
