@@ -364,3 +364,18 @@ def s3_journal_shards(uri: str, rank: int = 0) -> int:
     from softlabels.storage import Location
 
     return sum(1 for n in Location.of(f"{uri}/_journal/rank-{rank:05d}").listdir() if n.startswith("shard-"))
+
+
+def directory_files(out: Path) -> dict[str, bytes]:
+    """Every file of a finished directory but its journals (which record a run's own history), by relative path."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and "_journal" not in p.parts}
+
+
+def digits_mlp_soft_labels(root: Path) -> Path:
+    """``root/soft``: soft labels of 53 classifier rows (2 units of 25 and one of 3) from a saved digits MLP."""
+    teacher = save_teacher("softlabels.models:digits_mlp", 0, root / "t.safetensors")
+    corpus = write_parquet(classifier_table(53, seed=2), root / "c.parquet")
+    result = run_cli("generate", corpus, "--out", root / "soft", "--id-column", "id", "--rows-per-shard", 25, "--no-progress",
+                     "--teacher", teacher)
+    assert result.code == 0, result.err
+    return root / "soft"

@@ -22,19 +22,11 @@ import pyarrow as pa
 import pytest
 import torch
 
-from conftest import DIGITS_TEACHERS, classifier_table, frame_table, run_cli, save_teacher, tmp_files, write_parquet
+from conftest import DIGITS_TEACHERS, digits_mlp_soft_labels, directory_files, classifier_table, frame_table, run_cli, save_teacher, tmp_files, write_parquet
 
 GENERATE = ["--id-column", "id", "--rows-per-shard", 20, "--batch-size", 7, "--no-progress", "--teacher", DIGITS_TEACHERS[0]]
 REASON = {errno.ENOSPC: "no space left on device", errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="the patched writer finds files through /proc/self/fd")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _mount_works() -> bool:
@@ -108,10 +100,6 @@ def one_line(err: str, *words: str) -> None:
         assert word in err, err
 
 
-def files(out: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and "_journal" not in p.parts}
-
-
 def nothing_looks_complete(out: Path, straight: dict[str, bytes]) -> None:
     """No temporary file, no manifest, no torn journal line, and every file in data/ is a whole shard
     (the very bytes of an uninterrupted run's)."""
@@ -137,7 +125,7 @@ def corpus(tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
     finally:
         torch.set_num_threads(threads)
     assert result.code == 0, result.err
-    return path, files(root / "straight")
+    return path, directory_files(root / "straight")
 
 
 # -- disk full --------------------------------------------------------------------------------------
@@ -165,7 +153,7 @@ def test_disk_full_during_generate_is_one_line_and_the_rerun_after_freeing_space
             monkeypatch.undo()
         rerun = run_cli("generate", path, "--out", out, *GENERATE)
         assert rerun.code == 0, rerun.err
-        assert files(out) == straight
+        assert directory_files(out) == straight
         assert not tmp_files(out)
 
 
@@ -186,18 +174,12 @@ def test_generate_write_fault_names_the_file_and_cause_and_the_rerun_equals_unin
     monkeypatch.undo()
     rerun = run_cli("generate", path, "--out", out, *GENERATE)
     assert rerun.code == 0, rerun.err
-    assert files(out) == straight
+    assert directory_files(out) == straight
 
 
 @pytest.fixture(scope="module")
 def soft(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("disktrain")
-    teacher = save_teacher("softlabels.models:digits_mlp", 0, root / "t.safetensors")
-    corpus = write_parquet(classifier_table(53, seed=2), root / "c.parquet")
-    result = run_cli("generate", corpus, "--out", root / "soft", "--id-column", "id", "--rows-per-shard", 25, "--no-progress",
-                     "--teacher", teacher)
-    assert result.code == 0, result.err
-    return root / "soft"
+    return digits_mlp_soft_labels(tmp_path_factory.mktemp("disktrain"))
 
 
 TRAIN = ["--student", "softlabels.models:digits_mlp", "--max-steps", 7, "--batch-size", 8, "--log-every", 1,
@@ -264,7 +246,7 @@ def test_a_partial_run_on_a_disk_made_read_only_is_one_line_and_resumes_when_wri
         one_line(result.err, "read-only file system", str(out))
         remount(disk, "rw")
         assert run_cli("generate", path, "--out", out, *GENERATE).code == 0
-        assert files(out) == straight
+        assert directory_files(out) == straight
 
 
 # -- torn lines -------------------------------------------------------------------------------------
@@ -303,7 +285,7 @@ def test_a_torn_run_record_is_redone_once_not_on_every_rerun(tmp_path, corpus):
     assert again.code == 0 and "4 written this run" in again.out, again.out + again.err
     third = run_cli("generate", path, "--out", out, *GENERATE)
     assert third.code == 0 and "already complete" in third.out, third.out
-    assert files(out) == straight
+    assert directory_files(out) == straight
 
 
 def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, soft):

@@ -16,17 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DIGITS_TEACHERS, REPO, classifier_table, run_cli, save_teacher, tmp_files, write_parquet
+from conftest import DIGITS_TEACHERS, digits_mlp_soft_labels, directory_files, REPO, classifier_table, run_cli, save_teacher, tmp_files, write_parquet
 
 GENERATE = ["--id-column", "id", "--rows-per-shard", 20, "--batch-size", 7, "--no-progress", "--teacher", DIGITS_TEACHERS[0]]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def killed(*args: object, at: str) -> subprocess.CompletedProcess[str]:
@@ -35,11 +27,6 @@ def killed(*args: object, at: str) -> subprocess.CompletedProcess[str]:
     result = subprocess.run([sys.executable, "-m", "softlabels.cli", *map(str, args)], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == -signal.SIGKILL, f"kill point {at} was not reached: {result.returncode} {result.stderr[-2000:]}"
     return result
-
-
-def files(out: Path) -> dict[str, bytes]:
-    """Every file of a finished directory but its journals (which record this run's own history)."""
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and "_journal" not in p.parts}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +41,7 @@ def corpus(tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
     finally:
         torch.set_num_threads(threads)
     assert result.code == 0, result.err
-    return path, files(root / "straight")
+    return path, directory_files(root / "straight")
 
 
 @pytest.mark.parametrize("point", [
@@ -73,7 +60,7 @@ def test_generate_killed_at_each_commit_step_then_rerun_equals_uninterrupted(tmp
         assert not (out / "manifest.json").exists() and list(out.glob("manifest.json.*.tmp")), "the kill left the manifest's temporary file"
     rerun = run_cli("generate", path, "--out", out, *GENERATE)
     assert rerun.code == 0, rerun.err
-    assert files(out) == straight
+    assert directory_files(out) == straight
     assert not tmp_files(out)
     assert run_cli("verify", out).code == 0
     if point.startswith("rank-00000.jsonl-torn"):  # the torn record was dropped, and did not swallow the next one
@@ -91,18 +78,12 @@ def test_seal_killed_before_its_rename_leaves_nothing_after_the_next_seal(tmp_pa
     result = run_cli("seal", out)
     assert result.code == 0, result.err
     assert not tmp_files(out)
-    assert files(out) == straight
+    assert directory_files(out) == straight
 
 
 @pytest.fixture(scope="module")
 def soft(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("killtrain")
-    teacher = save_teacher("softlabels.models:digits_mlp", 0, root / "t.safetensors")
-    corpus = write_parquet(classifier_table(53, seed=2), root / "c.parquet")
-    result = run_cli("generate", corpus, "--out", root / "soft", "--id-column", "id", "--rows-per-shard", 25, "--no-progress",
-                     "--teacher", teacher)
-    assert result.code == 0, result.err
-    return root / "soft"
+    return digits_mlp_soft_labels(tmp_path_factory.mktemp("killtrain"))
 
 
 TRAIN = ["--student", "softlabels.models:digits_mlp", "--max-steps", 9, "--batch-size", 8, "--log-every", 1,
