@@ -379,3 +379,18 @@ def digits_mlp_soft_labels(root: Path) -> Path:
                      "--teacher", teacher)
     assert result.code == 0, result.err
     return root / "soft"
+
+
+def small_classifier_run(root: Path) -> tuple[Path, list[str], dict[str, bytes]]:
+    """A 61-row corpus in ``root`` (units of 20: 4 shards, the last of one row), the generate flags that
+    cut it so, and the files of an uninterrupted run made on one thread (what reruns are compared with)."""
+    path = write_parquet(classifier_table(61, seed=8), root / "c.parquet")
+    flags = ["--id-column", "id", "--rows-per-shard", 20, "--batch-size", 7, "--no-progress", "--teacher", DIGITS_TEACHERS[0]]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = run_cli("generate", path, "--out", root / "straight", *flags)
+    finally:
+        torch.set_num_threads(threads)
+    assert result.code == 0, result.err
+    return path, [str(f) for f in flags], directory_files(root / "straight")

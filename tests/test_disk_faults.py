@@ -22,7 +22,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from conftest import DIGITS_TEACHERS, digits_mlp_soft_labels, directory_files, classifier_table, frame_table, run_cli, save_teacher, tmp_files, write_parquet
+from conftest import DIGITS_TEACHERS, digits_mlp_soft_labels, small_classifier_run, directory_files, classifier_table, frame_table, run_cli, save_teacher, tmp_files, write_parquet
 
 GENERATE = ["--id-column", "id", "--rows-per-shard", 20, "--batch-size", 7, "--no-progress", "--teacher", DIGITS_TEACHERS[0]]
 REASON = {errno.ENOSPC: "no space left on device", errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
@@ -116,16 +116,8 @@ def nothing_looks_complete(out: Path, straight: dict[str, bytes]) -> None:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
     """61 rows in units of 20, and the files of an uninterrupted run."""
-    root = tmp_path_factory.mktemp("disk")
-    path = write_parquet(classifier_table(61, seed=8), root / "c.parquet")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = run_cli("generate", path, "--out", root / "straight", *GENERATE)
-    finally:
-        torch.set_num_threads(threads)
-    assert result.code == 0, result.err
-    return path, directory_files(root / "straight")
+    path, _, straight = small_classifier_run(tmp_path_factory.mktemp("disk"))
+    return path, straight
 
 
 # -- disk full --------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DIGITS_TEACHERS, digits_mlp_soft_labels, directory_files, REPO, classifier_table, run_cli, save_teacher, tmp_files, write_parquet
+from conftest import DIGITS_TEACHERS, digits_mlp_soft_labels, small_classifier_run, directory_files, REPO, classifier_table, run_cli, save_teacher, tmp_files, write_parquet
 
 GENERATE = ["--id-column", "id", "--rows-per-shard", 20, "--batch-size", 7, "--no-progress", "--teacher", DIGITS_TEACHERS[0]]
 
@@ -32,16 +32,8 @@ def killed(*args: object, at: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
     """61 rows in units of 20 (4 shards, the last of one row), and the files of an uninterrupted run."""
-    root = tmp_path_factory.mktemp("kill")
-    path = write_parquet(classifier_table(61, seed=8), root / "c.parquet")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = run_cli("generate", path, "--out", root / "straight", *GENERATE)
-    finally:
-        torch.set_num_threads(threads)
-    assert result.code == 0, result.err
-    return path, directory_files(root / "straight")
+    path, _, straight = small_classifier_run(tmp_path_factory.mktemp("kill"))
+    return path, straight
 
 
 @pytest.mark.parametrize("point", [
