@@ -10,7 +10,8 @@ The layer stack is found, not named: it is the outermost ``nn.ModuleList`` holdi
 list, or with several (an encoder-decoder), is refused.
 
 The command writes a ``save_pretrained`` directory (config.json with the new layer count,
-model.safetensors) and ``init.json``: which teacher layer each student layer came from, and the
+model.safetensors), the teacher's tokenizer (its tokenizer files copied byte for byte; from a
+``.gguf`` teacher, the tokenizer it holds, saved with ``save_pretrained``) and ``init.json``: which teacher layer each student layer came from, and the
 teacher's sha256 (its identity, as recorded in soft-label manifests). Train it with
 ``train-student --student hf:OUT``.
 """
@@ -164,11 +165,22 @@ def _check_out(out: str, teacher: str) -> Path:
     return path
 
 
-def _write(student: nn.Module, path: Path, record: dict[str, Any]) -> None:
+def _tokenizer_files(teacher: str) -> tuple[list[Path], Any]:
+    """The teacher's tokenizer: (its files to copy, none for a .gguf) and (the tokenizer loaded from a .gguf, else None)."""
+    from .text import TokenizerSource, load_tokenizer
+
+    source = TokenizerSource.of(teacher, "--teacher")
+    files = source.files()
+    if files and files[0].suffix == ".gguf":
+        return [], load_tokenizer(source)
+    return files, None
+
+
+def _write(student: nn.Module, path: Path, record: dict[str, Any], tokenizer: tuple[list[Path], Any] = ([], None)) -> None:
     """save_pretrained into a sibling staging directory, then swap it in: --out is never half written."""
     staging = path.parent / f".{path.name}.init-student.tmp"
     try:
-        _swap_in(student, path, staging, record)
+        _swap_in(student, path, staging, record, tokenizer)
     except BaseException as exc:  # a full or read-only disk, Ctrl-C: no staging directory stays behind
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(exc, OSError):
@@ -176,10 +188,15 @@ def _write(student: nn.Module, path: Path, record: dict[str, Any]) -> None:
         raise
 
 
-def _swap_in(student: nn.Module, path: Path, staging: Path, record: dict[str, Any]) -> None:
+def _swap_in(student: nn.Module, path: Path, staging: Path, record: dict[str, Any], tokenizer: tuple[list[Path], Any]) -> None:
     if staging.exists():
         shutil.rmtree(staging)  # an interrupted earlier run's staging directory
     student.save_pretrained(str(staging))
+    files, loaded = tokenizer
+    for file in files:
+        shutil.copyfile(file, staging / file.name)
+    if loaded is not None:
+        loaded.save_pretrained(str(staging))
     record["files"] = sorted(p.name for p in staging.iterdir())
     (staging / INIT_RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
     mode = (staging / INIT_RECORD_NAME).stat().st_mode & 0o777  # the umask's, not save_pretrained's 0600
@@ -223,6 +240,7 @@ def init_student(config: InitStudentConfig) -> InitStudentSummary:
     else:
         layer_map = list(config.teacher_layers)
     student = select_layers(teacher, layer_map)
+    tokenizer = _tokenizer_files(config.teacher)
     record = {
         "written_by": f"softlabels {__version__} init-student",
         "teacher": portable_name(config.teacher),
@@ -234,6 +252,6 @@ def init_student(config: InitStudentConfig) -> InitStudentSummary:
         "teacher_layer_of_student_layer": layer_map,
         "outside_layer_list": "copied unchanged from the teacher (embeddings, final norm, head)",
     }
-    _write(student, path, record)
+    _write(student, path, record, tokenizer)
     return InitStudentSummary(str(config.out), portable_name(config.teacher), layer_map, teacher_layers,
                               sum(p.numel() for p in student.parameters()))
