@@ -64,8 +64,9 @@ def main() -> None:
         optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
         students[depth] = (student, optimizer, chosen)
 
-    def step(student: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        logits = student(input_ids=x, use_cache=False).logits[:, :-1].float()
+    def step(student: torch.nn.Module, optimizer: torch.optim.Optimizer, bf16: bool = False) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # train-student --precision bf16
+            logits = student(input_ids=x, use_cache=False).logits[:, :-1].float()
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
         loss.backward()
         optimizer.step()
@@ -77,13 +78,14 @@ def main() -> None:
                   "teacher_fp32_forward_s": timed(lambda: forward(teacher), args.repeats)}
         for depth, (student, optimizer, _) in students.items():
             record[f"step_{depth}_s"] = timed(lambda: step(student, optimizer), args.repeats)
+            record[f"step_{depth}_bf16_s"] = timed(lambda: step(student, optimizer, bf16=True), args.repeats)
         rounds.append(record)
         print(json.dumps(record), flush=True)
     summary = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
     bf16 = summary["teacher_bf16_forward_s"]
     print(f"threads {torch.get_num_threads()}, {tokens} tokens per batch; teacher bf16 forward {tokens / bf16:.0f} tokens/s")
     for key, value in summary.items():
-        print(f"{key}: {value:.3f} s  ({value / bf16:.2f} x the bf16 forward)")
+        print(f"{key}: median {value:.3f} s, fastest {min(r[key] for r in rounds):.3f} s  ({value / bf16:.2f} x the bf16 forward of the same rounds)")
     for depth, (student, _, chosen) in students.items():
         print(f"depth {depth}: layers {chosen}, {sum(p.numel() for p in student.parameters()):,} parameters")
 
