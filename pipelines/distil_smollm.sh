@@ -119,6 +119,7 @@ for ROUND in $(seq 1 "$MAX_SEEDS"); do  # seed by seed, so a stopped run already
     stamp "train $ARM seed $SEED"
     mkdir -p "$RUN/arms"
     softlabels train-student "${ARGS[@]}" "${COMMON[@]}" --seed "$SEED" "${RESUME[@]}" --out "$OUT"
+    rm -f "$OUT/checkpoint.pt"  # about 1 GB per arm (weights and AdamW state); the finished weights are student.safetensors
   done
 done
 

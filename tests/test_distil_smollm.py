@@ -231,3 +231,27 @@ def test_distil_rerun_skips_every_finished_stage(smoke_run, tmp_path):
     for stage in ("corpus:", "generate ", "init-student", "train "):
         assert stage not in again.stderr, stage
     assert (run / "results.md").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_distil_student_is_the_cut_smollm2_teacher_at_initialisation(smoke_run):
+    """The real dequantised SmolLM2: RUN/student (init-student --layers 0,29) holds the teacher's tokenizer
+    files, embeddings, norm and layers 0 and 29 bit for bit, and its logits are the cut teacher's."""
+    from safetensors.torch import load_file
+
+    run = smoke_run[0]
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (run / "student" / name).read_bytes() == (run / "teacher" / name).read_bytes(), name
+    teacher_state = load_file(run / "teacher" / "model.safetensors")
+    student_state = load_file(run / "student" / "model.safetensors")
+    assert len(student_state) == 2 * 9 + 2  # two layers of 9 tensors, the embeddings and the final norm (the head is tied)
+    for name, value in student_state.items():
+        match = re.match(r"model\.layers\.(\d+)\.(.*)", name)
+        source = f"model.layers.{[0, 29][int(match.group(1))]}.{match.group(2)}" if match else name
+        assert torch.equal(value, teacher_state[source]), name
+    teacher = transformers.AutoModelForCausalLM.from_pretrained(run / "teacher", dtype=torch.float32).eval()
+    student = transformers.AutoModelForCausalLM.from_pretrained(run / "student", dtype=torch.float32).eval()
+    reference = cut_llama(teacher, [0, 29])
+    x = torch.randint(0, 49152, (1, 23), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(student(input_ids=x, use_cache=False).logits, reference(input_ids=x, use_cache=False).logits)
