@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from safetensors import SafetensorError
 
 from .errors import UserError
 
@@ -182,7 +183,7 @@ def load_hf_model(spec: str, flag: str = "--teacher") -> tuple[nn.Module, str]:
             model = auto_class.from_config(config, dtype=torch.float32)
     except UserError:
         raise
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, KeyError, json.JSONDecodeError, SafetensorError) as exc:  # a damaged or foreign file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{flag} {spec}: cannot load the model ({first})") from None
     wrapped = HFLogits(model)  # fp32 already: GGUF models refuse .float()

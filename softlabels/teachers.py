@@ -135,10 +135,15 @@ def _build_factory(spec: str, flag: str, trained: bool) -> tuple[torch.nn.Module
         python_module = importlib.import_module(module_name)
     except ImportError as exc:
         raise UserError(f"{flag} {spec}: cannot import {module_name} ({exc})") from None
+    except Exception as exc:  # the user's module raised on import: its line, not our traceback
+        raise UserError(f"{flag} {spec}: importing {module_name} raised {type(exc).__name__}: {exc}") from None
     factory = getattr(python_module, factory_name, None)
     if not callable(factory):
         raise UserError(f"{flag} {spec}: {module_name} has no callable {factory_name}")
-    model = factory()
+    try:
+        model = factory()
+    except Exception as exc:
+        raise UserError(f"{flag} {spec}: {factory_name}() raised {type(exc).__name__}: {exc}") from None
     if not isinstance(model, torch.nn.Module):
         raise UserError(f"{flag} {spec}: {factory_name}() returned {type(model).__name__}, not an nn.Module")
     if weights:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -228,6 +229,9 @@ def test_init_student_refusals_are_one_line_and_write_nothing(tmp_path, monkeypa
     torch.manual_seed(0)
     t5 = transformers.T5ForSequenceClassification(transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4))
     t5.save_pretrained(tmp_path / "t5")
+    shutil.copytree(tmp_path / "teacher", tmp_path / "truncated")  # weights cut short, as by a failed copy
+    weights = tmp_path / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
     before = sorted(str(p) for p in tmp_path.rglob("*"))
 
     foreign = run_cli_subprocess("init-student", "--teacher", f"hf:{tmp_path / 'teacher'}", "--out", tmp_path / "mine")
@@ -241,7 +245,8 @@ def test_init_student_refusals_are_one_line_and_write_nothing(tmp_path, monkeypa
                           (["--teacher", f"hf:{tmp_path / 'teacher'}", "--out", tmp_path / "teacher"], "--teacher directory"),
                           (["--teacher", f"hf:{tmp_path / 'teacher'}", "--out", tmp_path / "new", "--layers", "0,4"], "--layers 0,4"),
                           (["--teacher", f"hf:{tmp_path / 'teacher'}", "--out", tmp_path / "new", "--layers", "2,1"], "--layers"),
-                          (["--teacher", f"hf:{tmp_path / 'teacher'}", "--out", "s3://bucket/student"], "local directory")]:
+                          (["--teacher", f"hf:{tmp_path / 'teacher'}", "--out", "s3://bucket/student"], "local directory"),
+                          (["--teacher", f"hf:{tmp_path / 'truncated'}", "--out", tmp_path / "new"], "cannot load the model")]:
         result = run_cli("init-student", *args, "--no-progress")
         assert result.code == 1 and culprit in result.err and len(result.err.strip().splitlines()) == 1, result.err
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
