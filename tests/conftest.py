@@ -252,7 +252,7 @@ def save_teacher(factory: str, seed: int, path: Path) -> str:
     """Initialise ``module:factory`` with ``seed``, save it as safetensors, return its SPEC."""
     from safetensors.torch import save_file
 
-    from softlabels.teachers import load_model
+    from softlabels.loading import load_model
 
     torch.manual_seed(seed)
     model, _ = load_model(factory)

@@ -25,7 +25,7 @@ transformers = pytest.importorskip("transformers")
 
 from softlabels.errors import UserError
 from softlabels.student_init import find_layer_list, halve_layers, select_layers
-from softlabels.teachers import load_model
+from softlabels.loading import load_model
 
 VOCAB = 257
 

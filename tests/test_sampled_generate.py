@@ -182,7 +182,7 @@ def test_rows_skipped_for_non_finite_outputs_leave_the_others_draws_keyed_by_the
     """--on-nonfinite skip drops rows holding NAN_TOKEN; every kept row's draws are those of its own key."""
     from fixture_teachers import NAN_TOKEN
 
-    from softlabels.teachers import load_model
+    from softlabels.loading import load_model
 
     out = tmp_path / "out"
     result = run_cli("generate", setup["corpus"], "--out", out, "--id-column", "id", "--rows-per-shard", 30, "--batch-size", 8,
