@@ -245,6 +245,13 @@ class Location:
             return Location(os.path.join(self.uri, name), os.path.join(self.path, name))
         return Location(f"{self.uri.rstrip('/')}/{name}", f"{self.path.rstrip('/')}/{name}", self.fs)
 
+    @property
+    def parent(self) -> "Location":
+        """The folder that holds this place, on the same disk or store."""
+        if self.local:
+            return Location(os.path.dirname(self.uri) or ".", os.path.dirname(self.path) or ".")
+        return Location(self.uri.rstrip("/").rsplit("/", 1)[0], self.path.rstrip("/").rsplit("/", 1)[0], self.fs)
+
     def same_as(self, other: "str | os.PathLike[str] | Location") -> bool:
         """Do the two name the same place? (local paths after resolving links, store URIs as written)"""
         other = Location.of(other)
