@@ -62,7 +62,8 @@ from topk_reference import installed as reference_topk  # noqa: E402
 import softlabels.generate as generate_module  # noqa: E402
 import softlabels.pipeline as pipeline_module  # noqa: E402
 from softlabels.generate import GenerateConfig, generate  # noqa: E402
-from softlabels.teachers import autocast, load_teacher  # noqa: E402
+from softlabels.distributed import autocast  # noqa: E402
+from softlabels.teachers import load_teacher
 from softlabels.train import TrainConfig, train_student  # noqa: E402
 
 BATCH = 8

@@ -34,7 +34,7 @@ def build(work: Path, rows: int, length: int) -> Path:
 
     from softlabels.generate import generate
     from softlabels.options import GenerateConfig
-    from softlabels.teachers import load_model
+    from softlabels.loading import load_model
 
     out = work / "soft"
     if (out / "manifest.json").is_file():

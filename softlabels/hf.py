@@ -25,7 +25,6 @@ of retries against a hub these machines cannot reach.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -35,8 +34,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from safetensors import SafetensorError
 
 from .errors import UserError
+from .storage import sha256_named_files
+from .weights import load_weights
 
 __all__ = ["HFLogits", "disable_progress_bars", "hf_identity", "import_transformers", "load_hf_model"]
 
@@ -99,14 +101,8 @@ class HFLogits(nn.Module):
 
 def hf_identity(path: Path) -> str:
     """sha256 over config.json and the weight files (names and bytes), in name order."""
-    digest = hashlib.sha256()
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.name == "config.json" or p.suffix in WEIGHT_SUFFIXES)
-    for file in files:
-        digest.update(file.name.encode())
-        with open(file, "rb") as handle:
-            while block := handle.read(1 << 20):
-                digest.update(block)
-    return digest.hexdigest()
+    return sha256_named_files(files)
 
 
 @dataclass(frozen=True)
@@ -182,13 +178,11 @@ def load_hf_model(spec: str, flag: str = "--teacher") -> tuple[nn.Module, str]:
             model = auto_class.from_config(config, dtype=torch.float32)
     except UserError:
         raise
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, KeyError, json.JSONDecodeError, SafetensorError) as exc:  # a damaged or foreign file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{flag} {spec}: cannot load the model ({first})") from None
     wrapped = HFLogits(model)  # fp32 already: GGUF models refuse .float()
     if weights:
-        from .teachers import load_weights
-
         load_weights(wrapped, Path(weights), spec, flag)
         return wrapped, hf_identity(Path(weights))
     return wrapped, hf_identity(source.identity_path)

@@ -33,7 +33,8 @@ from .inputs import TeacherInputs, to_teacher_inputs
 from .options import GenerateConfig
 from .rundir import Journal, RunDirectory, ShardEntry
 from .shards import ShardPayload, build_shard, write_shard
-from .teachers import Teacher, autocast
+from .distributed import autocast
+from .teachers import Teacher
 from .schema import TARGETS_COLUMN
 from .text import DocumentWindows
 from .sampling import SampledTargets, position_keys, sampled_labels

@@ -37,7 +37,8 @@ from .corpus import Unit
 from .errors import UserError
 from .pipeline import GenerationRun, ignore_progress, process_unit, run_pipeline, write_unit
 from .rundir import Journal, ShardEntry
-from .teachers import load_teacher, resolve_device
+from .distributed import resolve_device
+from .teachers import load_teacher
 
 __all__ = ["ACTOR_CPUS", "TeacherWorker", "check_address", "run_units_on_ray"]
 

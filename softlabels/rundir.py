@@ -50,6 +50,7 @@ import pyarrow.parquet as pq
 from .codec import LogprobCodec
 from .errors import UserError, VerificationError
 from .fidelity import Fidelity
+from .faults import kill_point
 from .lease import is_lease_name
 from .schema import FORMAT, FORMAT_V1, READABLE_FORMATS, decode_header, shard_schema, soft_columns, targets_of
 from .storage import Location, append_line, atomic_write_text, commit_file, store_failure, writing
@@ -429,8 +430,9 @@ class Journal:
         line = json.dumps({"kind": "shard", **entry}, sort_keys=True)
         if self.per_object:
             (self.location / f"{entry['file'].removesuffix('.parquet')}.json").write_bytes((line + "\n").encode())
-            return
-        append_line(self.path, line)
+        else:
+            append_line(self.path, line)
+        kill_point("journal-appended")
 
     def read(self) -> tuple[dict[str, Any] | None, list[ShardEntry]]:
         """The run record and the shard records (a shard record without a run record is ignored)."""

@@ -24,16 +24,30 @@ import pyarrow as pa
 from .errors import UserError
 from .faults import kill_point
 
-__all__ = ["sha256_file", "fsync_path", "os_error_reason", "writing", "atomic_write_text", "append_line", "commit_file"]
+__all__ = ["sha256_file", "sha256_named_files", "fsync_path", "os_error_reason", "writing", "atomic_write_text", "append_line", "commit_file"]
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()
+    _hash_bytes_of(path, digest, chunk_bytes)
+    return digest.hexdigest()
+
+
+def sha256_named_files(files: "list[Path]") -> str:
+    """Hex sha256 over each file's name and then its bytes, in the given order: the identity of a model
+    or tokenizer that is several files."""
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
+        _hash_bytes_of(file, digest)
+    return digest.hexdigest()
+
+
+def _hash_bytes_of(path: Path, digest: "hashlib._Hash", chunk_bytes: int = 1 << 20) -> None:
     with open(path, "rb") as handle:
         while block := handle.read(chunk_bytes):
             digest.update(block)
-    return digest.hexdigest()
 
 
 def fsync_path(path: Path) -> None:
@@ -230,6 +244,13 @@ class Location:
         if self.local:
             return Location(os.path.join(self.uri, name), os.path.join(self.path, name))
         return Location(f"{self.uri.rstrip('/')}/{name}", f"{self.path.rstrip('/')}/{name}", self.fs)
+
+    @property
+    def parent(self) -> "Location":
+        """The folder that holds this place, on the same disk or store."""
+        if self.local:
+            return Location(os.path.dirname(self.uri) or ".", os.path.dirname(self.path) or ".")
+        return Location(self.uri.rstrip("/").rsplit("/", 1)[0], self.path.rstrip("/").rsplit("/", 1)[0], self.fs)
 
     def same_as(self, other: "str | os.PathLike[str] | Location") -> bool:
         """Do the two name the same place? (local paths after resolving links, store URIs as written)"""

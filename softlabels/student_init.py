@@ -219,7 +219,7 @@ def init_student(config: InitStudentConfig) -> InitStudentSummary:
             ``--out`` holding files init-student did not write.
     """
     from .hf import disable_progress_bars, load_hf_model
-    from .teachers import portable_name
+    from .loading import portable_name
 
     if not config.teacher.startswith("hf:"):
         raise UserError(f"--teacher {config.teacher}: init-student needs an hf: teacher (a transformers directory or a .gguf)")

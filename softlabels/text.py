@@ -22,7 +22,6 @@ The output table has ``sample_id``, ``input_ids`` (list<int32>: the ids the teac
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import pyarrow as pa
 from .errors import UserError
 from .hf import import_transformers
 from .schema import ID_COLUMN, TARGETS_COLUMN, TOKENS_COLUMN
+from .storage import sha256_named_files
 
 __all__ = ["TokenizerSource", "DocumentWindows", "load_tokenizer", "tokenizer_identity"]
 
@@ -69,13 +69,7 @@ class TokenizerSource:
 
 def tokenizer_identity(source: TokenizerSource) -> str:
     """sha256 over the tokenizer's files (names and bytes), in a fixed order."""
-    digest = hashlib.sha256()
-    for file in source.files():
-        digest.update(file.name.encode())
-        with open(file, "rb") as handle:
-            while block := handle.read(1 << 20):
-                digest.update(block)
-    return digest.hexdigest()
+    return sha256_named_files(source.files())
 
 
 def load_tokenizer(source: TokenizerSource) -> Any:

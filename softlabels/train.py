@@ -39,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 from .data import SoftLabelDataset, SoftLabelLoader
-from .distributed import distributed_env
+from .distributed import autocast, distributed_env, resolve_device
 from .errors import UserError, VerificationError
 from .hf import disable_progress_bars
 from .inputs import TeacherInputs
@@ -49,7 +49,8 @@ from .losses import (IGNORE_INDEX, dense_kd_per_position, hard_label_loss, kd_lo
 from .options import TrainConfig, flag_of
 from .rundir import refuse_out_inside_data
 from .storage import Location, append_line, atomic_write_text, writing
-from .teachers import Teacher, autocast, load_model, load_teacher, resolve_device
+from .loading import load_model
+from .teachers import Teacher, load_teacher
 
 __all__ = ["TrainConfig", "TrainSummary", "DistillationRecipe", "train_student", "evaluate", "student_logits", "hard_labels",
            "batch_losses", "stored_kd_per_position", "teacher_top1", "MetricsLog", "canonical_safetensors"]

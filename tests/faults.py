@@ -4,8 +4,9 @@
 server on 127.0.0.1 and, under test control, answers some of them with a 5xx, resets the
 connection before or after forwarding, delays them, or refuses everything (an outage). Faults are
 ``Rule`` objects matched by method and path; the choice among matching requests is deterministic:
-either the Nth matching request, or a fraction decided by a hash of (seed, method, path, how many
-times that method and path were seen), so thread interleavings do not change which requests fail.
+either the Nth matching request, or a fraction decided by a hash of (seed, method, object key, how
+many times that method and key were seen), so neither thread interleavings nor the bucket's random
+name change which requests fail.
 ``streak`` caps how often in a row one method+path may fail, which makes a fault transient: a
 client that retries that many times always gets through.
 
@@ -75,7 +76,8 @@ class Rule:
     def decide(self, method: str, target: str) -> bool:
         """Should this (matching) request fail? Updates the counters; call under the proxy's lock."""
         self.seen += 1
-        key = f"{method} {target.split('?', 1)[0]}"
+        path = target.split("?", 1)[0].split("/", 2)  # ["", bucket, key]: the bucket's name is random per test
+        key = f"{method} {path[2] if len(path) > 2 else ''}"
         occurrence = self._counts.get(key, 0)
         self._counts[key] = occurrence + 1
         if self.limit is not None and self.failed >= self.limit:

@@ -17,7 +17,7 @@ from softlabels.data import SoftLabelDataset, collate
 from softlabels.inspect import inspect
 from softlabels.losses import kd_loss
 from softlabels.models import TokenGRU
-from softlabels.teachers import load_model
+from softlabels.loading import load_model
 
 ROWS = 117
 TOP_K = 20

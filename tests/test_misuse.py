@@ -57,6 +57,8 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "empty").mkdir()
     (root / "student_out").mkdir()
     (root / "student_out" / "notes.txt").write_text("mine\n")
+    (root / "broken_on_import.py").write_text('raise RuntimeError("this module is broken on purpose")\n')
+    (root / "broken_factory.py").write_text('def teacher():\n    raise ValueError("no such width: 77")\n')
     return root
 
 
@@ -101,6 +103,8 @@ CASES = [
     Misuse("alpha-0-on-unlabeled-shards", train("w/soft_unlabeled", "--out", "w/s", "--alpha", 0), 1, ("--alpha", "label")),
     Misuse("mix-weights-not-adding-up", train("w/soft", "--data", "w/soft", "--out", "w/s", "--mix", "0.7,0.7"), 1, ("--mix", "0.7,0.7")),
     # -- misleading messages
+    Misuse("teacher-module-raises-on-import", lambda w: ["generate", w / "corpus" / "c.parquet", "--id-column", "id", "--teacher", "broken_on_import:teacher", "--out", w / "o"], 1, ("--teacher", "broken_on_import", "RuntimeError", "on purpose")),
+    Misuse("teacher-factory-raises", lambda w: ["generate", w / "corpus" / "c.parquet", "--id-column", "id", "--teacher", "broken_factory:teacher", "--out", w / "o"], 1, ("--teacher", "teacher()", "ValueError", "width: 77")),
     Misuse("student-typo", lambda w: ["train-student", w / "soft", "--student", "softlabels.models:digits_mpl", "--out", w / "s"], 1, ("--student", "digits_mpl"), ("--teacher",)),
     Misuse("corrupt-eval-directory", train("w/soft", "--out", "w/s", "--eval", "w/soft_corrupt"), 2, ("--eval", "soft_corrupt", "shard-000001.parquet")),
     Misuse("corrupt-data-directory", train("w/soft_corrupt", "--out", "w/s"), 2, ("soft_corrupt", "shard-000001.parquet")),

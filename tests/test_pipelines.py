@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, unpinned_environ
+from conftest import REPO, smollm2_dir, unpinned_environ
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,24 @@ def test_kjv_smoke_pipeline(smoke_run):
         assert manifest["totals"]["positions"] == 12 * 128
     assert json.loads((run / "soft_k64" / "manifest.json").read_text())["fidelity"]["captured_mass_mean"] > \
         json.loads((run / "soft_k20" / "manifest.json").read_text())["fidelity"]["captured_mass_mean"]
+
+
+def test_the_dequantised_teacher_holds_the_gguf_tensors_bit_for_bit(smoke_run):
+    """RUN/teacher (written once by pipelines/dequantise_gguf.py) against gguf's own dequantisation."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    stored = load_file(smoke_run / "teacher" / "model.safetensors")
+    names = {"token_embd.weight": "model.embed_tokens.weight", "blk.13.ffn_down.weight": "model.layers.13.mlp.down_proj.weight",
+             "blk.29.ffn_gate.weight": "model.layers.29.mlp.gate_proj.weight"}
+    reader = gguf.GGUFReader(next(smollm2_dir().glob("*.gguf")))
+    for tensor in reader.tensors:
+        if tensor.name in names:
+            mine = stored[names.pop(tensor.name)]
+            assert np.array_equal(gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(mine.shape), mine), tensor.name
+    assert not names
+    assert json.loads((smoke_run / "teacher" / "config.json").read_text())["num_hidden_layers"] == 30
 
 
 def _report_module():
@@ -84,7 +102,7 @@ def test_kjv_pipeline_sampled_arm_and_seeds(tmp_path, smoke_run):
     from safetensors.torch import load_file
 
     run = tmp_path / "kjv"
-    for prepared in ("corpus", "soft_heldout"):  # the same 12 + 6 windows and held-out shards as the smoke run's
+    for prepared in ("teacher", "corpus", "soft_heldout"):  # the smoke run's dequantised teacher, 12 + 6 windows and held-out shards
         shutil.copytree(smoke_run / prepared, run / prepared)
     env = {**unpinned_environ(), "HF_HUB_OFFLINE": "1", "ARMS": "hard sampled_12", "SEEDS": "0 1"}
     command = ["bash", str(REPO / "pipelines" / "kjv_distill.sh"), str(run), "12", "6", "3"]
@@ -93,6 +111,7 @@ def test_kjv_pipeline_sampled_arm_and_seeds(tmp_path, smoke_run):
     manifest = json.loads((run / "soft_s12" / "manifest.json").read_text())
     assert manifest["targets"] == "sample" and manifest["samples"] == 12
     assert not (run / "soft_k20").exists()
+    assert "dequantised" not in result.stderr  # the copied teacher folder is reused as a rerun's would be
     for arm in ("hard", "sampled_12"):
         first, second = load_file(run / arm / "student.safetensors"), load_file(run / f"{arm}-seed1" / "student.safetensors")
         assert any(not (first[name] == second[name]).all() for name in first), "the seeds trained the same student"

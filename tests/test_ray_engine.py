@@ -95,8 +95,8 @@ def _env() -> dict[str, str]:
     return {**env, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
 
 
-def _interrupt_after(args: list[object], out: Path, shards: int, sig: int) -> subprocess.CompletedProcess[str]:
-    return interrupt_after([sys.executable, "-m", "softlabels.cli", *[str(a) for a in args]], out, shards, sig, _env())
+def _interrupt_after(args: list[object], shards: int, sig: int) -> subprocess.CompletedProcess[str]:
+    return interrupt_after([sys.executable, "-m", "softlabels.cli", *[str(a) for a in args]], shards, sig, _env())
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def slow_setup(tmp_path_factory, corpus) -> tuple[list[str], Path]:
 def test_local_run_killed_then_resumed_on_ray_equals_uninterrupted(tmp_path, corpus, slow_setup):
     teachers, straight = slow_setup
     out = tmp_path / "out"
-    killed = _interrupt_after(_args(corpus, teachers, out), out, 2, signal.SIGKILL)
+    killed = _interrupt_after(_args(corpus, teachers, out), 2, signal.SIGKILL)
     assert killed.returncode == -signal.SIGKILL
     before = journal_shards(out)
     assert 2 <= before < SHARDS and not (out / "manifest.json").exists()
@@ -132,7 +132,7 @@ def test_ray_run_ctrl_c_keeps_whole_shards_and_the_local_engine_finishes(tmp_pat
     """A subprocess with its own local Ray: SIGINT after one shard, then resumed by the local engine."""
     teachers, straight = slow_setup
     out = tmp_path / "out"
-    interrupted = _interrupt_after(_args(corpus, teachers, out, "--engine", "ray"), out, 1, signal.SIGINT)
+    interrupted = _interrupt_after(_args(corpus, teachers, out, "--engine", "ray"), 1, signal.SIGINT)
     assert interrupted.returncode == 130, interrupted.stderr[-2000:]
     assert "Traceback" not in interrupted.stderr and "rerun" in interrupted.stderr
     assert interrupted.stdout == ""

@@ -30,8 +30,8 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
 
 
-def _interrupt_after(command: list[str], out: Path, shards: int, sig: int) -> subprocess.CompletedProcess[str]:
-    return interrupt_after(command, out, shards, sig, _env())
+def _interrupt_after(command: list[str], shards: int, sig: int) -> subprocess.CompletedProcess[str]:
+    return interrupt_after(command, shards, sig, _env())
 
 
 def _shard_hashes(out: Path) -> list[tuple[str, str]]:
@@ -67,7 +67,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, setups, straigh
     corpus, teachers = setups[setup]
     straight, resumed = straight_runs[setup], tmp_path / "resumed"
 
-    interrupted = _interrupt_after(_generate_command(corpus, teachers, resumed), resumed, 2, sig)
+    interrupted = _interrupt_after(_generate_command(corpus, teachers, resumed), 2, sig)
     assert not (resumed / "manifest.json").exists(), "an interrupted run must not be sealed"
     if sig == signal.SIGINT:
         assert interrupted.returncode == 130

@@ -182,7 +182,7 @@ def test_rows_skipped_for_non_finite_outputs_leave_the_others_draws_keyed_by_the
     """--on-nonfinite skip drops rows holding NAN_TOKEN; every kept row's draws are those of its own key."""
     from fixture_teachers import NAN_TOKEN
 
-    from softlabels.teachers import load_model
+    from softlabels.loading import load_model
 
     out = tmp_path / "out"
     result = run_cli("generate", setup["corpus"], "--out", out, "--id-column", "id", "--rows-per-shard", 30, "--batch-size", 8,
@@ -228,7 +228,7 @@ def test_a_top_k_run_keeps_its_settings_and_fingerprint_keys(tmp_path, setup):
 def test_killed_and_resumed_sampled_run_is_byte_identical(tmp_path, setup):
     out = tmp_path / "resumed"
     command = [sys.executable, "-m", "softlabels.cli", *_args(setup["corpus"], [setup["slow"]], out)]
-    killed = interrupt_after(command, out, 2, signal.SIGKILL, _env())
+    killed = interrupt_after(command, 2, signal.SIGKILL, _env())
     assert killed.returncode == -signal.SIGKILL and not (out / "manifest.json").exists()
     rerun = run_cli_subprocess(*_args(setup["corpus"], [setup["slow"]], out))
     assert rerun.returncode == 0, rerun.stderr

@@ -278,7 +278,7 @@ def test_text_run_killed_then_resumed_is_byte_identical(tmp_path, llm, documents
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert run_cli(*args(straight)).code == 0  # in process, on the suite's pinned threads like the processes below
-    killed = interrupt_after([sys.executable, "-m", "softlabels.cli", *args(resumed)], resumed, 3, signal.SIGKILL, env)
+    killed = interrupt_after([sys.executable, "-m", "softlabels.cli", *args(resumed)], 3, signal.SIGKILL, env)
     assert killed.returncode == -signal.SIGKILL
     assert not (resumed / "manifest.json").exists()
     rerun = run_cli_subprocess(*args(resumed))
