@@ -46,6 +46,20 @@ def words_of(text: str) -> list[str]:
     return WORD.findall(text.lower().replace("\u2019", "'"))
 
 
+def align_transcript(text: str) -> str:
+    """The words of ``text`` with ``<sil>`` after each word that punctuation follows (not at the end):
+    espeak-ng pauses there, and the aligner then labels the pause as silence."""
+    out: list[str] = []
+    for token in text.replace("[", "").replace("]", "").split():
+        words = words_of(token)
+        out.extend(words)
+        if words and re.search(r"[,;:.?!]\W*$", token):
+            out.append("<sil>")
+    while out and out[-1] == "<sil>":
+        out.pop()
+    return " ".join(out)
+
+
 def pieces(text: str, min_words: int = 3, max_words: int = 20) -> list[str]:
     """A verse cut at sentence punctuation, and at commas where a sentence has more than ``max_words``."""
     out: list[str] = []
