@@ -7,12 +7,14 @@ Sets (books split by ``kjv_sentences.split_of``, so no verse is in two sets; voi
   unlabeled    the unlabeled books, every other non-test variant in every dialect, rates 110-260 wpm,
                pitch 20-80; half of it mixed with white, pink or babble noise at 0-20 dB SNR
   test_clean   the test books, TEST_VARIANTS (held-out voices), clean
-  test_noisy   test_clean's utterances again with held-out noise (brown, or babble of held-out voices)
-               at 0, 5 and 10 dB: ids ``<id>@<snr>dB``, the same samples under the noise
+  test_noisy   test_clean's stored samples again under held-out noise (brown, or babble of held-out
+               voices) at 0, 5 and 10 dB: ids ``<id>@<snr>dB``
 Each set is written in shards ``OUT/<set>/part-NNNNN.parquet`` of ``--shard-rows`` rows; a shard that
 exists is skipped (each shard is written to a temporary name and renamed), and every utterance's voice,
 rate, pitch, noise and SNR come from a generator seeded by (seed, set, index), so an interrupted run
-resumes and a rerun writes the same bytes. ``OUT/corpus.json`` (written last) holds the counts and hours.
+resumes with the same utterances, voices and noise. The samples are not bitwise the same in another
+run order: espeak-ng keeps state across calls (even across espeak_Terminate and a new
+espeak_Initialize), and an utterance's length drifts by a few samples with what was spoken before it. ``OUT/corpus.json`` (written last) holds the counts and hours.
 
     python pipelines/speech/build_corpus.py --out runs/speech/corpus --labeled 2000 --unlabeled 20000 --test 400
 """
@@ -50,6 +52,9 @@ SETS = ("labeled", "unlabeled", "test_clean", "test_noisy")
 # utterances PocketSphinx's word pass failed on 22 with exact zeros and on 10 with the floor (2 after
 # sphinx_align's fallback without fillers).
 NOISE_FLOOR = 2.0
+# espeak-ng starts speaking at the first sample; a segmented recording has some silence around the
+# speech, which the aligner labels SIL: each utterance gets 100-300 ms of (floor-only) silence at each end.
+EDGE_SILENCE = (0.1, 0.3)
 
 
 def dictionary_path() -> Path:
@@ -76,6 +81,12 @@ def wav_bytes(samples: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def read_wav(data: bytes) -> np.ndarray:
+    import soundfile as sf
+
+    return sf.read(io.BytesIO(data), dtype="int16")[0]
+
+
 def seed_of(seed: int, name: str, index: int) -> int:
     return zlib.crc32(f"{seed}/{name}/{index}".encode())
 
@@ -93,7 +104,9 @@ class Synthesizer:
 
         start = time.perf_counter()
         raw = self.espeak.say(text, voice, rate, pitch)
-        out = soxr.resample(raw.astype(np.float64), self.espeak.sample_rate, SAMPLE_RATE, quality="HQ")
+        speech = soxr.resample(raw.astype(np.float64), self.espeak.sample_rate, SAMPLE_RATE, quality="HQ")
+        lead, trail = (int(rng.uniform(*EDGE_SILENCE) * SAMPLE_RATE) for _ in range(2))
+        out = np.concatenate([np.zeros(lead), speech, np.zeros(trail)])
         out += rng.standard_normal(out.size) * NOISE_FLOOR
         self.seconds += time.perf_counter() - start
         self.audio_seconds += out.size / SAMPLE_RATE
@@ -159,6 +172,8 @@ def write_shard(rows: list[dict], path: Path, schema=None) -> None:  # noqa: ANN
 
 def build_set(name: str, utts: list, count: int, args, synth: Synthesizer, voices: list[np.ndarray]) -> dict:  # noqa: ANN001
     """Write set ``name`` (its shards not yet written); return its counts."""
+    import pyarrow.parquet as pq
+
     out = Path(args.out) / name
     count = min(count, len(utts))
     # Spread the picks over all the set's books (every k-th utterance) rather than the first books only.
@@ -169,11 +184,16 @@ def build_set(name: str, utts: list, count: int, args, synth: Synthesizer, voice
         if path.exists():
             continue
         rows = []
+        if name == "test_noisy":  # the very samples of test_clean's shard of the same number, under noise
+            clean_rows = pq.read_table(Path(args.out) / "test_clean" / path.name).to_pylist()
         for index in range(first, min(first + args.shard_rows, count)):
             utt = utts[picks[index]]
             if name == "test_noisy":
-                p = plan("test_clean", index, args.seed)
-                clean = synth(utt[3], p["voice"], p["rate"], p["pitch"], p["rng"])
+                stored = clean_rows[index - first]
+                if stored["id"] != utt[0]:
+                    raise RuntimeError(f"{path}: test_clean row {stored['id']} where {utt[0]} was expected")
+                clean = read_wav(stored["audio"]["bytes"]).astype(np.float64)
+                p = {k: stored[k] for k in ("voice", "rate", "pitch")}
                 for snr in TEST_SNRS:
                     rng = np.random.default_rng(seed_of(args.seed, f"{name}@{snr}", index))
                     kind = TEST_NOISES[rng.integers(len(TEST_NOISES))]

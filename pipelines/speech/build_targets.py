@@ -2,7 +2,8 @@
 and write them again with per-10 ms-frame senone ids and the aligned phones.
 
 Reads ``CORPUS/<set>/part-*.parquet`` (build_corpus.py) and writes ``OUT/<set>/part-*.parquet`` with the
-corpus columns plus ``senones`` (list<int32>, one per 10 ms frame), ``phones`` (list<string>, the
+corpus columns plus ``senones`` (list<int32>, one per frame of softlabels.audio's frontend: 1 + samples //
+160, frame j centred on sample 160 j; see sphinx_align.on_frontend_frames), ``phones`` (list<string>, the
 aligned phone segments, SIL included), ``phone_starts`` (list<int32>, first frame of each) and
 ``align_mode`` (the sphinx_align try that aligned it). ``test_noisy`` takes the targets of its clean utterance
 (the same samples under the noise). Utterances that fail to align are dropped; ``OUT/targets.json``
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from build_corpus import features, write_shard  # noqa: E402
 from senones import phone_error_rate, read_mdef  # noqa: E402
 from kjv_sentences import align_transcript  # noqa: E402
-from sphinx_align import Aligner, model_dir  # noqa: E402
+from sphinx_align import Aligner, model_dir, on_frontend_frames  # noqa: E402
 
 ALIGNED_SETS = ("labeled", "test_clean")
 
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                 if alignment is None:
                     dropped += 1
                     continue
+                alignment = on_frontend_frames(alignment, samples.size)
                 kept += 1
                 modes[alignment.mode] = modes.get(alignment.mode, 0) + 1
                 rows.append({**row, "senones": alignment.senones.tolist(), "phones": alignment.phones,

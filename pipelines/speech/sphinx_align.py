@@ -4,12 +4,13 @@ aligned phone sequence of an utterance (16 kHz int16 audio and its transcript).
 Two passes, as PocketSphinx 5 documents: ``set_align_text`` and a decode (word alignment), then
 ``set_alignment`` and a second decode, whose ``get_alignment`` has words, phones and HMM states, each
 state named by its senone id. Tries in order, the first that aligns every word wins (``Alignment.mode``):
-  pauses   the transcript with ``<sil>`` where punctuation made the synthesizer pause, no other
-           fillers (``fsgusefiller`` off): on 52 synthesized utterances this aligned 47;
-           ``plain`` instead when the transcript has no pause;
-  fillers  the model's default configuration (optional silence and noise between any words): alone it
-           aligned 18 of 32, the word pass mostly ending before the last word or finding no path;
-  plain    the words only, no fillers (after the two above, for a transcript with pauses).
+  pauses   the transcript as given, with ``<sil>`` at the ends and where punctuation made the
+           synthesizer pause, no other fillers (``fsgusefiller`` off): on 52 synthesized utterances
+           this aligned 47;
+  fillers  the words under the model's default configuration (optional silence and noise between any
+           words): alone it aligned 18 of 32, the word pass mostly ending before the last word or
+           finding no path;
+  edges    the words with ``<sil>`` at the ends only, no fillers.
 An utterance fails (``None``) when no try aligns every word, or when the states do not tile the frames
 from 0 without gaps.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 FRAME_RATE = 100  # frames per second (10 ms)
+HOP = 160  # samples per frame at 16 kHz
 
 
 @dataclass
@@ -30,13 +32,27 @@ class Alignment:
     phones: list[str]  # aligned phone segments in order (SIL included)
     phone_starts: list[int]  # first frame of each phone segment
     words: list[str]  # aligned words (<s>, <sil>, </s> and alternates like and(2) as the decoder names them)
-    mode: str  # the try that aligned it: pauses, fillers or plain
+    mode: str  # the try that aligned it: pauses, fillers or edges
 
 
 def model_dir() -> Path:
     import pocketsphinx
 
     return Path(pocketsphinx.get_model_path()) / "en-us"
+
+
+def on_frontend_frames(alignment: Alignment, samples: int) -> Alignment:
+    """The alignment re-timed onto softlabels.audio's frontend frames: ``1 + samples // 160``, frame j
+    centred on sample 160 j. PocketSphinx's frame t is centred on sample 160 t + 205 (a 25.6 ms window
+    from 160 t), so frame j takes PocketSphinx's frame j - 1 (0.3 frame apart at most); the first frame
+    repeats PocketSphinx's first, and the frames past its last (its window ran off the end) repeat its
+    last, the final silence."""
+    frames = 1 + samples // HOP
+    source = np.clip(np.arange(frames) - 1, 0, alignment.senones.size - 1)
+    starts = [0] + [s + 1 for s in alignment.phone_starts[1:]]
+    keep = [i for i, s in enumerate(starts) if s < frames]
+    return Alignment(alignment.senones[source], [alignment.phones[i] for i in keep], [starts[i] for i in keep],
+                     alignment.words, alignment.mode)
 
 
 def spoken_words(names) -> list[str]:  # noqa: ANN001 - decoder word names
@@ -50,7 +66,7 @@ class Aligner:
     def __init__(self) -> None:
         import pocketsphinx
 
-        self.plain = pocketsphinx.Decoder(loglevel="FATAL", fsgusefiller=False)
+        self.plain = pocketsphinx.Decoder(loglevel="FATAL", fsgusefiller=False)  # only the <sil> given
         self.fillers = pocketsphinx.Decoder(loglevel="FATAL")
 
     def align(self, samples: np.ndarray, transcript: str) -> Alignment | None:
@@ -58,10 +74,10 @@ class Aligner:
         where a pause is expected), or None."""
         pcm = np.ascontiguousarray(samples, dtype=np.int16).tobytes()
         words = " ".join(spoken_words(transcript.split()))
-        if transcript.split() == words.split():  # no pause expected: the plain try comes first
-            tries = [(self.plain, words, "plain"), (self.fillers, words, "fillers")]
-        else:
-            tries = [(self.plain, transcript, "pauses"), (self.fillers, words, "fillers"), (self.plain, words, "plain")]
+        tries = [(self.plain, transcript, "pauses"), (self.fillers, words, "fillers")]
+        edges = f"<sil> {words} <sil>"
+        if transcript != edges:
+            tries.append((self.plain, edges, "edges"))
         for decoder, text, mode in tries:
             result = self._align(decoder, pcm, text, mode)
             if result is not None:
