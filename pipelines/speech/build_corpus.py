@@ -16,7 +16,7 @@ resumes with the same utterances, voices and noise. The samples are not bitwise 
 run order: espeak-ng keeps state across calls (even across espeak_Terminate and a new
 espeak_Initialize), and an utterance's length drifts by a few samples with what was spoken before it. ``OUT/corpus.json`` (written last) holds the counts and hours.
 
-    python pipelines/speech/build_corpus.py --out runs/speech/corpus --labeled 2000 --unlabeled 20000 --test 400
+    python pipelines/speech/build_corpus.py --out runs/speech/corpus --labeled 2000 --unlabeled 24000 --test 400
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from espeak_synth import DIALECTS, VARIANTS, Espeak  # noqa: E402
 from kjv_sentences import read_dictionary, utterance_texts  # noqa: E402
-from noise_mix import babble, brown, fit_int16, mix, pink, snr_db, white  # noqa: E402
+from noise_mix import babble, brown, fit_int16, mix, pink, white  # noqa: E402
 
 SAMPLE_RATE = 16_000
 LABELED_VOICES = ("en-us+m1", "en-us+f2", "en-gb-x-rp+m3", "en+f1")
@@ -216,8 +216,8 @@ def build_set(name: str, utts: list, count: int, args, synth: Synthesizer, voice
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--labeled", type=int, default=2000, help="utterances (about 2 h at 2000)")
-    parser.add_argument("--unlabeled", type=int, default=20000)
+    parser.add_argument("--labeled", type=int, default=2000, help="utterances (about 2 h at 2000: 3.6 s each)")
+    parser.add_argument("--unlabeled", type=int, default=24000, help="over 10x the labeled hours at 24000")
     parser.add_argument("--test", type=int, default=400, help="test_clean utterances (test_noisy has 3x)")
     parser.add_argument("--shard-rows", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)

@@ -8,6 +8,7 @@ holds global state: one ``Espeak`` per process.
 from __future__ import annotations
 
 import ctypes
+from pathlib import Path
 
 import numpy as np
 
@@ -56,6 +57,7 @@ class Espeak:
         if rate <= 0:
             raise RuntimeError(f"espeak_Initialize failed with data {espeakng_loader.get_data_path()}")
         self.sample_rate = rate
+        self.variants = {p.name for p in (Path(espeakng_loader.get_data_path()) / "voices" / "!v").iterdir()}
         self._chunks: list[np.ndarray] = []
         self._callback = _CALLBACK(self._collect)  # kept alive as long as the library may call it
         lib.espeak_SetSynthCallback(self._callback)
@@ -67,8 +69,9 @@ class Espeak:
 
     def say(self, text: str, voice: str = "en-us", rate: int = 175, pitch: int = 50) -> np.ndarray:
         """int16 samples of ``text`` spoken by ``voice`` at ``rate`` words per minute and base ``pitch`` (0-100)."""
-        if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
-            raise ValueError(f"espeak-ng has no voice {voice!r}")
+        variant = voice.partition("+")[2]
+        if (variant and variant not in self.variants) or self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
+            raise ValueError(f"espeak-ng has no voice {voice!r}")  # (it takes an unknown +variant silently)
         self.lib.espeak_SetParameter(ESPEAK_RATE, int(rate), 0)
         self.lib.espeak_SetParameter(ESPEAK_PITCH, int(pitch), 0)
         self._chunks = []

@@ -8,7 +8,7 @@
 # Stages (each skipped when its summary file exists; an interrupted one resumes at its first missing shard):
 #   corpus   RUN/corpus/{labeled,unlabeled,test_clean,test_noisy}/part-*.parquet, RUN/corpus/corpus.json
 #   targets  RUN/targets/{labeled,test_clean,test_noisy}/part-*.parquet, RUN/targets/targets.json
-# Sizes (utterances of about 3 s): LABELED (2500, about 2 h), UNLABELED (27000, about 10x the hours),
+# Sizes (utterances of about 3.6 s): LABELED (2000, about 2 h), UNLABELED (24000, over 10x the hours),
 # TEST (400; test_noisy has 3x, at 0, 5 and 10 dB), SHARD_ROWS (500), SEED (0).
 #
 # Needs, installed here when missing: espeakng-loader (espeak-ng 1.52 and its voices), pocketsphinx
@@ -16,8 +16,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUN=${1:-runs/speech}
-LABELED=${LABELED:-2500}
-UNLABELED=${UNLABELED:-27000}
+LABELED=${LABELED:-2000}
+UNLABELED=${UNLABELED:-24000}
 TEST=${TEST:-400}
 SHARD_ROWS=${SHARD_ROWS:-500}
 SEED=${SEED:-0}
