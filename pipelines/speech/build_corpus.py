@@ -143,9 +143,16 @@ def noise_of(kind: str, n: int, rng: np.random.Generator, voices: list[np.ndarra
     raise ValueError(f"unknown noise {kind!r}")
 
 
-def babble_voices(synth: Synthesizer, texts: list, variants: tuple[str, ...], count: int = 12) -> list[np.ndarray]:
-    """``count`` utterances (texts from ``texts``' end, which the set itself reaches last) by ``variants``."""
-    picks = texts[::-1][:count]
+def spread(total: int, count: int) -> np.ndarray:
+    """Indices of ``count`` of ``total`` utterances, evenly spread (over all of a split's books)."""
+    return np.linspace(0, total - 1, count).round().astype(int) if count and total else np.zeros(0, int)
+
+
+def babble_voices(synth: Synthesizer, texts: list, used: int, variants: tuple[str, ...], count: int = 12) -> list[np.ndarray]:
+    """``count`` utterances by ``variants`` of texts from the end of ``texts`` that none of the ``used``
+    spread picks is (so no talker in the babble says the sentence under it)."""
+    taken = set(spread(len(texts), min(used, len(texts))).tolist())
+    picks = [t for i, t in reversed(list(enumerate(texts))) if i not in taken][:count]
     rng = np.random.default_rng(len(picks))
     return [synth(t[3], f"{DIALECTS[i % len(DIALECTS)]}+{variants[i % len(variants)]}", 170, 50, rng) for i, t in enumerate(picks)]
 
@@ -176,8 +183,7 @@ def build_set(name: str, utts: list, count: int, args, synth: Synthesizer, voice
 
     out = Path(args.out) / name
     count = min(count, len(utts))
-    # Spread the picks over all the set's books (every k-th utterance) rather than the first books only.
-    picks = np.linspace(0, len(utts) - 1, count).round().astype(int) if count else np.zeros(0, int)
+    picks = spread(len(utts), count)
     shards = range(0, count, args.shard_rows)
     for first in shards:
         path = out / f"part-{first // args.shard_rows:05d}.parquet"
@@ -230,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     texts, stats = utterance_texts(read_dictionary(dictionary_path()))
     synth = Synthesizer()
     # Babble for training noise from unlabeled voices; held-out babble from test voices on test-book text.
-    train_babble = babble_voices(synth, texts["unlabeled"], UNLABELED_VARIANTS)
-    test_babble = babble_voices(synth, texts["test"], TEST_VARIANTS)
+    train_babble = babble_voices(synth, texts["unlabeled"], args.unlabeled, UNLABELED_VARIANTS)
+    test_babble = babble_voices(synth, texts["test"], args.test, TEST_VARIANTS)
     counts = {
         "labeled": build_set("labeled", texts["labeled"], args.labeled, args, synth, train_babble),
         "unlabeled": build_set("unlabeled", texts["unlabeled"], args.unlabeled, args, synth, train_babble),
