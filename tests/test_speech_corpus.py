@@ -224,6 +224,11 @@ def test_tiny_corpus_and_targets_build_read_back(tmp_path, mdef):
         assert {k: v for k, v in old.items() if k not in ("audio", "duration")} == \
             {k: v for k, v in new.items() if k not in ("audio", "duration")}
         assert abs(old["duration"] - new["duration"]) < 0.02
+    # resuming with other sizes would mix two corpora: refused in one line, nothing written
+    (corpus / "corpus.json").unlink()
+    with pytest.raises(SystemExit, match="params.json: this corpus was started with other sizes"):
+        build_corpus.main(["--out", str(corpus), *sizes[:-1], "3"])
+    assert not (corpus / "corpus.json").exists()
 
 
 def test_run_sh_skips_finished_stages(tmp_path):

@@ -232,6 +232,16 @@ def main(argv: list[str] | None = None) -> int:
     if (out / "corpus.json").exists():
         print(f"{out}: corpus complete, skipped")
         return 0
+    # The sizes and seed fix every shard's contents: resuming with others would mix two corpora.
+    params = {"labeled": args.labeled, "unlabeled": args.unlabeled, "test": args.test,
+              "shard_rows": args.shard_rows, "seed": args.seed}
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "params.json").exists():
+        if json.loads((out / "params.json").read_text()) != params:
+            raise SystemExit(f"{out}/params.json: this corpus was started with other sizes or seed "
+                             f"({(out / 'params.json').read_text().strip()}); use another --out or the same arguments")
+    else:
+        (out / "params.json").write_text(json.dumps(params) + "\n")
     started = time.perf_counter()
     texts, stats = utterance_texts(read_dictionary(dictionary_path()))
     synth = Synthesizer()
