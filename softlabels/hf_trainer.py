@@ -42,7 +42,8 @@ import torch
 from .codec import LogprobCodec
 from .data import collate
 from .errors import UserError, VerificationError
-from .losses import IGNORE_INDEX, hard_label_loss, sampled_estimate_is_unbiased
+from .losses import IGNORE_INDEX, hard_label_loss
+from .targets import kind_of
 from .options import TAIL_MODES
 from .rundir import RunDirectory
 from .train import hard_labels, stored_kd_per_position, teacher_top1
@@ -71,9 +72,10 @@ def _sealed_manifest(directory: str | os.PathLike[str], verify_shards: bool | No
         if "not complete" in str(exc) or "no manifest" in str(exc):
             raise UserError(f"{directory}: {exc}") from None
         raise
-    targets = manifest.get("targets", "topk")
-    if targets not in ("topk", "sample"):
-        raise UserError(f"{directory}: holds {targets!r} targets; the HF Trainer path reads top-k or sampled soft labels")
+    try:
+        kind_of(manifest)
+    except UserError:
+        raise UserError(f"{directory}: holds {manifest.get('targets')!r} targets, a kind this process does not know") from None
     return manifest
 
 
@@ -131,8 +133,10 @@ class SoftLabelCollator:
         self.label_column: str | None = manifest.get("label_column")
         self.codec = LogprobCodec.from_header(manifest)
         self.vocab_size = int(manifest["vocab_size"])
-        self.sampled = manifest.get("targets", "topk") == "sample"
-        self.proposal_temperature = float(manifest.get("proposal_temperature", 1.0))
+        self.kind = kind_of(manifest)
+        self.header = manifest
+        stored_temperature = manifest.get("proposal_temperature")  # sampled targets' proposal, for rows without their header
+        self.proposal_temperature = None if stored_temperature is None else float(stored_temperature)
         if self.input_column is None:
             raise UserError("these shards have no input column; the HF Trainer path feeds token ids to the model")
 
@@ -143,7 +147,7 @@ class SoftLabelCollator:
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = collate(rows, input_column=self.input_column, label_column=self.label_column, codec=self.codec,
-                        proposal_temperature=self.proposal_temperature if self.sampled else None)
+                        proposal_temperature=self.proposal_temperature)
         tokens = batch["inputs"]
         if tokens.dim() != 2 or torch.is_floating_point(tokens):
             raise UserError(f"column {self.input_column!r} holds {tuple(tokens.shape[1:])} {tokens.dtype} values per row, "
@@ -224,10 +228,9 @@ class SoftLabelTrainer(Trainer):
                             "otherwise the Trainer drops the soft-label columns before the collator")
         self.temperature, self.alpha, self.tail = temperature, alpha, tail
         collator = self.data_collator
-        if isinstance(collator, SoftLabelCollator) and collator.sampled and not sampled_estimate_is_unbiased(
-                temperature, collator.proposal_temperature):
-            warnings.warn(f"temperature {temperature:g} is neither 1 nor the proposal temperature {collator.proposal_temperature:g} "
-                          "of the sampled targets: their KD estimate is then consistent, not unbiased", stacklevel=2)
+        bias = collator.kind.bias_warning(temperature, collator.header) if isinstance(collator, SoftLabelCollator) else None
+        if bias is not None:
+            warnings.warn(f"temperature {bias}: their KD estimate is then consistent, not unbiased", stacklevel=2)
         if self.args.label_names is None:
             self.label_names = ["target_mask"]  # so evaluate() computes a loss (top-k and sampled batches have it)
         self._train_sums: torch.Tensor | None = None  # kd, ce, batches; on the model's device: no sync per step

@@ -47,8 +47,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .codec import LogprobCodec
-from .schema import (
+from ..codec import LogprobCodec
+from ..schema import (
     MAX_UINT8_SAMPLES,
     SAMPLE_CODES_COLUMN,
     SAMPLE_COUNTS_COLUMN,
@@ -406,7 +406,7 @@ def sampled_labels(member_logits: list[torch.Tensor], positions_per_row: torch.T
         keys: [N] int64 position keys (``position_keys`` of the rows' sample ids and these positions).
         samples: N draws per position.
         proposal_temperature: t of the proposal p^(1/t) / Z_t.
-        mode: ensemble mode (``softlabels.topk.ensemble_logprobs``).
+        mode: ensemble mode (``softlabels.targets.topk.ensemble_logprobs``).
     """
     keys = _as_uint64(keys)
     parts, confidence, entropy, agreement = [], [], [], []
