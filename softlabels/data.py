@@ -174,7 +174,7 @@ def collate(
     if codec is None:
         codec = kind.codec_without_header(table.schema) if header is None else codec_of(table.schema)
         stored = kind.columns(header or {}, codec)[1]
-        if header is None and codec.dtype != "uint8" and stored in table.column_names:
+        if header is None and codec.dtype != "uint8" and stored is not None and stored in table.column_names:
             leaf = table.column(stored)
             while pa.types.is_list(leaf.type) or pa.types.is_fixed_size_list(leaf.type) or pa.types.is_large_list(leaf.type):
                 leaf = pc.list_flatten(leaf)

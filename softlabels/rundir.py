@@ -248,7 +248,7 @@ def _shape_damage(manifest: dict[str, Any]) -> str | None:
         counted = kind_of(manifest).size_key
     except UserError as exc:
         return str(exc)
-    if not _is_count(manifest.get(counted)) or not manifest[counted]:
+    if counted is not None and (not _is_count(manifest.get(counted)) or not manifest[counted]):
         return f"{counted!r} is not a positive count"
     return None
 

@@ -23,8 +23,9 @@ import torch
 from ..codec import LogprobCodec
 from ..errors import UserError
 from ..fidelity import Fidelity
+from ..options import TARGET_KINDS
 
-__all__ = ["TargetKind", "BatchTargets", "HostTargets", "RowTargets", "register", "registered", "kind_named", "kind_of",
+__all__ = ["TargetKind", "BatchTargets", "HostTargets", "RowTargets", "register", "unregister", "registered", "kind_named", "kind_of",
            "kind_of_columns", "kind_of_batch", "all_soft_columns", "all_logprob_columns", "soft_columns", "distribution", "HISTOGRAM_BINS"]
 
 DEFAULT_KIND = "topk"
@@ -69,8 +70,8 @@ class TargetKind(Protocol):
     """The header's ``targets`` value."""
     manifest_keys: tuple[str, ...]
     """Header keys a sealed manifest of this kind must hold, each a positive count or a number."""
-    size_key: str
-    """The manifest key that counts what a position stores (must be a positive count)."""
+    size_key: str | None
+    """The manifest key that counts what a position stores (must be a positive count), or None."""
     batch_key: str
     """A key that only this kind's batches hold (how a mixed training stream tells batches apart)."""
     id_column: str
@@ -94,8 +95,9 @@ class TargetKind(Protocol):
     def fields(self, vocab_size: int, header: dict[str, Any], codec: LogprobCodec) -> list[pa.Field]:
         """The soft-label fields of a shard, after the passed-through columns, before the statistics."""
 
-    def columns(self, header: dict[str, Any], codec: LogprobCodec) -> tuple[str, str]:
-        """The (ids, stored log-probabilities) column names of a run of this kind."""
+    def columns(self, header: dict[str, Any], codec: LogprobCodec) -> tuple[str, str | None]:
+        """The (ids, stored log-probabilities or None) column names of a run of this kind; the ids column's
+        lists have one entry per stored position."""
 
     def compute(self, member_logits: list[torch.Tensor], positions_per_row: torch.Tensor, run: Any) -> BatchTargets:
         """Targets of N valid positions from each teacher's [N, C] logits (``run``: the GenerationRun)."""
@@ -151,9 +153,18 @@ _KINDS: dict[str, TargetKind] = {}
 
 
 def register(kind: TargetKind) -> TargetKind:
-    """Make ``kind`` known by its name (a later registration of the same name replaces it)."""
+    """Make ``kind`` known by its name (a later registration of the same name replaces it), ``--targets`` included."""
     _KINDS[kind.name] = kind
+    if kind.name not in TARGET_KINDS:
+        TARGET_KINDS.append(kind.name)
     return kind
+
+
+def unregister(name: str) -> None:
+    """Forget the kind called ``name`` (a plugin's or a test's)."""
+    _KINDS.pop(name, None)
+    if name in TARGET_KINDS:
+        TARGET_KINDS.remove(name)
 
 
 def registered() -> tuple[TargetKind, ...]:
@@ -199,7 +210,7 @@ def all_logprob_columns() -> tuple[str, ...]:
     return tuple(name for kind in _KINDS.values() for name in kind.logprob_column_names)
 
 
-def soft_columns(header: dict[str, Any]) -> tuple[str, str]:
+def soft_columns(header: dict[str, Any]) -> tuple[str, str | None]:
     """The (ids, stored log-probabilities) column names of the run a header or manifest describes."""
     return kind_of(header).columns(header, LogprobCodec.from_header(header))
 
