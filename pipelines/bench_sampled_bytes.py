@@ -33,14 +33,10 @@ from prepare_kjv import smollm2_dir
 
 from softlabels.codec import LogprobCodec, leaf_type
 from softlabels.inputs import to_teacher_inputs
-from softlabels.targets.sampling import (
-    draw_targets,
-    position_keys,
-    sample_arrays,
-    sample_fields,
-)
 from softlabels.schema import id_type
 from softlabels.targets import TOPK
+from softlabels.targets.sampled import sample_arrays
+from softlabels.targets.sampling import draw_targets, position_keys, sample_fields
 from softlabels.shards import LOGPROB_ZSTD_LEVEL
 from softlabels.teachers import load_teacher
 

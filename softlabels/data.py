@@ -187,9 +187,7 @@ def collate(
         label_column = header.get("label_column") if header else None
     if schema is None and isinstance(rows, (list, tuple)) and input_column in table.column_names:
         table = _classifier_inputs_fixed(table, input_column)
-    options = kind.row_options(table.schema, header)
-    if proposal_temperature is not None:
-        options["proposal_temperature"] = proposal_temperature
+    options = kind.row_options(table.schema, header) if proposal_temperature is None else {"proposal_temperature": proposal_temperature}
     return ShardRows(table, input_column, label_column, codec, options).batch(np.arange(table.num_rows))
 
 

@@ -43,7 +43,7 @@ from .codec import LogprobCodec
 from .data import collate
 from .errors import UserError, VerificationError
 from .losses import IGNORE_INDEX, hard_label_loss
-from .targets import kind_of
+from .targets import all_batch_keys, kind_of, registered
 from .options import TAIL_MODES
 from .rundir import RunDirectory
 from .train import hard_labels, stored_kd_per_position, teacher_top1
@@ -55,11 +55,16 @@ try:
 except ImportError as exc:  # pragma: no cover - the [hf] extra is missing
     raise ImportError("softlabels.hf_trainer needs transformers: pip install -e '.[hf]'") from exc
 
-__all__ = ["SOFT_LABEL_KEYS", "SoftLabelCollator", "SoftLabelTrainer", "load_soft_label_dataset", "soft_label_loss"]
+__all__ = ["SOFT_LABEL_KEYS", "soft_label_keys", "SoftLabelCollator", "SoftLabelTrainer", "load_soft_label_dataset", "soft_label_loss"]
 
-SOFT_LABEL_KEYS = ("topk_ids", "topk_logprobs", "sample_ids", "sample_counts", "sample_logprobs", "sample_log_normalizer",
-                   "proposal_temperature", "target_mask", "hard_labels")
-"""Batch keys that carry targets; ``SoftLabelTrainer`` removes them before calling the model."""
+def soft_label_keys() -> tuple[str, ...]:
+    """Batch keys that carry targets (every registered target kind's, the mask and the hard labels);
+    ``SoftLabelTrainer`` removes them before calling the model."""
+    return (*all_batch_keys(), "target_mask", "hard_labels")
+
+
+SOFT_LABEL_KEYS = soft_label_keys()
+"""``soft_label_keys()`` of the built-in target kinds."""
 
 
 def _sealed_manifest(directory: str | os.PathLike[str], verify_shards: bool | None = None) -> dict[str, Any]:
@@ -161,7 +166,7 @@ class SoftLabelCollator:
         labels = hard_labels(batch, next_token, steps)
         if labels is None:
             labels = torch.full((tokens.shape[0], steps), IGNORE_INDEX, dtype=torch.int64)
-        targets = {key: batch[key] for key in SOFT_LABEL_KEYS if key in batch}
+        targets = {key: batch[key] for key in soft_label_keys() if key in batch}
         return {"input_ids": tokens.long(), "attention_mask": attention, **targets, "target_mask": batch["mask"], "hard_labels": labels}
 
 
@@ -240,11 +245,12 @@ class SoftLabelTrainer(Trainer):
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         """``soft_label_loss`` of the batch; the model sees every key but ``SOFT_LABEL_KEYS``."""
-        targets = {key: inputs[key] for key in SOFT_LABEL_KEYS if key in inputs}
-        if ("topk_ids" not in targets and "sample_ids" not in targets) or "target_mask" not in targets:
+        keys = soft_label_keys()
+        targets = {key: inputs[key] for key in keys if key in inputs}
+        if not any(kind.batch_key in targets for kind in registered()) or "target_mask" not in targets:
             raise UserError("SoftLabelTrainer batches need topk_ids (or sample_ids), their log-probabilities and target_mask: "
                             "use SoftLabelCollator as data_collator")
-        model_inputs = {key: value for key, value in inputs.items() if key not in SOFT_LABEL_KEYS}
+        model_inputs = {key: value for key, value in inputs.items() if key not in keys}
         outputs = model(**model_inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         if not self._vocab_checked and isinstance(self.data_collator, SoftLabelCollator):

@@ -18,7 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from .codec import CODES_COLUMN, LOGPROB_COLUMN, LogprobCodec
+from .codec import CODES_COLUMN, LogprobCodec
 from .options import TARGET_KINDS
 
 __all__ = [

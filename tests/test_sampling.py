@@ -39,11 +39,10 @@ from softlabels.targets.sampling import (
     draw_ids,
     draw_targets,
     position_keys,
-    sample_arrays,
     sample_fields,
-    targets_from_arrow,
     uniforms,
 )
+from softlabels.targets.sampled import sample_arrays, targets_from_arrow
 
 # -- helpers ---------------------------------------------------------------------------------------
 

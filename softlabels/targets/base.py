@@ -26,7 +26,7 @@ from ..fidelity import Fidelity
 from ..options import TARGET_KINDS
 
 __all__ = ["TargetKind", "BatchTargets", "HostTargets", "RowTargets", "register", "unregister", "registered", "kind_named", "kind_of",
-           "kind_of_columns", "kind_of_batch", "all_soft_columns", "all_logprob_columns", "soft_columns", "distribution", "HISTOGRAM_BINS"]
+           "kind_of_columns", "kind_of_batch", "all_soft_columns", "all_logprob_columns", "all_batch_keys", "soft_columns", "distribution", "HISTOGRAM_BINS"]
 
 DEFAULT_KIND = "topk"
 """The kind of a header or manifest that does not say (every release before sampled targets)."""
@@ -72,6 +72,8 @@ class TargetKind(Protocol):
     """Header keys a sealed manifest of this kind must hold, each a positive count or a number."""
     size_key: str | None
     """The manifest key that counts what a position stores (must be a positive count), or None."""
+    batch_keys: tuple[str, ...]
+    """Every key the kind's decoder puts in a batch besides ``mask``."""
     batch_key: str
     """A key that only this kind's batches hold (how a mixed training stream tells batches apart)."""
     id_column: str
@@ -208,6 +210,11 @@ def all_soft_columns() -> tuple[str, ...]:
 def all_logprob_columns() -> tuple[str, ...]:
     """Every soft-label column of every registered kind that holds log-probabilities or their codes."""
     return tuple(name for kind in _KINDS.values() for name in kind.logprob_column_names)
+
+
+def all_batch_keys() -> tuple[str, ...]:
+    """Every batch key that carries targets, of every registered kind."""
+    return tuple(key for kind in _KINDS.values() for key in kind.batch_keys)
 
 
 def soft_columns(header: dict[str, Any]) -> tuple[str, str | None]:

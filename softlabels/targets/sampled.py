@@ -18,13 +18,13 @@ from ..errors import UserError
 from ..fidelity import Fidelity
 from ..losses import sampled_estimate_is_unbiased, sampled_kd_loss_per_position
 from ..schema import (PROPOSAL_TEMPERATURE_KEY, SAMPLE_CODES_COLUMN, SAMPLE_COUNTS_COLUMN, SAMPLE_IDS_COLUMN, SAMPLE_LOGPROBS_COLUMN,
-                      SAMPLE_NORMALIZER_COLUMN, sample_fields, sample_logprob_column)
+                      SAMPLE_NORMALIZER_COLUMN, id_type, sample_count_type, sample_fields, sample_logprob_column)
 from .base import HostTargets, distribution, register
 from .rows import SampledRows
-from .sampling import SampledTargets, position_keys, sample_arrays, sample_header_fields, sampled_labels
+from .sampling import SampledTargets, position_keys, sample_header_fields, sampled_labels
 from .topk import usable_positions
 
-__all__ = ["SAMPLED", "Sampled", "SampledBatch"]
+__all__ = ["SAMPLED", "Sampled", "SampledBatch", "sample_arrays", "targets_from_arrow"]
 
 
 @dataclass
@@ -61,6 +61,7 @@ class Sampled:
     name = "sample"
     manifest_keys = ("samples", "proposal_temperature")
     size_key = "samples"
+    batch_keys = ("sample_ids", "sample_counts", "sample_logprobs", "sample_log_normalizer", "proposal_temperature")
     batch_key = "sample_ids"
     id_column = SAMPLE_IDS_COLUMN
     soft_column_names = (SAMPLE_IDS_COLUMN, SAMPLE_COUNTS_COLUMN, SAMPLE_LOGPROBS_COLUMN, SAMPLE_CODES_COLUMN, SAMPLE_NORMALIZER_COLUMN)
@@ -96,7 +97,10 @@ class Sampled:
         return sample_arrays(data, positions, vocab_size, codec)
 
     def fidelity_summary(self, fidelity: Fidelity) -> dict[str, float]:
-        return fidelity.summary("sample")
+        """Drawn mass (the teacher probability of the distinct drawn ids) and distinct ids per position."""
+        count = max(fidelity.positions, 1)
+        return {"positions": fidelity.positions, "drawn_mass_mean": fidelity.mass_sum / count,
+                "drawn_mass_p5": fidelity.percentile_mass(0.05), "unique_ids_mean": fidelity.unique_sum / count}
 
     def describe_fidelity(self, soft_per_position: float, fidelity: dict[str, float]) -> str:
         return (f"({soft_per_position:.1f} for sampled ids, counts and log-probs); "
@@ -173,6 +177,69 @@ class Sampled:
 
     def report_fields(self, manifest: dict[str, Any]) -> dict[str, Any]:
         return {"samples": manifest["samples"], "proposal_temperature": manifest["proposal_temperature"]}
+
+
+def _offsets(lengths: np.ndarray) -> pa.Array:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.array(offsets)
+
+
+def sample_arrays(targets: SampledTargets, positions_per_row: torch.Tensor | np.ndarray, vocab_size: int,
+                  codec: LogprobCodec | None = None) -> list[pa.Array]:
+    """Arrow arrays matching ``sample_fields``: one list entry per row, one inner list per position.
+
+    Args:
+        targets: the sampled targets of the N positions of B rows, rows in order.
+        positions_per_row: int [B], summing to N.
+        vocab_size: V (ids are uint16 when V <= 65,536).
+        codec: how log-probabilities are stored (the run's ``--logprob-dtype``).
+    """
+    codec = codec or LogprobCodec()
+    rows = np.asarray(torch.as_tensor(positions_per_row).cpu(), dtype=np.int64)
+    if int(rows.sum()) != targets.positions:
+        raise ValueError(f"positions_per_row sums to {int(rows.sum())} but there are {targets.positions} positions")
+    row_offsets = _offsets(rows)
+    inner = pa.array(targets.offsets.cpu().numpy().astype(np.int32))
+
+    def nested(values: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
+        return pa.ListArray.from_arrays(row_offsets, pa.ListArray.from_arrays(inner, pa.array(values, type=value_type)))
+
+    arrays = [
+        nested(targets.ids.cpu().numpy().astype(id_type(vocab_size).to_pandas_dtype()), id_type(vocab_size)),
+        nested(targets.counts.cpu().numpy().astype(sample_count_type(targets.samples).to_pandas_dtype()), sample_count_type(targets.samples)),
+        nested(codec.encode_numpy(targets.logprobs.cpu().numpy()), codec.arrow_type),
+    ]
+    if targets.proposal_temperature != 1.0:
+        arrays.append(pa.ListArray.from_arrays(row_offsets, pa.array(targets.log_normalizer.cpu().numpy().astype(np.float32))))
+    return arrays
+
+
+def targets_from_arrow(table: pa.Table, samples: int, proposal_temperature: float, codec: LogprobCodec | None = None) -> SampledTargets:
+    """All positions of a table's rows (rows in order) back as ``SampledTargets``, log-probs decoded."""
+    codec = codec or LogprobCodec()
+
+    def flat(name: str) -> tuple[np.ndarray, np.ndarray]:
+        per_position = table.column(name).combine_chunks().flatten()
+        return per_position.flatten().to_numpy(zero_copy_only=False), np.asarray(per_position.offsets.to_numpy(), dtype=np.int64)
+
+    ids, offsets = flat(SAMPLE_IDS_COLUMN)
+    counts, _ = flat(SAMPLE_COUNTS_COLUMN)
+    stored, _ = flat(sample_logprob_column(codec))
+    offsets = offsets - offsets[0]
+    if proposal_temperature != 1.0:
+        normalizer = table.column(SAMPLE_NORMALIZER_COLUMN).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    else:
+        normalizer = np.zeros(len(offsets) - 1, dtype=np.float32)
+    return SampledTargets(
+        ids=torch.from_numpy(ids.astype(np.int64)),
+        counts=torch.from_numpy(counts.astype(np.int64)),
+        logprobs=torch.from_numpy(codec.decode_numpy(np.array(stored)).astype(np.float32)),
+        offsets=torch.from_numpy(offsets),
+        log_normalizer=torch.from_numpy(np.array(normalizer, dtype=np.float32)),
+        samples=samples,
+        proposal_temperature=proposal_temperature,
+    )
 
 
 SAMPLED = register(Sampled())

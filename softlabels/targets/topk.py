@@ -30,11 +30,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ..codec import LogprobCodec
+from ..codec import CODES_COLUMN, LOGPROB_COLUMN, LogprobCodec
 from ..errors import UserError
 from ..fidelity import Fidelity
 from ..losses import kd_loss_per_position
-from ..schema import CODES_COLUMN, LOGPROB_COLUMN, id_type
+from ..schema import id_type
 from .base import HostTargets, distribution, register
 from .rows import TopKRows
 
@@ -371,6 +371,7 @@ class TopK:
     name = "topk"
     manifest_keys = ("top_k",)
     size_key = "top_k"
+    batch_keys = ("topk_ids", "topk_logprobs")
     batch_key = "topk_ids"
     id_column = "topk_ids"
     soft_column_names = ("topk_ids", LOGPROB_COLUMN, CODES_COLUMN)
@@ -413,7 +414,7 @@ class TopK:
         return [nested_fixed(ids, k, positions, id_type(vocab_size)), nested_fixed(codec.encode_numpy(logprobs), k, positions, codec.arrow_type)]
 
     def fidelity_summary(self, fidelity: Fidelity) -> dict[str, float]:
-        return fidelity.summary("topk")
+        return fidelity.summary()
 
     def describe_fidelity(self, soft_per_position: float, fidelity: dict[str, float]) -> str:
         return (f"({soft_per_position:.1f} for top-k ids and log-probs); "
