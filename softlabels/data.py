@@ -401,6 +401,11 @@ class SoftLabelDataset(IterableDataset):
         workers = max(num_workers, 1)
         return sum(self._worker_batches(self._worker_pieces(epoch, rank, w, workers)) for w in range(workers))
 
+    @property
+    def targets(self) -> str:
+        """The directory's target kind (``topk``, ``sample``, ...): ``self.kind.name``."""
+        return self.kind.name
+
     def columns(self) -> list[str]:
         """The column names of the shards (of the first one)."""
         if not self.shards:
