@@ -338,7 +338,7 @@ def run_generate(corpus_path: Path, spec: str, out: Path, batch_size: int, rows_
 def bytes_record(out: Path) -> dict[str, Any]:
     """Sizes of a sealed run from its manifest and the shards' Parquet footers."""
     from softlabels.rundir import RunDirectory
-    from softlabels.schema import soft_columns
+    from softlabels.targets import soft_columns
 
     directory = RunDirectory.open(out)
     manifest = directory.read_sealed()

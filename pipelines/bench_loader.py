@@ -53,7 +53,7 @@ def build(work: Path, rows: int, length: int) -> Path:
 
 def raw_read(soft: Path) -> tuple[float, int]:
     from softlabels.rundir import RunDirectory
-    from softlabels.schema import soft_columns
+    from softlabels.targets import soft_columns
 
     directory = RunDirectory.open(soft)
     manifest = directory.read_sealed()

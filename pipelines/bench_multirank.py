@@ -92,7 +92,7 @@ def main() -> None:
         print(json.dumps(pairs[-1]), file=sys.stderr, flush=True)
     one, many = rows_of(args.out / "one"), rows_of(args.out / "many")
     from softlabels.rundir import RunDirectory
-    from softlabels.schema import soft_columns
+    from softlabels.targets import soft_columns
 
     soft = ["sample_id", *soft_columns(RunDirectory.open(args.out / "one").read_sealed()), "confidence", "entropy"]
     # one thread per rank vs two threads in one process: sums may round differently in the last bit

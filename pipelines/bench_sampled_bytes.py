@@ -2,7 +2,7 @@
 
 Runs the teacher over a few tokenized windows, then writes the same positions as Parquet soft labels
 twice over: top-k (``topk_ids`` + ``topk_logprobs``, the shard layout) and sampled at each N
-(``sample_ids`` + ``sample_counts`` + ``sample_logprobs``, ``softlabels.sampling``), both with zstd,
+(``sample_ids`` + ``sample_counts`` + ``sample_logprobs``, ``softlabels.targets.sampling``), both with zstd,
 BYTE_STREAM_SPLIT on the soft-label leaves and the log-prob column at zstd level 6 as
 ``softlabels.shards`` writes them. Prints compressed bytes of the soft-label columns per position and
 the distinct ids per position.
@@ -33,13 +33,10 @@ from prepare_kjv import smollm2_dir
 
 from softlabels.codec import LogprobCodec, leaf_type
 from softlabels.inputs import to_teacher_inputs
-from softlabels.sampling import (
-    draw_targets,
-    position_keys,
-    sample_arrays,
-    sample_fields,
-)
-from softlabels.schema import id_type, soft_label_fields
+from softlabels.schema import id_type
+from softlabels.targets import TOPK
+from softlabels.targets.sampled import sample_arrays
+from softlabels.targets.sampling import draw_targets, position_keys, sample_fields
 from softlabels.shards import LOGPROB_ZSTD_LEVEL
 from softlabels.teachers import load_teacher
 
@@ -82,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---:|---:|")
     for k in (int(x) for x in args.top_k.split(",")):
         values, ids = torch.topk(logprobs, k, dim=-1)
-        fields = soft_label_fields(vocab, k, 1, codec)[:2]
+        fields = TOPK.fields(vocab, {"top_k": k}, codec)
         arrays = [pa.ListArray.from_arrays(offsets, pa.FixedSizeListArray.from_arrays(
                       pa.array(flat.reshape(-1), type=kind), k))
                   for flat, kind in ((ids.numpy().astype(id_type(vocab).to_pandas_dtype()), id_type(vocab)),

@@ -36,7 +36,7 @@ from softlabels.data import SoftLabelDataset  # noqa: E402
 from softlabels.generate import GenerateConfig, generate  # noqa: E402
 from softlabels.losses import kd_loss_per_position  # noqa: E402
 from softlabels.rundir import RunDirectory  # noqa: E402
-from softlabels.schema import soft_columns  # noqa: E402
+from softlabels.targets import soft_columns  # noqa: E402
 from softlabels.teachers import load_teacher  # noqa: E402
 
 TOP_KS = (8, 20, 64)

@@ -1,4 +1,4 @@
-"""The top-k step alone: ``softlabels.topk.soft_labels`` against the pre-issue-12 one, per position.
+"""The top-k step alone: ``softlabels.targets.topk.soft_labels`` against the pre-issue-12 one, per position.
 
 One batch of generate's shape (8 rows of 128 positions) of bf16 logits at SmolLM2's width
 (V = 49,152) by default, k = 20, one teacher. The current and the reference
@@ -26,7 +26,7 @@ if str(HERE) not in sys.path:
 
 import topk_reference  # noqa: E402
 
-from softlabels import topk  # noqa: E402
+from softlabels.targets import topk  # noqa: E402
 
 
 def per_position(run: Callable[[], object], positions: int) -> tuple[float, float]:

@@ -87,7 +87,7 @@ def build(out: Path, rows: int) -> tuple[Path, Path]:
 def raw_read(soft: Path) -> tuple[float, int]:
     """A plain ``pq.read_table`` of the columns the loader reads, shard by shard, no conversion."""
     from softlabels.rundir import RunDirectory
-    from softlabels.schema import soft_columns
+    from softlabels.targets import soft_columns
 
     directory = RunDirectory.open(soft)
     manifest = directory.read_sealed()

@@ -8,7 +8,7 @@ offline KD stores them:
 
 * ``dense``: the full teacher distribution (the best any stored target can do);
 * ``sample-N``: N ids drawn with replacement from the teacher per input, with the RS-KD loss
-  (softlabels.sampling, softlabels.losses, targets="sample"); ``sample-1`` is a hard label drawn from
+  (softlabels.targets.sampling, softlabels.losses, targets="sample"); ``sample-1`` is a hard label drawn from
   the teacher;
 * ``topk-N-TAIL``: the teacher's N most probable ids with the ``bucket``, ``renorm`` or ``uniform``
   tail (softlabels.losses.kd_loss).
@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from softlabels.losses import dense_kd_loss, kd_loss
-from softlabels.sampling import draw_targets, position_keys
+from softlabels.targets.sampling import draw_targets, position_keys
 
 __all__ = ["SyntheticConfig", "Teacher", "default_arms", "run_arms", "run_seed", "main"]
 

@@ -1,6 +1,6 @@
 """The top-k step as it was before issue 12, kept only so a benchmark can time it beside the current one.
 
-``soft_labels`` here is the pre-issue-12 ``softlabels.topk.soft_labels``: a log-softmax of every
+``soft_labels`` here is the pre-issue-12 ``softlabels.targets.topk.soft_labels``: a log-softmax of every
 position over the whole vocabulary, a top-k of the log-probabilities, an exp and a batched
 [1, C] @ [C, 1] product for the entropy, in chunks of ``CHUNK_ELEMENTS`` floats; and before it,
 as ``softlabels.pipeline.process_unit`` did then, one more pass over every teacher's logits for
@@ -19,7 +19,7 @@ import torch
 
 import softlabels.pipeline as pipeline_module
 from softlabels.codec import LogprobCodec
-from softlabels.topk import SoftLabels
+from softlabels.targets.topk import SoftLabels
 
 __all__ = ["CHUNK_ELEMENTS", "soft_labels", "installed", "usable_positions"]
 
@@ -71,7 +71,7 @@ def entropy_of(log_p: torch.Tensor) -> torch.Tensor:
 def soft_labels(
     member_logits: list[torch.Tensor], positions_per_row: torch.Tensor, top_k: int, mode: str, codec: LogprobCodec | None = None
 ) -> SoftLabels:
-    """The pre-issue-12 ``softlabels.topk.soft_labels`` (same arguments, same result type)."""
+    """The pre-issue-12 ``softlabels.targets.topk.soft_labels`` (same arguments, same result type)."""
     usable = torch.stack([usable_positions(logits) for logits in member_logits]).all(dim=0)
     codec = codec or LogprobCodec()
     total, classes = member_logits[0].shape

@@ -37,26 +37,14 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .codec import CODES_COLUMN, LOGPROB_COLUMN, LogprobCodec
+from .codec import LogprobCodec
 from .distributed import distributed_env
 from .errors import UserError, VerificationError
-from .inputs import ColumnBlock, GatherPlan
+from .inputs import ColumnBlock, NestedBlock
 from .losses import IGNORE_INDEX
 from .rundir import RunDirectory, header_mismatch, read_shard_header, run_header
-from .schema import (
-    ID_COLUMN,
-    PROPOSAL_TEMPERATURE_KEY,
-    SAMPLE_CODES_COLUMN,
-    SAMPLE_COUNTS_COLUMN,
-    SAMPLE_IDS_COLUMN,
-    SAMPLE_LOGPROBS_COLUMN,
-    SAMPLE_NORMALIZER_COLUMN,
-    TARGETS_COLUMN,
-    codec_of,
-    decode_header,
-    sample_logprob_column,
-    targets_of,
-)
+from .schema import ID_COLUMN, TARGETS_COLUMN, codec_of, decode_header
+from .targets import kind_of, kind_of_columns
 from .storage import store_failure
 
 __all__ = ["SoftLabelDataset", "SoftLabelLoader", "collate", "Piece", "ShardRows", "NestedBlock"]
@@ -80,80 +68,26 @@ class Piece:
         return self.stop - self.start
 
 
-@dataclass
-class NestedBlock:
-    """A list<list<number>> column (per row, per position, a variable number of values) as numpy.
-
-    Attributes:
-        row_offsets: int64 [R + 1] indexing positions.
-        position_offsets: int64 [P + 1] indexing ``values``.
-        values: [U] every value of every position, unsliced.
-    """
-
-    row_offsets: np.ndarray
-    position_offsets: np.ndarray
-    values: np.ndarray
-
-    @classmethod
-    def from_arrow(cls, column: pa.Array | pa.ChunkedArray) -> "NestedBlock":
-        if isinstance(column, pa.ChunkedArray):
-            column = column.combine_chunks()
-        positions = column.values  # the positions of every row, from the first offset on
-        return cls(column.offsets.to_numpy().astype(np.int64), positions.offsets.to_numpy().astype(np.int64),
-                   positions.values.to_numpy(zero_copy_only=False))
-
-    def scatter(self, positions: np.ndarray, row_of: np.ndarray, step_of: np.ndarray, shape: tuple[int, int],
-                dtype: type, width: int | None = None) -> np.ndarray:
-        """The values of the given positions as [B, T, m], zero in unused slots.
-
-        Args:
-            positions: int64 [M] position indices (into ``position_offsets``).
-            row_of, step_of: int64 [M] where each position goes in the [B, T] block.
-            shape: (B, T).
-            width: m; by default the most values of any of the positions.
-        """
-        starts = self.position_offsets[positions]
-        lengths = self.position_offsets[positions + 1] - starts
-        width = (int(lengths.max()) if len(lengths) else 0) if width is None else width
-        block = np.zeros((*shape, width), dtype=dtype)
-        first = np.cumsum(lengths) - lengths
-        slot = np.arange(int(lengths.sum())) - np.repeat(first, lengths)
-        block[np.repeat(row_of, lengths), np.repeat(step_of, lengths), slot] = self.values[np.repeat(starts, lengths) + slot]
-        return block
-
-
 class ShardRows:
     """A table of shard rows held as numpy column blocks; any subset of rows becomes a batch.
 
-    Top-k rows (``topk_ids``) or sampled rows (``sample_ids``, told apart by their columns); sampled
-    rows take the run's ``proposal_temperature``.
+    The soft-label columns are decoded by the rows' target kind (``softlabels.targets``; told by the
+    header, else by the columns), with its ``options`` (sampled rows: their ``proposal_temperature``).
     """
 
     def __init__(self, table: pa.Table, input_column: str | None, label_column: str | None, codec: LogprobCodec,
-                 proposal_temperature: float = 1.0) -> None:
-        self.codec = codec
-        self.sampled = SAMPLE_IDS_COLUMN in table.column_names
-        self.proposal_temperature = proposal_temperature
-        soft = (SAMPLE_IDS_COLUMN, SAMPLE_COUNTS_COLUMN, sample_logprob_column(codec)) if self.sampled else ("topk_ids", codec.column)
-        if self.sampled and proposal_temperature != 1.0:
-            soft += (SAMPLE_NORMALIZER_COLUMN,)
+                 options: dict[str, Any] | None = None) -> None:
+        header = decode_header(table.schema.metadata)
+        kind = kind_of(header) if header is not None else kind_of_columns(table.column_names)
+        options = options or {}
+        soft = kind.read_columns({**(header or {}), **options}, codec)
         for name in (ID_COLUMN, *soft, input_column, label_column):
             if name and name not in table.column_names:
                 raise UserError(f"shard rows have no column {name!r} (columns: {', '.join(table.column_names)})")
         self.sample_ids = table.column(ID_COLUMN).to_numpy(zero_copy_only=False)
-        if self.sampled:
-            self.drawn_ids = NestedBlock.from_arrow(table.column(SAMPLE_IDS_COLUMN))
-            self.drawn_counts = NestedBlock.from_arrow(table.column(SAMPLE_COUNTS_COLUMN))
-            self.drawn_logprobs = NestedBlock.from_arrow(table.column(soft[2]))
-            self.log_normalizer = (ColumnBlock.from_arrow(table.column(SAMPLE_NORMALIZER_COLUMN), SAMPLE_NORMALIZER_COLUMN)
-                                   if proposal_temperature != 1.0 else None)
-            self.positions = ColumnBlock(np.empty(0), self.drawn_ids.row_offsets)  # the rows' positions, for gather plans
-        else:
-            self.topk_ids = ColumnBlock.from_arrow(table.column("topk_ids"), "topk_ids")
-            self.topk_logprobs = ColumnBlock.from_arrow(table.column(codec.column), codec.column)
-
         # chat shards store targets at some positions only: ``target_positions`` says which
         self.targets = ColumnBlock.from_arrow(table.column(TARGETS_COLUMN), TARGETS_COLUMN) if TARGETS_COLUMN in table.column_names else None
+        self.soft = kind.rows(table, codec, options, self._place)
         self.input_column = input_column
         self.inputs = ColumnBlock.from_arrow(table.column(input_column), input_column) if input_column else None
         self.labels: ColumnBlock | None = None
@@ -169,18 +103,7 @@ class ShardRows:
 
     def batch(self, rows: np.ndarray) -> dict[str, Any]:
         batch: dict[str, Any] = {"sample_id": self.sample_ids[rows].tolist()}
-        if self.sampled:
-            batch.update(self._sampled(rows))
-        else:
-            if self.targets is not None:
-                ids, logprobs, mask = self._scattered(rows)
-            else:
-                plan = self.topk_ids.plan(rows)  # the two soft-label columns share their offsets
-                ids, lengths = self.topk_ids.gather(rows, 0, np.int64, plan)
-                stored, _ = self.topk_logprobs.gather(rows, 0, self.topk_logprobs.values.dtype, plan)
-                logprobs = self.codec.decode_numpy(stored)
-                mask = np.arange(ids.shape[1])[None, :] < lengths[:, None]
-            batch.update(topk_ids=torch.from_numpy(ids), topk_logprobs=torch.from_numpy(logprobs), mask=torch.from_numpy(mask))
+        batch.update(self.soft.batch(rows))
         if self.inputs is not None:
             inputs, input_lengths = self.inputs.gather(rows)
             batch["inputs"] = torch.from_numpy(inputs)
@@ -191,71 +114,21 @@ class ShardRows:
             batch["labels"] = torch.from_numpy(labels)
         return batch
 
+    def _place(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int] | None:
+        """Chat rows: where their stored targets go (``softlabels.targets.rows``); None when every position has one."""
+        if self.targets is None:
+            return None
+        plan = self.targets.plan(rows)
+        row_of = np.repeat(np.arange(len(rows)), plan.lengths)
+        within = plan.source - self.targets.offsets[rows][row_of]
+        steps_of = self.targets.values[plan.source].astype(np.int64)
+        return plan.source, row_of, within, steps_of, self._steps(rows, steps_of)
 
     def _steps(self, rows: np.ndarray, steps_of: np.ndarray) -> int:
         """T of a chat batch: the longest input of the rows (the student's positions)."""
         if self.inputs is not None and self.inputs.ragged:
             return int(self.inputs.lengths(rows).max()) if len(rows) else 0
         return int(steps_of.max()) + 1 if len(steps_of) else 0
-
-    def _sampled(self, rows: np.ndarray) -> dict[str, Any]:
-        """Sampled targets of ``rows``: ids, counts (int64) and decoded log-probs (float32) [B, T, m],
-        the log normaliser [B, T] when the proposal temperature is not 1, and the mask [B, T]. Chat
-        rows put their targets at their ``target_positions`` of the input's T."""
-        if self.targets is not None:  # position j of a row's stored ones is its j-th target position
-            plan = self.targets.plan(rows)
-            row_of = np.repeat(np.arange(len(rows)), plan.lengths)
-            within = plan.source - self.targets.offsets[rows][row_of]
-            steps_of = self.targets.values[plan.source].astype(np.int64)
-            steps = self._steps(rows, steps_of)
-        else:
-            plan = self.positions.plan(rows)
-            row_of, within = _placement(plan, len(rows))
-            steps_of, steps = within, plan.longest
-        positions = self.drawn_ids.row_offsets[rows][row_of] + within
-        shape = (len(rows), steps)
-        ids = self.drawn_ids.scatter(positions, row_of, steps_of, shape, np.int64)
-        width = ids.shape[-1]
-        counts = self.drawn_counts.scatter(positions, row_of, steps_of, shape, np.int64, width)
-        stored = self.drawn_logprobs.scatter(positions, row_of, steps_of, shape, self.drawn_logprobs.values.dtype, width)
-        mask = np.zeros(shape, dtype=bool)
-        mask[row_of, steps_of] = True
-        batch: dict[str, Any] = {
-            "sample_ids": torch.from_numpy(ids),
-            "sample_counts": torch.from_numpy(counts),
-            "sample_logprobs": torch.from_numpy(np.where(counts > 0, self.codec.decode_numpy(stored), np.float32(0.0))),
-            "mask": torch.from_numpy(mask),
-            "proposal_temperature": self.proposal_temperature,
-        }
-        if self.log_normalizer is not None:
-            normalizer = np.zeros(shape, dtype=np.float32)
-            normalizer[row_of, steps_of] = self.log_normalizer.values[self.log_normalizer.offsets[rows][row_of] + within]
-            batch["sample_log_normalizer"] = torch.from_numpy(normalizer)
-        return batch
-
-    def _scattered(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Targets stored at some positions only, put where they belong: ids int64 [B, T, k],
-        log-probs float32 [B, T, k] and mask bool [B, T] True at the target positions, with T the
-        longest input of the rows (the student's positions)."""
-        plan = self.targets.plan(rows)  # the soft-label columns share the targets' offsets
-        row_of = np.repeat(np.arange(len(rows)), plan.lengths)
-        steps_of = self.targets.values[plan.source].astype(np.int64)
-        steps = self._steps(rows, steps_of)
-        k = self.topk_ids.values.shape[-1]
-        ids = np.zeros((len(rows), steps, k), dtype=np.int64)
-        ids[row_of, steps_of] = self.topk_ids.values[plan.source]
-        logprobs = np.zeros((len(rows), steps, k), dtype=np.float32)
-        logprobs[row_of, steps_of] = self.codec.decode_numpy(self.topk_logprobs.values[plan.source])
-        mask = np.zeros((len(rows), steps), dtype=bool)
-        mask[row_of, steps_of] = True
-        return ids, logprobs, mask
-
-
-def _placement(plan: GatherPlan, rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """(row, step) in the padded [B, T] block of each position a gather plan takes, int64 [M] each."""
-    if plan.uniform:
-        return np.repeat(np.arange(rows), plan.longest), np.tile(np.arange(plan.longest), rows)
-    return plan.row_of, plan.step_of
 
 
 def collate(
@@ -297,11 +170,11 @@ def collate(
     """
     table = _as_table(rows, schema)
     header = decode_header(table.schema.metadata)
-    sampled = SAMPLE_IDS_COLUMN in table.column_names
+    kind = kind_of(header) if header is not None else kind_of_columns(table.column_names)
     if codec is None:
-        codec = _sampled_codec(table.schema) if sampled and header is None else codec_of(table.schema)
-        stored = sample_logprob_column(codec) if sampled else codec.column
-        if header is None and codec.dtype != "uint8" and stored in table.column_names:
+        codec = kind.codec_without_header(table.schema) if header is None else codec_of(table.schema)
+        stored = kind.columns(header or {}, codec)[1]
+        if header is None and codec.dtype != "uint8" and stored is not None and stored in table.column_names:
             leaf = table.column(stored)
             while pa.types.is_list(leaf.type) or pa.types.is_fixed_size_list(leaf.type) or pa.types.is_large_list(leaf.type):
                 leaf = pc.list_flatten(leaf)
@@ -314,30 +187,8 @@ def collate(
         label_column = header.get("label_column") if header else None
     if schema is None and isinstance(rows, (list, tuple)) and input_column in table.column_names:
         table = _classifier_inputs_fixed(table, input_column)
-    if proposal_temperature is None:
-        proposal_temperature = _proposal_temperature(table.schema, header) if sampled else 1.0
-    return ShardRows(table, input_column, label_column, codec, proposal_temperature).batch(np.arange(table.num_rows))
-
-
-def _sampled_codec(schema: pa.Schema) -> LogprobCodec:
-    """The codec of sampled rows without their header, from the log-prob field's own metadata and type."""
-    for sampled_name, topk_name in ((SAMPLE_CODES_COLUMN, CODES_COLUMN), (SAMPLE_LOGPROBS_COLUMN, LOGPROB_COLUMN)):
-        if schema.get_field_index(sampled_name) >= 0:
-            return LogprobCodec.from_columns(pa.schema([schema.field(sampled_name).with_name(topk_name)]))
-    raise UserError(f"no {SAMPLE_LOGPROBS_COLUMN!r} or {SAMPLE_CODES_COLUMN!r} column in these sampled shard rows")
-
-
-def _proposal_temperature(schema: pa.Schema, header: dict[str, Any] | None) -> float:
-    """The proposal temperature of sampled rows: the header's, else the log normaliser field's (1 without that column)."""
-    if header is not None:
-        return float(header.get("proposal_temperature", 1.0))
-    if schema.get_field_index(SAMPLE_NORMALIZER_COLUMN) < 0:
-        return 1.0  # the normaliser is stored exactly when the proposal is not the teacher itself
-    metadata = schema.field(SAMPLE_NORMALIZER_COLUMN).metadata or {}
-    if PROPOSAL_TEMPERATURE_KEY not in metadata:
-        raise UserError(f"column {SAMPLE_NORMALIZER_COLUMN!r} is there but the proposal temperature is gone with the shard header; "
-                        "pass rows that keep their schema metadata")
-    return float(metadata[PROPOSAL_TEMPERATURE_KEY])
+    options = kind.row_options(table.schema, header) if proposal_temperature is None else {"proposal_temperature": proposal_temperature}
+    return ShardRows(table, input_column, label_column, codec, options).batch(np.arange(table.num_rows))
 
 
 def _as_table(rows: pa.Table | list[Any] | dict[str, list[Any]], schema: pa.Schema | None) -> pa.Table:
@@ -358,7 +209,7 @@ def _classifier_inputs_fixed(table: pa.Table, input_column: str) -> pa.Table:
     column = table.column(input_column).combine_chunks()
     if not pa.types.is_list(column.type) or pa.types.is_nested(column.type.value_type):
         return table
-    ids = SAMPLE_IDS_COLUMN if SAMPLE_IDS_COLUMN in table.column_names else "topk_ids"
+    ids = kind_of_columns(table.column_names).id_column
     positions = pc.list_value_length(table.column(ids)).to_numpy(zero_copy_only=False)
     widths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
     if column.null_count or len(widths) == 0 or (positions != 1).any() or (widths != widths[0]).any():
@@ -453,8 +304,8 @@ class SoftLabelDataset(IterableDataset):
         self.input_column = self.manifest.get("input_column") if with_inputs else None
         self.label_column = self.manifest.get("label_column")
         self.codec = LogprobCodec.from_header(self.manifest)
-        self.targets = targets_of(self.manifest)
-        self.proposal_temperature = float(self.manifest.get("proposal_temperature", 1.0))
+        self.kind = kind_of(self.manifest)
+        self.proposal_temperature = float(self.manifest.get("proposal_temperature", 1.0))  # sampled directories' (train's unbiasedness warning)
         self.shards = [self.run_directory.shard_path(entry["file"]) for entry in self.manifest["shards"]]
         self.pieces = self._plan_pieces()
         # [epoch, batches to skip, batches made by worker processes]: in shared memory, so DataLoader
@@ -489,7 +340,8 @@ class SoftLabelDataset(IterableDataset):
         settings = runs[0]["settings"]
         entries = sorted(journal.values(), key=lambda e: e["file"])
         header = read_shard_header(directory.shard_path(entries[0]["file"])) if entries else {}
-        return {**run_header(header or {}), "fingerprint": runs[0]["fingerprint"], "top_k": settings["top_k"],
+        kind_settings = {key: settings[key] for key in kind_of(header or settings).manifest_keys if key in settings}
+        return {**run_header(header or {}), "fingerprint": runs[0]["fingerprint"], **kind_settings,
                 "vocab_size": settings["vocab_size"], "shards": entries, "complete": False}
 
     def _plan_pieces(self) -> list[Piece]:
@@ -548,6 +400,11 @@ class SoftLabelDataset(IterableDataset):
         epoch = self.epoch if epoch is None else epoch
         workers = max(num_workers, 1)
         return sum(self._worker_batches(self._worker_pieces(epoch, rank, w, workers)) for w in range(workers))
+
+    @property
+    def targets(self) -> str:
+        """The directory's target kind (``topk``, ``sample``, ...): ``self.kind.name``."""
+        return self.kind.name
 
     def columns(self) -> list[str]:
         """The column names of the shards (of the first one)."""
@@ -640,11 +497,7 @@ class SoftLabelDataset(IterableDataset):
             raise store_failure(exc, path) or VerificationError(f"{path.name}: unreadable ({type(exc).__name__}: {exc})") from None
 
     def _columns(self) -> list[str]:
-        if self.targets == "sample":
-            columns = [ID_COLUMN, SAMPLE_IDS_COLUMN, SAMPLE_COUNTS_COLUMN, sample_logprob_column(self.codec)]
-            columns += [SAMPLE_NORMALIZER_COLUMN] if self.proposal_temperature != 1.0 else []
-        else:
-            columns = [ID_COLUMN, "topk_ids", self.codec.column]
+        columns = [ID_COLUMN, *self.kind.read_columns(self.manifest, self.codec)]
         columns += [c for c in (self.input_column, self.label_column, self.manifest.get("target_positions_column")) if c]
         return list(dict.fromkeys(columns))
 
@@ -716,7 +569,7 @@ class SoftLabelDataset(IterableDataset):
         return table, self._rows(table)
 
     def _rows(self, table: pa.Table) -> ShardRows:
-        return ShardRows(table, self.input_column, self.label_column, self.codec, self.proposal_temperature)
+        return ShardRows(table, self.input_column, self.label_column, self.codec, self.kind.row_options(table.schema, self.manifest))
 
     def _batch(self, window: ShardRows, rows: np.ndarray, local_index: int, counts: list[int]) -> dict[str, Any]:
         batch = window.batch(rows)

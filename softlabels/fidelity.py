@@ -16,7 +16,7 @@ Sampled targets (``generate --targets sample``) are not a truncation of the teac
 figure describes them: a position's N draws estimate the whole distribution without bias. What is
 recorded instead is what they cost and cover: the distinct ids per position (the stored entries,
 which the bytes follow) and the drawn mass, the teacher probability of those distinct ids
-(``summary(targets="sample")``), in the same histogram.
+(``softlabels.targets.sampled``), in the same histogram.
 """
 
 from __future__ import annotations
@@ -90,16 +90,10 @@ class Fidelity:
         index = int(np.searchsorted(cumulative, fraction * self.positions, side="left"))
         return min(index + 1, MASS_BINS) / MASS_BINS
 
-    def summary(self, targets: str = "topk") -> dict[str, float]:
-        """The manifest's ``fidelity``: captured mass and KL for top-k, drawn mass and distinct ids for ``sample``."""
+    def summary(self) -> dict[str, float]:
+        """A top-k run's manifest ``fidelity``: captured mass and KL (each target kind names its own figures:
+        ``TargetKind.fidelity_summary``)."""
         count = max(self.positions, 1)
-        if targets == "sample":
-            return {
-                "positions": self.positions,
-                "drawn_mass_mean": self.mass_sum / count,
-                "drawn_mass_p5": self.percentile_mass(0.05),
-                "unique_ids_mean": self.unique_sum / count,
-            }
         return {
             "positions": self.positions,
             "captured_mass_mean": self.mass_sum / count,

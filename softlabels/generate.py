@@ -31,7 +31,7 @@ from .lease import lease_scope, take_lease
 from .options import GenerateConfig, flag_of
 from .pipeline import GenerationRun, run_units_locally
 from .rundir import RunDirectory, build_manifest, settings_fingerprint, shard_name
-from .sampling import sample_header_fields
+from .targets import kind_named
 from .schema import FORMAT, TARGETS_COLUMN, TOKENS_COLUMN
 from .storage import is_uri
 from .loading import portable_name
@@ -42,7 +42,6 @@ __all__ = ["GenerateConfig", "GenerateSummary", "generate"]
 
 PROBE_ROWS = 2
 PROBE_DOCUMENTS = 64
-DEFAULT_TOP_K = 20
 
 # Settings that change what is written, and the flag a user changes each by (options.flag_of for the rest).
 SETTING_FLAGS = {"corpus": "CORPUS", "teachers": "--teacher", "vocab_size": "--teacher (vocabulary size)", "format": "the softlabels version"}
@@ -114,17 +113,7 @@ class GenerateSummary:
         skipped = f", {self.skipped_nonfinite} rows skipped for non-finite teacher outputs" if self.skipped_nonfinite else ""
         head = (f"{self.out}: {self.rows:,} rows, {self.positions:,} positions in {self.shards} shards ({state}){skipped}; "
                 f"{self.bytes:,} bytes on disk, {per_position:.1f} bytes/position ")
-        if self.targets == "sample":
-            return head + (
-                f"({soft_per_position:.1f} for sampled ids, counts and log-probs); "
-                f"distinct ids per position mean {self.fidelity['unique_ids_mean']:.2f}, "
-                f"their teacher mass mean {self.fidelity['drawn_mass_mean']:.4f}, p5 {self.fidelity['drawn_mass_p5']:.3f}; {self.seconds:.1f} s."
-            )
-        return head + (
-            f"({soft_per_position:.1f} for top-k ids and log-probs); "
-            f"captured top-k mass mean {self.fidelity['captured_mass_mean']:.4f}, p5 {self.fidelity['captured_mass_p5']:.3f}; "
-            f"KL(full || stored) {self.fidelity['kl_full_vs_stored_mean']:.2e} nats; {self.seconds:.1f} s."
-        )
+        return head + f"{kind_named(self.targets).describe_fidelity(soft_per_position, self.fidelity)}; {self.seconds:.1f} s."
 
 
 def _fingerprint(settings: dict[str, Any]) -> str:
@@ -194,12 +183,7 @@ def _probe_vocab(config: GenerateConfig, corpus: Corpus, teachers: list[Teacher]
     if documents is not None and len(documents.tokenizer) > vocab_size:
         raise UserError(f"{_tokenizer_flag(config)}: the tokenizer has {len(documents.tokenizer)} tokens but the teachers "
                         f"emit {vocab_size} classes; use the teachers' own tokenizer")
-    if config.targets == "sample":
-        pass  # no k: every class can be drawn
-    elif config.top_k is None:
-        config.top_k = min(DEFAULT_TOP_K, vocab_size)
-    elif config.top_k > vocab_size:
-        raise UserError(f"--top-k {config.top_k} exceeds the teachers' vocabulary size {vocab_size}")
+    kind_named(config.targets).prepare(config, vocab_size)
     return vocab_size
 
 
@@ -245,7 +229,6 @@ def _prepare(config: GenerateConfig) -> GenerationRun:
     vocab_size = _probe_vocab(config, corpus, teachers, device, documents)
     settings = {
         "format": FORMAT,
-        "top_k": config.top_k,
         "ensemble": config.ensemble if len(teachers) > 1 else "single",
         "teachers": [{"sha256": t.sha256} for t in teachers],
         "corpus": corpus_record(corpus),
@@ -257,8 +240,8 @@ def _prepare(config: GenerateConfig) -> GenerationRun:
         "vocab_size": vocab_size,
         **text_settings,
     }
-    sampled = sample_header_fields(config.samples, config.proposal_temperature) if config.targets == "sample" else {}
-    settings.update(sampled)  # a top-k run's settings (and fingerprint) are those of earlier releases
+    kind = kind_named(config.targets)
+    settings.update(kind.settings(config))
     codec = LogprobCodec.named(config.logprob_dtype)
     settings["logprob_dtype"] = codec.dtype
     fingerprint = _fingerprint(settings)
@@ -267,7 +250,7 @@ def _prepare(config: GenerateConfig) -> GenerationRun:
     run.header = {
         "format": FORMAT,
         "fingerprint": fingerprint,
-        **({"targets": "topk", "top_k": config.top_k} if not sampled else sampled),
+        **kind.header(config),
         "vocab_size": vocab_size,
         "ensemble": settings["ensemble"],
         "teachers": [{"name": portable_name(t.spec), "sha256": t.sha256} for t in teachers],

@@ -42,7 +42,8 @@ import torch
 from .codec import LogprobCodec
 from .data import collate
 from .errors import UserError, VerificationError
-from .losses import IGNORE_INDEX, hard_label_loss, sampled_estimate_is_unbiased
+from .losses import IGNORE_INDEX, hard_label_loss
+from .targets import all_batch_keys, kind_of, registered
 from .options import TAIL_MODES
 from .rundir import RunDirectory
 from .train import hard_labels, stored_kd_per_position, teacher_top1
@@ -54,11 +55,16 @@ try:
 except ImportError as exc:  # pragma: no cover - the [hf] extra is missing
     raise ImportError("softlabels.hf_trainer needs transformers: pip install -e '.[hf]'") from exc
 
-__all__ = ["SOFT_LABEL_KEYS", "SoftLabelCollator", "SoftLabelTrainer", "load_soft_label_dataset", "soft_label_loss"]
+__all__ = ["SOFT_LABEL_KEYS", "soft_label_keys", "SoftLabelCollator", "SoftLabelTrainer", "load_soft_label_dataset", "soft_label_loss"]
 
-SOFT_LABEL_KEYS = ("topk_ids", "topk_logprobs", "sample_ids", "sample_counts", "sample_logprobs", "sample_log_normalizer",
-                   "proposal_temperature", "target_mask", "hard_labels")
-"""Batch keys that carry targets; ``SoftLabelTrainer`` removes them before calling the model."""
+def soft_label_keys() -> tuple[str, ...]:
+    """Batch keys that carry targets (every registered target kind's, the mask and the hard labels);
+    ``SoftLabelTrainer`` removes them before calling the model."""
+    return (*all_batch_keys(), "target_mask", "hard_labels")
+
+
+SOFT_LABEL_KEYS = soft_label_keys()
+"""``soft_label_keys()`` of the built-in target kinds."""
 
 
 def _sealed_manifest(directory: str | os.PathLike[str], verify_shards: bool | None = None) -> dict[str, Any]:
@@ -71,9 +77,10 @@ def _sealed_manifest(directory: str | os.PathLike[str], verify_shards: bool | No
         if "not complete" in str(exc) or "no manifest" in str(exc):
             raise UserError(f"{directory}: {exc}") from None
         raise
-    targets = manifest.get("targets", "topk")
-    if targets not in ("topk", "sample"):
-        raise UserError(f"{directory}: holds {targets!r} targets; the HF Trainer path reads top-k or sampled soft labels")
+    try:
+        kind_of(manifest)
+    except UserError:
+        raise UserError(f"{directory}: holds {manifest.get('targets')!r} targets, a kind this process does not know") from None
     return manifest
 
 
@@ -131,8 +138,10 @@ class SoftLabelCollator:
         self.label_column: str | None = manifest.get("label_column")
         self.codec = LogprobCodec.from_header(manifest)
         self.vocab_size = int(manifest["vocab_size"])
-        self.sampled = manifest.get("targets", "topk") == "sample"
-        self.proposal_temperature = float(manifest.get("proposal_temperature", 1.0))
+        self.kind = kind_of(manifest)
+        self.header = manifest
+        stored_temperature = manifest.get("proposal_temperature")  # sampled targets' proposal, for rows without their header
+        self.proposal_temperature = None if stored_temperature is None else float(stored_temperature)
         if self.input_column is None:
             raise UserError("these shards have no input column; the HF Trainer path feeds token ids to the model")
 
@@ -143,7 +152,7 @@ class SoftLabelCollator:
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = collate(rows, input_column=self.input_column, label_column=self.label_column, codec=self.codec,
-                        proposal_temperature=self.proposal_temperature if self.sampled else None)
+                        proposal_temperature=self.proposal_temperature)
         tokens = batch["inputs"]
         if tokens.dim() != 2 or torch.is_floating_point(tokens):
             raise UserError(f"column {self.input_column!r} holds {tuple(tokens.shape[1:])} {tokens.dtype} values per row, "
@@ -157,7 +166,7 @@ class SoftLabelCollator:
         labels = hard_labels(batch, next_token, steps)
         if labels is None:
             labels = torch.full((tokens.shape[0], steps), IGNORE_INDEX, dtype=torch.int64)
-        targets = {key: batch[key] for key in SOFT_LABEL_KEYS if key in batch}
+        targets = {key: batch[key] for key in soft_label_keys() if key in batch}
         return {"input_ids": tokens.long(), "attention_mask": attention, **targets, "target_mask": batch["mask"], "hard_labels": labels}
 
 
@@ -224,10 +233,9 @@ class SoftLabelTrainer(Trainer):
                             "otherwise the Trainer drops the soft-label columns before the collator")
         self.temperature, self.alpha, self.tail = temperature, alpha, tail
         collator = self.data_collator
-        if isinstance(collator, SoftLabelCollator) and collator.sampled and not sampled_estimate_is_unbiased(
-                temperature, collator.proposal_temperature):
-            warnings.warn(f"temperature {temperature:g} is neither 1 nor the proposal temperature {collator.proposal_temperature:g} "
-                          "of the sampled targets: their KD estimate is then consistent, not unbiased", stacklevel=2)
+        bias = collator.kind.bias_warning(temperature, collator.header) if isinstance(collator, SoftLabelCollator) else None
+        if bias is not None:
+            warnings.warn(f"temperature {bias}: their KD estimate is then consistent, not unbiased", stacklevel=2)
         if self.args.label_names is None:
             self.label_names = ["target_mask"]  # so evaluate() computes a loss (top-k and sampled batches have it)
         self._train_sums: torch.Tensor | None = None  # kd, ce, batches; on the model's device: no sync per step
@@ -237,11 +245,12 @@ class SoftLabelTrainer(Trainer):
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         """``soft_label_loss`` of the batch; the model sees every key but ``SOFT_LABEL_KEYS``."""
-        targets = {key: inputs[key] for key in SOFT_LABEL_KEYS if key in inputs}
-        if ("topk_ids" not in targets and "sample_ids" not in targets) or "target_mask" not in targets:
+        keys = soft_label_keys()
+        targets = {key: inputs[key] for key in keys if key in inputs}
+        if not any(kind.batch_key in targets for kind in registered()) or "target_mask" not in targets:
             raise UserError("SoftLabelTrainer batches need topk_ids (or sample_ids), their log-probabilities and target_mask: "
                             "use SoftLabelCollator as data_collator")
-        model_inputs = {key: value for key, value in inputs.items() if key not in SOFT_LABEL_KEYS}
+        model_inputs = {key: value for key, value in inputs.items() if key not in keys}
         outputs = model(**model_inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         if not self._vocab_checked and isinstance(self.data_collator, SoftLabelCollator):

@@ -23,7 +23,7 @@ import torch
 
 from .errors import UserError
 
-__all__ = ["TeacherInputs", "ColumnBlock", "GatherPlan", "check_input_type", "to_teacher_inputs"]
+__all__ = ["TeacherInputs", "ColumnBlock", "GatherPlan", "NestedBlock", "placement", "check_input_type", "to_teacher_inputs"]
 
 
 @dataclass
@@ -219,3 +219,52 @@ def to_teacher_inputs(column: pa.Array | pa.ChunkedArray, name: str, sample_ids:
             raise UserError(f"--input-column {name!r} is an empty sequence for sample ids {', '.join(bad)}")
     x, lengths = block.gather(rows)
     return TeacherInputs(torch.from_numpy(x), None if lengths is None else torch.from_numpy(lengths))
+
+
+@dataclass
+class NestedBlock:
+    """A list<list<number>> column (per row, per position, a variable number of values) as numpy.
+
+    Attributes:
+        row_offsets: int64 [R + 1] indexing positions.
+        position_offsets: int64 [P + 1] indexing ``values``.
+        values: [U] every value of every position, unsliced.
+    """
+
+    row_offsets: np.ndarray
+    position_offsets: np.ndarray
+    values: np.ndarray
+
+    @classmethod
+    def from_arrow(cls, column: pa.Array | pa.ChunkedArray) -> "NestedBlock":
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()
+        positions = column.values  # the positions of every row, from the first offset on
+        return cls(column.offsets.to_numpy().astype(np.int64), positions.offsets.to_numpy().astype(np.int64),
+                   positions.values.to_numpy(zero_copy_only=False))
+
+    def scatter(self, positions: np.ndarray, row_of: np.ndarray, step_of: np.ndarray, shape: tuple[int, int],
+                dtype: type, width: int | None = None) -> np.ndarray:
+        """The values of the given positions as [B, T, m], zero in unused slots.
+
+        Args:
+            positions: int64 [M] position indices (into ``position_offsets``).
+            row_of, step_of: int64 [M] where each position goes in the [B, T] block.
+            shape: (B, T).
+            width: m; by default the most values of any of the positions.
+        """
+        starts = self.position_offsets[positions]
+        lengths = self.position_offsets[positions + 1] - starts
+        width = (int(lengths.max()) if len(lengths) else 0) if width is None else width
+        block = np.zeros((*shape, width), dtype=dtype)
+        first = np.cumsum(lengths) - lengths
+        slot = np.arange(int(lengths.sum())) - np.repeat(first, lengths)
+        block[np.repeat(row_of, lengths), np.repeat(step_of, lengths), slot] = self.values[np.repeat(starts, lengths) + slot]
+        return block
+
+
+def placement(plan: GatherPlan, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row, step) in the padded [B, T] block of each position a gather plan takes, int64 [M] each."""
+    if plan.uniform:
+        return np.repeat(np.arange(rows), plan.longest), np.tile(np.arange(plan.longest), rows)
+    return plan.row_of, plan.step_of

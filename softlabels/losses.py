@@ -14,7 +14,7 @@ All three equal Hinton's T^2 * KL(softmax(t/T) || softmax(s/T)) when k = V, whic
 
 Sampled targets (``targets="sample"``, Random-Sampling KD, Anshumann et al., ACL 2025): per position
 the distinct ids drawn N times with replacement from a proposal q (the teacher p, or p^(1/t) / Z_t at
-a proposal temperature t), their counts c_i and log p(i) (``softlabels.sampling``). With
+a proposal temperature t), their counts c_i and log p(i) (``softlabels.targets.sampling``). With
 w_i = c_i / N, the estimate of the teacher at the loss temperature T is
 
 * T == t (t = 1 included: T = 1 with q = p): p_T = q, so p_hat_i = w_i;

@@ -44,7 +44,8 @@ __all__ = [
 LOGPROB_DTYPES = ("bfloat16", "float16", "uint8")
 DEFAULT_LOGPROB_DTYPE = "bfloat16"
 TAIL_MODES = ("bucket", "renorm", "uniform")
-TARGET_KINDS = ("topk", "sample")
+TARGET_KINDS: list[str] = ["topk", "sample"]
+"""``--targets`` choices: the registered target kinds (``softlabels.targets.register`` adds to it)."""
 DEFAULT_SAMPLES = 12
 """Draws per position of ``--targets sample`` (the paper's figure: about 12 gave full-KD quality)."""
 MAX_SAMPLES = 65535

@@ -1,7 +1,7 @@
 """The unit pipeline: read, compute and commit soft-label units, overlapped, for every engine.
 
 A unit (a row range of one corpus file) is read by a reader thread, computed (teacher forward and
-top-k) in the calling thread, and committed (shard built, compressed and written whole, then its
+the run's targets) in the calling thread, and committed (shard built, compressed and written whole, then its
 entry returned) by a writer thread, so the teacher never waits on storage. Both queues are one unit
 deep, so memory is bounded by ``--rows-per-shard`` and ``--batch-size``, never by the corpus. Units
 never share a batch, so a unit rerun after a crash sees exactly the batches of an uninterrupted run
@@ -37,10 +37,10 @@ from .distributed import autocast
 from .teachers import Teacher
 from .schema import TARGETS_COLUMN
 from .text import DocumentWindows
-from .sampling import SampledTargets, position_keys, sampled_labels
-from .topk import soft_labels, valid_positions
+from .targets import BatchTargets, TargetKind, kind_of
+from .targets.topk import usable_positions, valid_positions
 
-__all__ = ["GenerationRun", "forward", "process_unit", "write_unit", "run_pipeline", "run_units_locally", "ignore_progress"]
+__all__ = ["GenerationRun", "forward", "usable_positions", "teacher_logits", "batch_targets", "process_unit", "write_unit", "run_pipeline", "run_units_locally", "ignore_progress"]
 
 
 @dataclass
@@ -71,18 +71,6 @@ def forward(run: GenerationRun, inputs: TeacherInputs) -> list[torch.Tensor]:
         return [teacher.logits(inputs) for teacher in run.teachers]
 
 
-def usable_positions(logits: torch.Tensor) -> torch.Tensor:
-    """[N] True where a position's logits define a distribution: no NaN or +Inf, and not all -Inf.
-
-    -Inf alone is a legitimate logit (a masked class, a padded vocabulary entry).
-    """
-    finite_sums = logits.sum(dim=-1).isfinite()  # one pass, no [N, V] temporary
-    if bool(finite_sums.all()):
-        return finite_sums
-    bad = torch.isnan(logits).any(dim=-1) | torch.isposinf(logits).any(dim=-1) | torch.isneginf(logits).all(dim=-1)
-    return ~bad
-
-
 def target_selection(per_row: torch.Tensor, targets: pa.ChunkedArray | pa.Array) -> tuple[torch.Tensor, torch.Tensor]:
     """Where a batch's target positions are among its flattened valid positions.
 
@@ -104,77 +92,32 @@ def target_selection(per_row: torch.Tensor, targets: pa.ChunkedArray | pa.Array)
 
 
 def process_unit(run: GenerationRun, unit: Unit, table: pa.Table, on_batch: Callable[[int, int], None]) -> ShardPayload:
-    """Teacher forward and top-k (or sampled targets) over one unit's rows, batch by batch.
+    """Teacher forward and the run's targets (``softlabels.targets``) over one unit's rows, batch by batch.
 
-    With a ``target_positions`` column (chat) only those positions of each row are kept. Sampled
-    targets are drawn with keys from (run fingerprint, sample id, index of the position among the
-    row's stored positions), so they do not depend on the batch a row falls in.
+    With a ``target_positions`` column (chat) only those positions of each row are kept.
     """
     config = run.config
-    sampling = config.targets == "sample"
+    kind = kind_of(run.header)
     by_documents = run.documents is not None  # progress counts corpus rows (documents), not windows
-    ids_parts, logprob_parts, positions_parts, conf_parts, ent_parts, agree_parts = [], [], [], [], [], []
-    sampled_parts: list[SampledTargets] = []
+    parts: list[Any] = []
+    positions_parts, conf_parts, ent_parts, agree_parts = [], [], [], []
     keep = np.ones(table.num_rows, dtype=bool)
     fidelity = Fidelity()
     for begin in range(0, table.num_rows, config.batch_size):
         batch = table.slice(begin, config.batch_size)
         sample_ids = batch.column("sample_id").combine_chunks()
-        inputs = to_teacher_inputs(batch.column(config.input_column), config.input_column, sample_ids).to(run.device)
-        try:
-            member_logits = forward(run, inputs)
-        except UserError:
-            raise
-        except Exception as exc:  # the user's model failed on these rows: one line naming them, no traceback
-            shown = ", ".join(map(str, sample_ids.to_pylist()[:5])) + (f" and {len(sample_ids) - 5} more" if len(sample_ids) > 5 else "")
-            detail = " ".join(str(exc).split())[:500]
-            raise UserError(f"--teacher: forward failed on the batch of sample ids {shown}: {type(exc).__name__}: {detail}") from None
-        flat_members, per_row = [], None
-        for logits in member_logits:
-            flat, per_row = valid_positions(logits, inputs.lengths)
-            flat_members.append(flat)
-        if TARGETS_COLUMN in batch.column_names:
-            selected, per_row = target_selection(per_row, batch.column(TARGETS_COLUMN))
-            flat_members = [flat[selected] for flat in flat_members]
-        row_of = torch.repeat_interleave(torch.arange(len(per_row), device=per_row.device), per_row)
-        labels = None if sampling else soft_labels(flat_members, per_row, config.top_k, config.ensemble, run.codec)
-        finite = labels.usable if labels is not None else torch.stack([usable_positions(flat) for flat in flat_members]).all(dim=0)
-        bad_rows = torch.zeros(len(per_row), dtype=torch.bool, device=finite.device).index_put_((row_of,), ~finite, accumulate=True)
-        if bool(bad_rows.any()):
-            bad_ids = sample_ids.filter(pa.array(bad_rows.cpu().numpy())).to_pylist()
-            if config.on_nonfinite == "error":
-                shown = ", ".join(bad_ids[:10]) + (f" and {len(bad_ids) - 10} more" if len(bad_ids) > 10 else "")
-                raise UserError(
-                    f"teacher output is NaN/Inf for sample ids {shown}; use --on-nonfinite skip to drop them"
-                )
-            keep[begin : begin + len(per_row)] = ~bad_rows.cpu().numpy()
-            if labels is None:
-                flat_members = [flat[~bad_rows[row_of]] for flat in flat_members]
-            else:
-                labels = labels.of_rows(~bad_rows, per_row)
-            per_row = per_row[~bad_rows]
-            sample_ids = sample_ids.filter(pa.array(~bad_rows.cpu().numpy()))
-        if len(per_row) and sampling:
-            keys = position_keys(run.fingerprint, sample_ids.to_pylist(), per_row)
-            drawn = sampled_labels(flat_members, per_row, keys, config.samples, config.proposal_temperature, config.ensemble)
-            targets = drawn.targets
-            sampled_parts.append(SampledTargets(targets.ids.cpu(), targets.counts.cpu(), targets.logprobs.cpu(), targets.offsets.cpu(),
-                                                targets.log_normalizer.cpu(), targets.samples, targets.proposal_temperature))
-            conf_parts.append(drawn.confidence.cpu().numpy())
-            ent_parts.append(drawn.entropy.cpu().numpy())
-            if drawn.agreement is not None:
-                agree_parts.append(drawn.agreement.cpu().numpy())
+        member_logits = teacher_logits(run, batch, sample_ids)
+        targets, per_row, kept = batch_targets(run, kind, member_logits, batch, sample_ids)
+        keep[begin : begin + len(kept)] = kept
+        sample_ids = sample_ids.filter(pa.array(kept)) if not kept.all() else sample_ids
+        if len(per_row):
+            host = targets.to_host(sample_ids.to_pylist(), per_row, fidelity)
+            parts.append(host.data)
+            conf_parts.append(host.confidence)
+            ent_parts.append(host.entropy)
+            if host.agreement is not None:
+                agree_parts.append(host.agreement)
             positions_parts.append(per_row.cpu().numpy())
-            fidelity.add_sampled(drawn.drawn_mass.cpu().numpy(), targets.unique_per_position().cpu().numpy())
-        elif len(per_row):
-            ids_parts.append(labels.ids.cpu().numpy())
-            logprob_parts.append(labels.logprobs.cpu().numpy())
-            conf_parts.append(labels.confidence.cpu().numpy())
-            ent_parts.append(labels.entropy.cpu().numpy())
-            if labels.agreement is not None:
-                agree_parts.append(labels.agreement.cpu().numpy())
-            positions_parts.append(per_row.cpu().numpy())
-            fidelity.add(labels.captured_mass.cpu().numpy(), labels.stored_kl.cpu().numpy())
         on_batch(0 if by_documents else batch.num_rows, int(per_row.sum()) if len(per_row) else 0)
     if by_documents:
         on_batch(unit.rows, 0)
@@ -182,30 +125,66 @@ def process_unit(run: GenerationRun, unit: Unit, table: pa.Table, on_batch: Call
     def joined(parts: list[np.ndarray], shape: tuple[int, ...], dtype: type) -> np.ndarray:
         return np.concatenate(parts) if parts else np.zeros(shape, dtype=dtype)
 
-    k = config.top_k
-    sampled = None
-    if sampling:
-        sampled = SampledTargets.concat(sampled_parts) if sampled_parts else SampledTargets(
-            torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), torch.empty(0), torch.zeros(1, dtype=torch.int64),
-            torch.empty(0), config.samples, config.proposal_temperature)
     return ShardPayload(
         passthrough=table.filter(pa.array(keep)) if not keep.all() else table,
         positions=joined(positions_parts, (0,), np.int64),
-        ids=None if sampling else joined(ids_parts, (0, k), np.int64),
-        logprobs=None if sampling else joined(logprob_parts, (0, k), np.float32),
+        targets=kind.join(parts, run.header),
         confidence=joined(conf_parts, (0,), np.float32),
         entropy=joined(ent_parts, (0,), np.float32),
         agreement=joined(agree_parts, (0,), np.float32) if len(run.teachers) > 1 else None,
         fidelity=fidelity,
-        sampled=sampled,
     )
+
+
+def teacher_logits(run: GenerationRun, batch: pa.Table, sample_ids: pa.Array) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """(every teacher's logits, the rows' valid positions or None) for one batch of corpus rows; a model that fails is one line naming the rows."""
+    inputs = to_teacher_inputs(batch.column(run.config.input_column), run.config.input_column, sample_ids).to(run.device)
+    try:
+        return forward(run, inputs), inputs.lengths
+    except UserError:
+        raise
+    except Exception as exc:  # the user's model failed on these rows: one line naming them, no traceback
+        shown = ", ".join(map(str, sample_ids.to_pylist()[:5])) + (f" and {len(sample_ids) - 5} more" if len(sample_ids) > 5 else "")
+        detail = " ".join(str(exc).split())[:500]
+        raise UserError(f"--teacher: forward failed on the batch of sample ids {shown}: {type(exc).__name__}: {detail}") from None
+
+
+def batch_targets(run: GenerationRun, kind: TargetKind, member_logits: tuple[list[torch.Tensor], torch.Tensor | None], batch: pa.Table,
+                  sample_ids: pa.Array) -> tuple[BatchTargets, torch.Tensor, np.ndarray]:
+    """One batch's targets at its valid (chat: target) positions, rows with unusable outputs refused or dropped.
+
+    Returns:
+        (the kept rows' targets, int64 [B'] their positions, bool [B] which rows were kept).
+    """
+    logits, lengths = member_logits
+    flat_members, per_row = [], None
+    for member in logits:
+        flat, per_row = valid_positions(member, lengths)
+        flat_members.append(flat)
+    if TARGETS_COLUMN in batch.column_names:
+        selected, per_row = target_selection(per_row, batch.column(TARGETS_COLUMN))
+        flat_members = [flat[selected] for flat in flat_members]
+    row_of = torch.repeat_interleave(torch.arange(len(per_row), device=per_row.device), per_row)
+    targets = kind.compute(flat_members, per_row, run)
+    finite = targets.usable
+    bad_rows = torch.zeros(len(per_row), dtype=torch.bool, device=finite.device).index_put_((row_of,), ~finite, accumulate=True)
+    kept = np.ones(len(per_row), dtype=bool)
+    if bool(bad_rows.any()):
+        bad_ids = sample_ids.filter(pa.array(bad_rows.cpu().numpy())).to_pylist()
+        if run.config.on_nonfinite == "error":
+            shown = ", ".join(bad_ids[:10]) + (f" and {len(bad_ids) - 10} more" if len(bad_ids) > 10 else "")
+            raise UserError(f"teacher output is NaN/Inf for sample ids {shown}; use --on-nonfinite skip to drop them")
+        kept = ~bad_rows.cpu().numpy()
+        targets = targets.of_rows(~bad_rows, per_row)
+        per_row = per_row[~bad_rows]
+    return targets, per_row, kept
 
 
 def write_unit(run: GenerationRun, unit: Unit, payload: ShardPayload, skipped: int) -> ShardEntry:
     """Build unit N's shard and write it whole into the run directory; returns its journal entry."""
     positions = int(payload.positions.sum())
     header = {**run.header, "unit": unit.index, "rows": payload.passthrough.num_rows, "positions": positions}
-    table = build_shard(payload, run.vocab_size, run.config.top_k, len(run.teachers), header)
+    table = build_shard(payload, run.vocab_size, len(run.teachers), header)
     size, digest, soft_bytes = write_shard(table, run.directory, unit.index, positions)
     return {
         "file": run.directory.unit_shard_path(unit.index).name,

@@ -52,7 +52,8 @@ from .errors import UserError, VerificationError
 from .fidelity import Fidelity
 from .faults import kill_point
 from .lease import is_lease_name
-from .schema import FORMAT, FORMAT_V1, READABLE_FORMATS, decode_header, shard_schema, soft_columns, targets_of
+from .schema import FORMAT, FORMAT_V1, READABLE_FORMATS, decode_header, shard_schema
+from .targets import kind_of, soft_columns
 from .storage import Location, append_line, atomic_write_text, commit_file, store_failure, writing
 
 __all__ = [
@@ -89,9 +90,8 @@ SHARD_READERS = 32
 # Manifest keys that are not the run header (everything else in a manifest is a header field).
 MANIFEST_BODY_KEYS = ("complete", "settings", "id_column", "corpus", "shards", "totals", "fidelity", "selection")
 SHARD_FIELDS = ("file", "rows", "positions", "bytes", "sha256")
-REQUIRED_MANIFEST_KEYS = ("fingerprint", "top_k", "vocab_size", "teachers", "shards", "totals")
-"""What a top-k manifest must hold; a sampled one (``targets: sample``) has ``SAMPLED_MANIFEST_KEYS`` instead of ``top_k``."""
-SAMPLED_MANIFEST_KEYS = ("samples", "proposal_temperature")
+REQUIRED_MANIFEST_KEYS = ("fingerprint", "vocab_size", "teachers", "shards", "totals")
+"""What every sealed manifest must hold; its target kind adds its ``manifest_keys`` (``top_k``; ``samples`` ...)."""
 MANIFEST_CHECKSUM_KEY = "manifest_sha256"
 """The manifest's checksum of its own body: ``manifest_checksum``."""
 MANIFEST_INTEGRITY_KEY = "manifest_integrity"
@@ -101,8 +101,8 @@ earlier release (read as it was); one with either must carry a matching checksum
 (the checksum key renamed or deleted included) turns the check off."""
 UNCHECKED_HEADER_KEYS = ("softlabels_version",)
 """Run-header keys a manifest need not share with every shard: a resumed run mixes releases' shards."""
-SCHEMA_KEYS = ("format", "logprob_dtype", "logprob_scale", "targets", "samples", "proposal_temperature")
-"""Header keys besides V, k and the teachers that set a shard's soft-label column types."""
+SCHEMA_KEYS = ("format", "logprob_dtype", "logprob_scale", "targets")
+"""Header keys besides V, the teachers and the target kind's ``manifest_keys`` that set a shard's column types."""
 
 
 class ShardEntry(TypedDict, total=False):
@@ -168,7 +168,7 @@ def build_manifest(
         fidelity = Fidelity()
         for entry in entries:
             fidelity.merge(Fidelity.from_json(entry["fidelity"]))
-        manifest["fidelity"] = fidelity.summary(targets_of(header))
+        manifest["fidelity"] = kind_of(header).fidelity_summary(fidelity)
     return manifest
 
 
@@ -245,8 +245,11 @@ def _shape_damage(manifest: dict[str, Any]) -> str | None:
     teachers = manifest.get("teachers")
     if not isinstance(teachers, list) or not teachers or not all(isinstance(t, dict) and isinstance(t.get("sha256"), str) for t in teachers):
         return "'teachers' is not a list of {name, sha256}"
-    counted = "samples" if targets_of(manifest) == "sample" else "top_k"
-    if not _is_count(manifest.get(counted)) or not manifest[counted]:
+    try:
+        counted = kind_of(manifest).size_key
+    except UserError as exc:
+        return str(exc)
+    if counted is not None and (not _is_count(manifest.get(counted)) or not manifest[counted]):
         return f"{counted!r} is not a positive count"
     return None
 
@@ -317,9 +320,11 @@ __all__ += ["SHARD_HEADER_KEYS", "run_header", "read_shard_header"]
 
 
 @functools.lru_cache(maxsize=16)
-def _expected_fields(vocab_size: int, top_k: int | None, teachers: int, codec_fields: str) -> tuple[tuple[str, pa.DataType], ...]:
+def _expected_fields(vocab_size: int, teachers: int, schema_fields: str) -> tuple[tuple[str, pa.DataType], ...]:
     """The soft-label columns a run's shards must have: built once per run, not once per shard."""
-    schema = shard_schema(pa.schema([]), vocab_size, top_k, teachers, json.loads(codec_fields))
+    header = json.loads(schema_fields)
+    soft_fields = kind_of(header).fields(vocab_size, header, LogprobCodec.from_header(header))
+    schema = shard_schema(pa.schema([]), soft_fields, teachers, header)
     return tuple((field.name, field.type) for field in schema)
 
 
@@ -365,8 +370,9 @@ def check_shard(path: Location, entry: ShardEntry, manifest: dict[str, Any], has
         mismatch = f"positions: shard has {header['positions']}, manifest has {entry.get('positions')!r}"
     if mismatch is not None:
         raise VerificationError(f"{name}: its header and the manifest differ on {mismatch}")
-    codec_fields = {key: manifest[key] for key in SCHEMA_KEYS if key in manifest}
-    expected = _expected_fields(manifest["vocab_size"], manifest.get("top_k"), len(manifest["teachers"]), json.dumps(codec_fields, sort_keys=True))
+    schema_keys = SCHEMA_KEYS + kind_of(manifest).manifest_keys
+    schema_fields = {key: manifest[key] for key in schema_keys if key in manifest}
+    expected = _expected_fields(manifest["vocab_size"], len(manifest["teachers"]), json.dumps(schema_fields, sort_keys=True))
     for field_name, field_type in expected:
         if schema.get_field_index(field_name) < 0 or schema.field(field_name).type != field_type:
             raise VerificationError(f"{name}: column {field_name!r} missing or of the wrong type")
@@ -769,9 +775,7 @@ class RunDirectory:
         manifest = self.read_manifest()
         if manifest.get("complete") is not True:
             raise VerificationError(f"{self.root}: manifest is not complete (the run has not finished)")
-        required = REQUIRED_MANIFEST_KEYS
-        if targets_of(manifest) == "sample":
-            required = tuple(key for key in required if key != "top_k") + SAMPLED_MANIFEST_KEYS
+        required = REQUIRED_MANIFEST_KEYS + kind_of(manifest).manifest_keys
         for key in required:
             if key not in manifest:
                 raise VerificationError(f"{self.manifest_path}: missing {key!r}")

@@ -6,9 +6,9 @@ at k=20 that is 40 instead of 80 bytes per position before compression, and with
 log-probabilities the raw payload is 80 bytes per position.
 
 A run of ``generate --targets sample`` (header ``targets: "sample"``) stores sampled targets instead
-(``softlabels.sampling``): per position the distinct ids of N draws, variable in number, with their
+(``softlabels.targets.sampling``): per position the distinct ids of N draws, variable in number, with their
 counts and log-probabilities, in the ``sample_*`` columns of ``sample_fields``. The header names the
-kind of targets (``targets_of``); a header without ``targets`` is top-k.
+kind of targets (``softlabels.targets.kind_of``); a header without ``targets`` is top-k.
 """
 
 from __future__ import annotations
@@ -18,24 +18,21 @@ from typing import Any
 
 import pyarrow as pa
 
-from .codec import CODES_COLUMN, LOGPROB_COLUMN, LogprobCodec
+from .codec import CODES_COLUMN, LogprobCodec
 from .options import TARGET_KINDS
 
 __all__ = [
     "FORMAT",
     "FORMAT_V1",
     "READABLE_FORMATS",
-    "soft_columns",
     "codec_of",
     "TARGET_KINDS",
-    "targets_of",
     "SAMPLE_IDS_COLUMN",
     "SAMPLE_COUNTS_COLUMN",
     "SAMPLE_LOGPROBS_COLUMN",
     "SAMPLE_CODES_COLUMN",
     "SAMPLE_NORMALIZER_COLUMN",
     "SAMPLE_COLUMNS",
-    "LOGPROB_COLUMNS",
     "MAX_UINT8_SAMPLES",
     "PROPOSAL_TEMPERATURE_KEY",
     "sample_count_type",
@@ -45,10 +42,8 @@ __all__ = [
     "ID_COLUMN",
     "TOKENS_COLUMN",
     "TARGETS_COLUMN",
-    "SOFT_COLUMNS",
     "STAT_COLUMNS",
     "id_type",
-    "soft_label_fields",
     "shard_schema",
     "encode_header",
     "decode_header",
@@ -71,11 +66,6 @@ SAMPLE_NORMALIZER_COLUMN = "sample_log_normalizer"
 SAMPLE_COLUMNS = (SAMPLE_IDS_COLUMN, SAMPLE_COUNTS_COLUMN, SAMPLE_LOGPROBS_COLUMN, SAMPLE_CODES_COLUMN, SAMPLE_NORMALIZER_COLUMN)
 """Every sampled-target column name; a sampled shard has ids, counts, one of the log-prob columns and,
 when the proposal temperature is not 1, the log normaliser."""
-SOFT_COLUMNS = ("topk_ids", LOGPROB_COLUMN, CODES_COLUMN, *SAMPLE_COLUMNS)
-"""Every soft-label column name of any format: a top-k shard has ``topk_ids`` and one of the two
-top-k log-prob columns, a sampled shard its ``SAMPLE_COLUMNS``."""
-LOGPROB_COLUMNS = (LOGPROB_COLUMN, CODES_COLUMN, SAMPLE_LOGPROBS_COLUMN, SAMPLE_CODES_COLUMN)
-"""The soft-label columns holding stored log-probabilities (or their uint8 codes)."""
 STAT_COLUMNS = ("confidence", "entropy", "agreement")
 UINT16_MAX_VOCAB = 65536
 MAX_UINT8_SAMPLES = 255
@@ -86,11 +76,6 @@ PROPOSAL_TEMPERATURE_KEY = b"softlabels.proposal_temperature"
 def id_type(vocab_size: int) -> pa.DataType:
     """The narrowest unsigned integer type that holds every class id of ``vocab_size`` classes."""
     return pa.uint16() if vocab_size <= UINT16_MAX_VOCAB else pa.uint32()
-
-
-def targets_of(header: dict[str, Any]) -> str:
-    """``topk`` or ``sample``: what the run of a header or manifest stores (top-k when it does not say)."""
-    return str(header.get("targets", "topk"))
 
 
 def sample_count_type(samples: int) -> pa.DataType:
@@ -129,47 +114,19 @@ def _stat_fields(ensemble_size: int) -> list[pa.Field]:
     return fields
 
 
-def soft_label_fields(vocab_size: int, top_k: int, ensemble_size: int, codec: LogprobCodec | None = None) -> list[pa.Field]:
-    """The top-k soft-label and statistics fields that follow the passed-through corpus columns."""
-    codec = codec or LogprobCodec()
-    fields = [
-        pa.field("topk_ids", pa.list_(pa.list_(id_type(vocab_size), top_k))),
-        pa.field(codec.column, pa.list_(pa.list_(codec.arrow_type, top_k)), metadata=codec.field_metadata()),
-    ]
-    return fields + _stat_fields(ensemble_size)
-
-
-def shard_schema(
-    passthrough: pa.Schema, vocab_size: int, top_k: int, ensemble_size: int, header: dict[str, Any]
-) -> pa.Schema:
-    """Full shard schema: ``sample_id``, the corpus columns unchanged, then the soft labels.
+def shard_schema(passthrough: pa.Schema, soft_fields: list[pa.Field], ensemble_size: int, header: dict[str, Any]) -> pa.Schema:
+    """Full shard schema: ``sample_id``, the corpus columns unchanged, the soft labels, then the statistics.
 
     Args:
         passthrough: schema of the corpus columns copied into the shard (inputs, label).
-        vocab_size: number of teacher classes V.
-        top_k: k stored per position (top-k runs; unused for sampled ones).
+        soft_fields: the target kind's soft-label fields (``TargetKind.fields``).
         ensemble_size: number of teachers; ``agreement`` exists only for ensembles.
-        header: the run's JSON header, stored as Parquet key-value metadata; its ``logprob_dtype``
-            sets the type of ``topk_logprobs`` (see ``softlabels.codec``), its ``targets``,
-            ``samples`` and ``proposal_temperature`` the sampled columns of a sampled run.
+        header: the run's JSON header, stored as Parquet key-value metadata.
     """
     fields = [pa.field("sample_id", pa.string())]
     fields += [passthrough.field(i) for i in range(len(passthrough))]
-    codec = LogprobCodec.from_header(header)
-    if targets_of(header) == "sample":
-        fields += sample_fields(vocab_size, int(header["samples"]), float(header["proposal_temperature"]), codec)
-        fields += _stat_fields(ensemble_size)
-    else:
-        fields += soft_label_fields(vocab_size, top_k, ensemble_size, codec)
+    fields += soft_fields + _stat_fields(ensemble_size)
     return pa.schema(fields, metadata={HEADER_KEY: encode_header(header)})
-
-
-def soft_columns(header: dict[str, Any]) -> tuple[str, str]:
-    """The (ids, stored log-probabilities) column names of the run a header or manifest describes."""
-    codec = LogprobCodec.from_header(header)
-    if targets_of(header) == "sample":
-        return SAMPLE_IDS_COLUMN, sample_logprob_column(codec)
-    return "topk_ids", codec.column
 
 
 def codec_of(schema: pa.Schema) -> LogprobCodec:

@@ -28,6 +28,7 @@ from .errors import UserError, VerificationError
 from .lease import lease_scope, take_lease
 from .rundir import RunDirectory, build_manifest, check_shard, read_shard_header, run_header, settings_fingerprint, shard_name
 from .storage import Location
+from .targets import kind_of
 
 __all__ = ["SealReport", "unit_count", "seal"]
 
@@ -146,7 +147,7 @@ def seal(directory: str | os.PathLike[str]) -> SealReport:
     for _, path, _ in present:
         header = read_shard_header(path)
         if header is not None and header.get("fingerprint") == fingerprint:
-            reference = {**header, **{k: settings[k] for k in ("top_k", "vocab_size", "teachers")}}
+            reference = {**header, **{k: settings[k] for k in (*kind_of(header).manifest_keys, "vocab_size", "teachers")}}
             break
     expected = reference or {**settings, "fingerprint": fingerprint}
 

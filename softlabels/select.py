@@ -53,7 +53,8 @@ from .errors import UserError, VerificationError
 from .lease import lease_scope, take_lease
 from .rundir import (MANIFEST_BODY_KEYS, RunDirectory, ShardEntry, build_manifest, check_shard,
                      run_header, settings_fingerprint)
-from .schema import FORMAT, HEADER_KEY, decode_header, encode_header, soft_columns
+from .schema import FORMAT, HEADER_KEY, decode_header, encode_header
+from .targets import soft_columns
 from .shards import write_shard
 from .storage import Location
 

@@ -6,8 +6,8 @@ and renamed into ``data/`` (``RunDirectory.commit_staged``).
 Row groups hold about ``ROW_GROUP_POSITIONS`` positions so the loader can split a shard across
 workers: 65,536 positions at k=20 is about 5 MB of soft labels per group.
 
-The soft-label columns (top-k ids and log-probs, or the sampled ids, counts, log-probs and log
-normalisers) skip dictionary encoding (up to V distinct ids per row group only pays
+The soft-label columns of every target kind (top-k ids and log-probs, or the sampled ids, counts,
+log-probs and log normalisers, ...) skip dictionary encoding (up to V distinct ids per row group only pays
 back on huge shards) and use BYTE_STREAM_SPLIT, which puts the high and low bytes of every id and
 log-probability in separate streams that zstd then compresses well. float16 log-probabilities are
 the exception: DuckDB cannot read float16 BYTE_STREAM_SPLIT pages (duckdb#17114), so they are
@@ -27,8 +27,8 @@ import pyarrow.parquet as pq
 from .codec import LogprobCodec, leaf_type
 from .fidelity import Fidelity
 from .rundir import RunDirectory
-from .sampling import SampledTargets, sample_arrays
-from .schema import LOGPROB_COLUMNS, SOFT_COLUMNS, STAT_COLUMNS, id_type, shard_schema, targets_of
+from .schema import STAT_COLUMNS, shard_schema
+from .targets import all_logprob_columns, all_soft_columns, kind_of
 from .storage import writing
 
 __all__ = ["ROW_GROUP_POSITIONS", "ShardPayload", "build_shard", "write_shard", "write_parquet", "soft_label_bytes"]
@@ -47,50 +47,29 @@ class ShardPayload:
     Attributes:
         passthrough: ``sample_id`` and the corpus columns of the kept rows.
         positions: int64 [R] positions per kept row.
-        ids: [N, k] int64 class ids (top-k runs; None for sampled ones).
-        logprobs: [N, k] float32 log-probabilities (top-k runs; None for sampled ones).
+        targets: the N positions' targets, as the run's target kind joined them (``TargetKind.join``).
         confidence, entropy: float32 [R].
         agreement: float32 [R], or None for a single teacher.
-        fidelity: captured mass and KL(full || stored) of the N positions (drawn mass and distinct
-            ids for sampled targets).
-        sampled: the N positions' sampled targets (on the CPU), for runs of ``--targets sample``.
+        fidelity: the N positions' fidelity figures (what the kind records).
     """
 
     passthrough: pa.Table
     positions: np.ndarray
-    ids: np.ndarray | None
-    logprobs: np.ndarray | None
+    targets: Any
     confidence: np.ndarray
     entropy: np.ndarray
     agreement: np.ndarray | None
     fidelity: Fidelity
-    sampled: SampledTargets | None = None
 
 
-def _nested(flat: np.ndarray, k: int, positions: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
-    per_position = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=value_type), k)
-    offsets = np.zeros(len(positions) + 1, dtype=np.int32)
-    np.cumsum(positions, out=offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(offsets), per_position)
-
-
-def build_shard(payload: ShardPayload, vocab_size: int, top_k: int, ensemble_size: int, header: dict[str, Any]) -> pa.Table:
-    """The shard table: sample_id, passthrough columns, soft labels (top-k or sampled, as the
-    header's ``targets`` says) and statistics."""
+def build_shard(payload: ShardPayload, vocab_size: int, ensemble_size: int, header: dict[str, Any]) -> pa.Table:
+    """The shard table: sample_id, passthrough columns, soft labels (of the header's target kind) and statistics."""
     passthrough = payload.passthrough.drop_columns(["sample_id"])
-    schema = shard_schema(passthrough.schema, vocab_size, top_k, ensemble_size, header)
+    kind = kind_of(header)
     codec = LogprobCodec.from_header(header)
+    schema = shard_schema(passthrough.schema, kind.fields(vocab_size, header, codec), ensemble_size, header)
     arrays = [payload.passthrough.column("sample_id"), *passthrough.columns]
-    if targets_of(header) == "sample":
-        if payload.sampled is None:
-            raise ValueError("a sampled run's payload needs its sampled targets")
-        arrays += sample_arrays(payload.sampled, payload.positions, vocab_size, codec)
-    else:
-        ids = payload.ids.astype(id_type(vocab_size).to_pandas_dtype(), copy=False)
-        arrays += [
-            _nested(ids, top_k, payload.positions, id_type(vocab_size)),
-            _nested(codec.encode_numpy(payload.logprobs), top_k, payload.positions, codec.arrow_type),
-        ]
+    arrays += kind.arrays(payload.targets, payload.positions, vocab_size, codec, header)
     arrays += [
         pa.array(payload.confidence.astype(np.float32)),
         pa.array(payload.entropy.astype(np.float32)),
@@ -133,10 +112,11 @@ def write_parquet(table: pa.Table, where: Any, positions: int, footers: list[pq.
     """
     rows = max(table.num_rows, 1)
     group_rows = max(1, int(ROW_GROUP_POSITIONS * rows / max(positions, 1)))
-    leaves = {name: _leaf_path(name, table.schema.field(name).type) for name in table.column_names if name in SOFT_COLUMNS}
+    soft = all_soft_columns()
+    leaves = {name: _leaf_path(name, table.schema.field(name).type) for name in table.column_names if name in soft}
     split = {leaf: "BYTE_STREAM_SPLIT" for name, leaf in leaves.items() if not pa.types.is_float16(leaf_type(table.schema.field(name).type))}
-    levels = {leaf: LOGPROB_ZSTD_LEVEL for name, leaf in leaves.items() if name in LOGPROB_COLUMNS}
-    dictionary = [name for name in table.column_names if name not in SOFT_COLUMNS and name not in STAT_COLUMNS]
+    levels = {leaf: LOGPROB_ZSTD_LEVEL for name, leaf in leaves.items() if name in all_logprob_columns()}
+    dictionary = [name for name in table.column_names if name not in soft and name not in STAT_COLUMNS]
     # page CRCs let every later read detect a flipped byte without hashing the whole file
     pq.write_table(
         table, where, compression="zstd", row_group_size=group_rows, write_page_checksum=True,
@@ -156,11 +136,11 @@ def _leaf_path(name: str, value_type: pa.DataType) -> str:
 
 def soft_label_bytes(metadata: pq.FileMetaData) -> int:
     """Compressed bytes of the soft-label column chunks (top-k ids and log-probs, or the sampled columns)."""
-    total = 0
+    total, soft = 0, all_soft_columns()
     for group in range(metadata.num_row_groups):
         row_group = metadata.row_group(group)
         for column in range(row_group.num_columns):
             chunk = row_group.column(column)
-            if chunk.path_in_schema.split(".")[0] in SOFT_COLUMNS:
+            if chunk.path_in_schema.split(".")[0] in soft:
                 total += chunk.total_compressed_size
     return total

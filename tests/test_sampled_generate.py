@@ -39,7 +39,8 @@ from torch import nn
 from conftest import REPO, interrupt_after, read_output, run_cli, run_cli_subprocess, save_teacher, shard_paths, token_table, write_parquet
 from slow_teachers import Slow
 from softlabels.codec import LogprobCodec
-from softlabels.sampling import SAMPLER, draw_targets, position_keys, targets_from_arrow
+from softlabels.targets.sampled import targets_from_arrow
+from softlabels.targets.sampling import SAMPLER, draw_targets, position_keys
 
 VOCAB = 97
 SAMPLES = 12

@@ -1,4 +1,4 @@
-"""Sampled targets (softlabels.sampling) and the RS-KD loss (softlabels.losses, targets="sample").
+"""Sampled targets (softlabels.targets.sampling) and the RS-KD loss (softlabels.losses, targets="sample").
 
 What is shown, each against an independent computation:
 * the draws follow the proposal: chi-square goodness of fit (scipy) of pooled draws against the
@@ -26,7 +26,7 @@ import torch
 from conftest import REPO
 from scipy import stats
 
-from softlabels import sampling
+from softlabels.targets import sampling
 from softlabels.codec import LogprobCodec
 from softlabels.losses import (
     TAIL_MODES,
@@ -34,16 +34,15 @@ from softlabels.losses import (
     masked_mean,
     sampled_kd_loss_per_position,
 )
-from softlabels.sampling import (
+from softlabels.targets.sampling import (
     SampledTargets,
     draw_ids,
     draw_targets,
     position_keys,
-    sample_arrays,
     sample_fields,
-    targets_from_arrow,
     uniforms,
 )
+from softlabels.targets.sampled import sample_arrays, targets_from_arrow
 
 # -- helpers ---------------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-import softlabels.topk as topk
+import softlabels.targets.topk as topk
 from softlabels.codec import LogprobCodec
 
 POSITIONS = 117

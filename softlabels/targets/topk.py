@@ -24,11 +24,21 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pyarrow as pa
 import torch
 
-from .codec import LogprobCodec
+from ..codec import CODES_COLUMN, LOGPROB_COLUMN, LogprobCodec
+from ..errors import UserError
+from ..fidelity import Fidelity
+from ..losses import kd_loss_per_position
+from ..schema import id_type
+from .base import HostTargets, distribution, register
+from .rows import TopKRows
 
-__all__ = ["CHUNK_ELEMENTS", "CPU_CHUNK_ELEMENTS", "TOPK_BLOCK", "SoftLabels", "EnsembleChunk", "ensemble_logprobs", "ensemble_chunks",
+__all__ = ["TOPK", "TopK", "DEFAULT_TOP_K", "usable_positions", "CHUNK_ELEMENTS", "CPU_CHUNK_ELEMENTS", "TOPK_BLOCK", "SoftLabels", "EnsembleChunk", "ensemble_logprobs", "ensemble_chunks",
            "block_topk", "row_mean", "soft_labels", "valid_positions"]
 
 CHUNK_ELEMENTS = 1 << 23
@@ -40,6 +50,9 @@ chunks stay in cache between passes, but every pass is a parallel region whose t
 running to finish it, which on a machine with more runnable threads than cores costs a scheduler
 time slice each; at 32 MB and above every buffer is a fresh mapping (glibc's largest recycled
 allocation), faulted in and zeroed by the kernel."""
+
+DEFAULT_TOP_K = 20
+"""k when ``--top-k`` is not given (or V, when smaller)."""
 
 TOPK_BLOCK = 64
 """Classes per block in ``block_topk``'s first stage (C // TOPK_BLOCK blocks)."""
@@ -81,6 +94,25 @@ class SoftLabels:
             agreement=None if self.agreement is None else self.agreement[keep], captured_mass=self.captured_mass[kept],
             stored_kl=self.stored_kl[kept], usable=self.usable[kept],
         )
+
+    def to_host(self, sample_ids: Sequence[str], positions_per_row: torch.Tensor, fidelity: Fidelity) -> HostTargets:
+        """The ids and log-probabilities on the host; records captured mass and KL into ``fidelity``."""
+        host = HostTargets((self.ids.cpu().numpy(), self.logprobs.cpu().numpy()), self.confidence.cpu().numpy(),
+                           self.entropy.cpu().numpy(), None if self.agreement is None else self.agreement.cpu().numpy())
+        fidelity.add(self.captured_mass.cpu().numpy(), self.stored_kl.cpu().numpy())
+        return host
+
+
+def usable_positions(logits: torch.Tensor) -> torch.Tensor:
+    """[N] True where a position's logits define a distribution: no NaN or +Inf, and not all -Inf.
+
+    -Inf alone is a legitimate logit (a masked class, a padded vocabulary entry).
+    """
+    finite_sums = logits.sum(dim=-1).isfinite()  # one pass, no [N, V] temporary
+    if bool(finite_sums.all()):
+        return finite_sums
+    bad = torch.isnan(logits).any(dim=-1) | torch.isposinf(logits).any(dim=-1) | torch.isneginf(logits).all(dim=-1)
+    return ~bad
 
 
 def valid_positions(logits: torch.Tensor, lengths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,3 +355,113 @@ def ensemble_chunks(member_logits: list[torch.Tensor], mode: str) -> Iterator[En
             best = log_p.argmax(dim=-1)
             agreement = torch.stack([m.argmax(dim=-1) == best for m in members]).float().mean(dim=0)
         yield EnsembleChunk(begin, log_p, _entropy_of_logprobs(log_p), agreement)
+
+
+def nested_fixed(flat: np.ndarray, k: int, positions: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
+    """list<fixed_size_list<k>> of [N, k] values for rows of ``positions`` positions each."""
+    per_position = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=value_type), k)
+    offsets = np.zeros(len(positions) + 1, dtype=np.int32)
+    np.cumsum(positions, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), per_position)
+
+
+class TopK:
+    """``--targets topk``: per position the k most probable class ids and their log-probabilities at T=1."""
+
+    name = "topk"
+    manifest_keys = ("top_k",)
+    size_key = "top_k"
+    batch_keys = ("topk_ids", "topk_logprobs")
+    batch_key = "topk_ids"
+    id_column = "topk_ids"
+    soft_column_names = ("topk_ids", LOGPROB_COLUMN, CODES_COLUMN)
+    inspect_figures = ("captured_mass",)
+    logprob_column_names = (LOGPROB_COLUMN, CODES_COLUMN)
+
+    def prepare(self, config: Any, vocab_size: int) -> None:
+        if config.top_k is None:
+            config.top_k = min(DEFAULT_TOP_K, vocab_size)
+        elif config.top_k > vocab_size:
+            raise UserError(f"--top-k {config.top_k} exceeds the teachers' vocabulary size {vocab_size}")
+
+    def settings(self, config: Any) -> dict[str, Any]:
+        return {"top_k": config.top_k}  # a top-k run's settings (and fingerprint) are those of earlier releases
+
+    def header(self, config: Any) -> dict[str, Any]:
+        return {"targets": self.name, "top_k": config.top_k}
+
+    def fields(self, vocab_size: int, header: dict[str, Any], codec: LogprobCodec) -> list[pa.Field]:
+        top_k = header["top_k"]
+        return [pa.field("topk_ids", pa.list_(pa.list_(id_type(vocab_size), top_k))),
+                pa.field(codec.column, pa.list_(pa.list_(codec.arrow_type, top_k)), metadata=codec.field_metadata())]
+
+    def columns(self, header: dict[str, Any], codec: LogprobCodec) -> tuple[str, str]:
+        return "topk_ids", codec.column
+
+    def compute(self, member_logits: list[torch.Tensor], positions_per_row: torch.Tensor, run: Any) -> SoftLabels:
+        return soft_labels(member_logits, positions_per_row, run.config.top_k, run.config.ensemble, run.codec)
+
+    def join(self, parts: list[Any], header: dict[str, Any]) -> Any:
+        k = header["top_k"]
+        if not parts:
+            return np.zeros((0, k), dtype=np.int64), np.zeros((0, k), dtype=np.float32)
+        return np.concatenate([ids for ids, _ in parts]), np.concatenate([logprobs for _, logprobs in parts])
+
+    def arrays(self, data: Any, positions: np.ndarray, vocab_size: int, codec: LogprobCodec, header: dict[str, Any]) -> list[pa.Array]:
+        ids, logprobs = data
+        k = header["top_k"]
+        ids = ids.astype(id_type(vocab_size).to_pandas_dtype(), copy=False)
+        return [nested_fixed(ids, k, positions, id_type(vocab_size)), nested_fixed(codec.encode_numpy(logprobs), k, positions, codec.arrow_type)]
+
+    def fidelity_summary(self, fidelity: Fidelity) -> dict[str, float]:
+        return fidelity.summary()
+
+    def describe_fidelity(self, soft_per_position: float, fidelity: dict[str, float]) -> str:
+        return (f"({soft_per_position:.1f} for top-k ids and log-probs); "
+                f"captured top-k mass mean {fidelity['captured_mass_mean']:.4f}, p5 {fidelity['captured_mass_p5']:.3f}; "
+                f"KL(full || stored) {fidelity['kl_full_vs_stored_mean']:.2e} nats")
+
+    def read_columns(self, header: dict[str, Any], codec: LogprobCodec) -> list[str]:
+        return ["topk_ids", codec.column]
+
+    def codec_without_header(self, schema: pa.Schema) -> LogprobCodec:
+        return LogprobCodec.from_columns(schema)
+
+    def row_options(self, schema: pa.Schema, header: dict[str, Any] | None) -> dict[str, Any]:
+        return {}
+
+    def rows(self, table: pa.Table, codec: LogprobCodec, options: dict[str, Any],
+             place: Callable[[np.ndarray], Any]) -> Any:
+        return TopKRows(table, codec, place)
+
+    def loss_per_position(self, logits: torch.Tensor, pick: Callable[[str], torch.Tensor], batch: dict[str, Any],
+                          temperature: float, tail: str) -> torch.Tensor:
+        return kd_loss_per_position(logits, pick("topk_ids"), pick("topk_logprobs"), temperature, tail)
+
+    def teacher_top1(self, batch: dict[str, Any]) -> torch.Tensor:
+        return batch["topk_ids"][..., 0]
+
+    def bias_warning(self, temperature: float, header: dict[str, Any]) -> str | None:
+        return None  # the top-k loss is exact on what it stores
+
+    def inspect(self, scan: Any, manifest: dict[str, Any], codec: LogprobCodec) -> tuple[dict[str, Any], Any]:
+        import polars as pl
+
+        positions = scan.select(
+            pl.col(codec.column).explode().arr.to_list().list.eval(codec.decode_polars(pl.element()).exp()).list.sum().alias("mass"),
+            pl.col("topk_ids").explode().arr.first().alias("top1"),
+        ).collect()
+        return {"captured_mass": distribution(positions, "mass", upper=1.0)}, positions
+
+    def inspect_lines(self, report: dict[str, Any]) -> tuple[str, list[str], str]:
+        fidelity = report.get("fidelity") or {}
+        lines = []
+        if "kl_full_vs_stored_mean" in fidelity:
+            lines.append(f"KL(full || stored with uniform tail): {fidelity['kl_full_vs_stored_mean']:.3e} nats per position")
+        return f"top-k {report['top_k']}", lines, "most frequent top-1 classes"
+
+    def report_fields(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+
+TOPK = register(TopK())

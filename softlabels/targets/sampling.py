@@ -22,7 +22,7 @@ ids. Positions are processed in chunks of ``CPU_CHUNK_ELEMENTS / 2`` float64 val
 in one scratch block reused for every chunk; the cost per position is a few in-place passes over
 V (copy to float64, subtract the max, exp, cumulative sum) and a binary search per draw.
 
-Storage (``sample_fields`` / ``sample_arrays``), one row per sample as for top-k, with
+Storage (``sample_fields`` / ``softlabels.targets.sampled.sample_arrays``), one row per sample as for top-k, with
 per-position lists of variable length (the distinct ids):
 
 | column | Arrow type |
@@ -44,19 +44,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 import torch
 
-from .codec import LogprobCodec
-from .schema import (
+from ..schema import (
     MAX_UINT8_SAMPLES,
     SAMPLE_CODES_COLUMN,
     SAMPLE_COUNTS_COLUMN,
     SAMPLE_IDS_COLUMN,
     SAMPLE_LOGPROBS_COLUMN,
     SAMPLE_NORMALIZER_COLUMN,
-    id_type,
-    sample_count_type,
     sample_fields,
     sample_logprob_column,
 )
@@ -83,8 +79,6 @@ __all__ = [
     "sample_header_fields",
     "sample_logprob_column",
     "sample_fields",
-    "sample_arrays",
-    "targets_from_arrow",
 ]
 
 SAMPLER = "splitmix64-inverse-cdf.v1"
@@ -406,7 +400,7 @@ def sampled_labels(member_logits: list[torch.Tensor], positions_per_row: torch.T
         keys: [N] int64 position keys (``position_keys`` of the rows' sample ids and these positions).
         samples: N draws per position.
         proposal_temperature: t of the proposal p^(1/t) / Z_t.
-        mode: ensemble mode (``softlabels.topk.ensemble_logprobs``).
+        mode: ensemble mode (``softlabels.targets.topk.ensemble_logprobs``).
     """
     keys = _as_uint64(keys)
     parts, confidence, entropy, agreement = [], [], [], []
@@ -442,66 +436,3 @@ def sampled_labels(member_logits: list[torch.Tensor], positions_per_row: torch.T
 def sample_header_fields(samples: int, proposal_temperature: float) -> dict[str, object]:
     """What a sampled run's shard header (and fingerprinted settings) must record."""
     return {"targets": "sample", "samples": samples, "proposal_temperature": float(proposal_temperature), "sampler": SAMPLER}
-
-
-def _offsets(lengths: np.ndarray) -> pa.Array:
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    return pa.array(offsets)
-
-
-def sample_arrays(targets: SampledTargets, positions_per_row: torch.Tensor | np.ndarray, vocab_size: int,
-                  codec: LogprobCodec | None = None) -> list[pa.Array]:
-    """Arrow arrays matching ``sample_fields``: one list entry per row, one inner list per position.
-
-    Args:
-        targets: the sampled targets of the N positions of B rows, rows in order.
-        positions_per_row: int [B], summing to N.
-        vocab_size: V (ids are uint16 when V <= 65,536).
-        codec: how log-probabilities are stored (the run's ``--logprob-dtype``).
-    """
-    codec = codec or LogprobCodec()
-    rows = np.asarray(torch.as_tensor(positions_per_row).cpu(), dtype=np.int64)
-    if int(rows.sum()) != targets.positions:
-        raise ValueError(f"positions_per_row sums to {int(rows.sum())} but there are {targets.positions} positions")
-    row_offsets = _offsets(rows)
-    inner = pa.array(targets.offsets.cpu().numpy().astype(np.int32))
-
-    def nested(values: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
-        return pa.ListArray.from_arrays(row_offsets, pa.ListArray.from_arrays(inner, pa.array(values, type=value_type)))
-
-    arrays = [
-        nested(targets.ids.cpu().numpy().astype(id_type(vocab_size).to_pandas_dtype()), id_type(vocab_size)),
-        nested(targets.counts.cpu().numpy().astype(sample_count_type(targets.samples).to_pandas_dtype()), sample_count_type(targets.samples)),
-        nested(codec.encode_numpy(targets.logprobs.cpu().numpy()), codec.arrow_type),
-    ]
-    if targets.proposal_temperature != 1.0:
-        arrays.append(pa.ListArray.from_arrays(row_offsets, pa.array(targets.log_normalizer.cpu().numpy().astype(np.float32))))
-    return arrays
-
-
-def targets_from_arrow(table: pa.Table, samples: int, proposal_temperature: float, codec: LogprobCodec | None = None) -> SampledTargets:
-    """All positions of a table's rows (rows in order) back as ``SampledTargets``, log-probs decoded."""
-    codec = codec or LogprobCodec()
-
-    def flat(name: str) -> tuple[np.ndarray, np.ndarray]:
-        per_position = table.column(name).combine_chunks().flatten()
-        return per_position.flatten().to_numpy(zero_copy_only=False), np.asarray(per_position.offsets.to_numpy(), dtype=np.int64)
-
-    ids, offsets = flat(SAMPLE_IDS_COLUMN)
-    counts, _ = flat(SAMPLE_COUNTS_COLUMN)
-    stored, _ = flat(sample_logprob_column(codec))
-    offsets = offsets - offsets[0]
-    if proposal_temperature != 1.0:
-        normalizer = table.column(SAMPLE_NORMALIZER_COLUMN).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    else:
-        normalizer = np.zeros(len(offsets) - 1, dtype=np.float32)
-    return SampledTargets(
-        ids=torch.from_numpy(ids.astype(np.int64)),
-        counts=torch.from_numpy(counts.astype(np.int64)),
-        logprobs=torch.from_numpy(codec.decode_numpy(np.array(stored)).astype(np.float32)),
-        offsets=torch.from_numpy(offsets),
-        log_normalizer=torch.from_numpy(np.array(normalizer, dtype=np.float32)),
-        samples=samples,
-        proposal_temperature=proposal_temperature,
-    )
