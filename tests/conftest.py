@@ -39,7 +39,11 @@ torch.set_num_threads(TEST_THREADS)
 
 def unpinned_environ() -> dict[str, str]:
     """``os.environ`` without the TEST_THREADS pin: for child processes whose results are compared with no
-    other process's (the LLM pipeline), so they use every core as a user's run would."""
+    other process's (the LLM pipelines), so they use every core as a user's run would; except when the
+    suite runs on several workers (``-n 2``), where the other worker has the other core, and two
+    processes of two threads each on two cores spin-wait for each other."""
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) >= (os.cpu_count() or 1):
+        return dict(os.environ)
     return {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
@@ -54,8 +58,9 @@ def pinned_threads():
 LONGEST_FIRST = ("test_pipelines.py", "test_distil_smollm.py", "test_hf_students.py", "test_resume.py", "test_store_faults.py",
                  "test_kill_points.py", "test_misuse.py", "test_text.py", "test_ray_engine.py", "test_s3.py")
 """Modules that take a minute or more, longest first. The README's command runs the suite on two workers
-(``-n 2 --dist loadfile``: each module's tests and module fixtures stay on one worker), and a worker takes
-modules in collection order, so these go first and no long module starts last."""
+(``-n 2``; pyproject's ``--dist loadfile --no-loadscope-reorder``: each module's tests and module
+fixtures stay on one worker, and modules are dealt in collection order, not by their test count), so
+these go first and no long module starts last."""
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -485,3 +490,22 @@ def assert_equal_to_storage_precision(ours: pa.Table, theirs: pa.Table) -> int:
         assert not (missing & above).any(), f"a class clearly above the cut is missing at {np.argwhere(missing & above)[:5].tolist()}"
         differing += int(missing.sum())
     return differing
+
+
+@pytest.fixture(scope="session")
+def dequantised_smollm2(tmp_path_factory) -> Path:
+    """SmolLM2's GGUF dequantised once for the whole suite (pipelines/dequantise_gguf.py), shared by both
+    xdist workers under a file lock: the LLM pipeline tests link it in as their RUN/teacher, which the
+    pipelines then reuse as a rerun would, instead of each dequantising its own (about 20 s each)."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the session's root under xdist
+    folder = shared / "smollm2-dequantised"
+    with open(shared / "smollm2-dequantised.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "config.json").is_file():
+            result = subprocess.run([sys.executable, str(REPO / "pipelines" / "dequantise_gguf.py"), str(smollm2_dir()), str(folder)],
+                                    capture_output=True, text=True, env={**unpinned_environ(), "HF_HUB_OFFLINE": "1"}, timeout=600)
+            assert result.returncode == 0, result.stderr[-3000:]
+    return folder

@@ -127,8 +127,10 @@ def test_init_student_keeps_tokenizer_embeddings_and_layers_and_its_logits_are_t
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory) -> tuple[Path, list[str], dict[str, str], subprocess.CompletedProcess]:
+def smoke_run(tmp_path_factory, dequantised_smollm2) -> tuple[Path, list[str], dict[str, str], subprocess.CompletedProcess]:
     run = tmp_path_factory.mktemp("distil_smoke") / "distil"
+    run.mkdir()
+    (run / "teacher").symlink_to(dequantised_smollm2, target_is_directory=True)  # the suite's, reused as a rerun would
     env = {**unpinned_environ(), "HF_HUB_OFFLINE": "1", **SMOKE_ENV}
     command = ["bash", str(REPO / "pipelines" / "distil_smollm.sh"), str(run), *SMOKE_ARGS]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200)
