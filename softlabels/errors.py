@@ -7,7 +7,7 @@ subclass ``ValueError`` so library callers can treat them as bad data.
 
 from __future__ import annotations
 
-__all__ = ["UserError", "VerificationError"]
+__all__ = ["UserError", "VerificationError", "NotSealedError"]
 
 
 class UserError(ValueError):
@@ -16,3 +16,8 @@ class UserError(ValueError):
 
 class VerificationError(ValueError):
     """A soft-label directory failed verification; the message names the bad file."""
+
+
+class NotSealedError(VerificationError):
+    """A directory that holds no finished run (no manifest, or the manifest of an unfinished one): not
+    damage, but work to finish. Readers that need a sealed directory turn it into a ``UserError``."""

@@ -41,7 +41,7 @@ import torch
 
 from .codec import LogprobCodec
 from .data import collate
-from .errors import UserError, VerificationError
+from .errors import NotSealedError, UserError
 from .losses import IGNORE_INDEX, hard_label_loss
 from .targets import all_batch_keys, kind_of, registered
 from .options import TAIL_MODES
@@ -73,10 +73,8 @@ def _sealed_manifest(directory: str | os.PathLike[str], verify_shards: bool | No
         if verify_shards is not None:
             verify(directory, quick=not verify_shards)
         manifest = RunDirectory.open(directory).read_sealed()
-    except VerificationError as exc:  # as train-student: an unsealed directory is the user's to finish
-        if "not complete" in str(exc) or "no manifest" in str(exc):
-            raise UserError(f"{directory}: {exc}") from None
-        raise
+    except NotSealedError as exc:  # as train-student: an unsealed directory is the user's to finish
+        raise UserError(f"{directory}: {exc}") from None
     try:
         kind_of(manifest)
     except UserError:

@@ -48,7 +48,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .codec import LogprobCodec
-from .errors import UserError, VerificationError
+from .errors import NotSealedError, UserError, VerificationError
 from .fidelity import Fidelity
 from .faults import kill_point
 from .lease import is_lease_name
@@ -741,7 +741,7 @@ class RunDirectory:
         """
         path = self.manifest_path
         if not path.is_file():
-            raise VerificationError(f"{self.root}: no {MANIFEST_NAME}; not a sealed soft-label directory")
+            raise NotSealedError(f"{self.root}: no {MANIFEST_NAME}; not a sealed soft-label directory")
         manifest, problem = self._parse_manifest()
         if problem is not None:
             raise VerificationError(f"{path}: {problem}")
@@ -774,7 +774,7 @@ class RunDirectory:
         """
         manifest = self.read_manifest()
         if manifest.get("complete") is not True:
-            raise VerificationError(f"{self.root}: manifest is not complete (the run has not finished)")
+            raise NotSealedError(f"{self.root}: manifest is not complete (the run has not finished)")
         required = REQUIRED_MANIFEST_KEYS + kind_of(manifest).manifest_keys
         for key in required:
             if key not in manifest:

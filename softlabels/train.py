@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from .data import SoftLabelDataset, SoftLabelLoader
 from .distributed import autocast, distributed_env, resolve_device
-from .errors import UserError, VerificationError
+from .errors import NotSealedError, UserError, VerificationError
 from .hf import disable_progress_bars
 from .inputs import TeacherInputs
 from .lease import is_lease_name, lease_scope, take_lease
@@ -224,11 +224,10 @@ def _verify_inputs(config: TrainConfig) -> None:
     for directory, flag in checks:
         try:
             verify(directory)
+        except NotSealedError as exc:  # the user's to finish, not damage
+            raise UserError(f"{flag} {directory}: {exc}") from None
         except VerificationError as exc:
-            message = str(exc)
-            if "not complete" in message or "no manifest" in message:
-                raise UserError(f"{flag} {directory}: {message}") from None
-            raise VerificationError(f"{flag} {directory}: {message}") from None
+            raise VerificationError(f"{flag} {directory}: {exc}") from None
         except UserError as exc:
             raise UserError(f"{flag} {directory}: {exc}") from None
 

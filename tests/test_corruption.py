@@ -240,6 +240,33 @@ def test_incomplete_manifest(out: Path) -> None:
     assert_verification_failed(run_cli("verify", out), "not complete")
 
 
+def test_not_sealed_is_its_own_error_which_training_reports_as_work_to_finish(out: Path, tmp_path: Path) -> None:
+    """An unfinished manifest, or none: NotSealedError (a VerificationError: verify exits 2), which
+    train-student turns into one usage line naming DATA_DIR (exit 1); a damaged shard stays exit 2."""
+    from softlabels.errors import NotSealedError
+    from softlabels.rundir import RunDirectory
+
+    def train(data: Path) -> CliResult:
+        return run_cli("train-student", data, "--student", "softlabels.models:digits_mlp", "--out", tmp_path / "student",
+                       "--max-steps", 1, "--no-progress")
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out, damaged)
+    shard = shard_paths(damaged)[0]
+    shard.write_bytes(shard.read_bytes()[:-40])
+    assert train(damaged).code == 2
+    data = manifest(out)
+    data["complete"] = False
+    write_manifest(out, data)
+    for step in ("unfinished", "no manifest"):
+        with pytest.raises(NotSealedError):
+            RunDirectory.open(out).read_sealed()
+        result = train(out)
+        assert result.code == 1 and len(result.err.strip().splitlines()) == 1, result.err
+        assert "DATA_DIR" in result.err and str(out) in result.err, result.err
+        (out / "manifest.json").unlink(missing_ok=True)  # then the same with no manifest at all
+
+
 @pytest.mark.parametrize("text", ["{not json", "[]", '{"format": "softlabels.v0", "complete": true}', "\xff"])
 def test_unreadable_or_foreign_manifest(out: Path, text: str) -> None:
     (out / "manifest.json").write_text(text, encoding="latin-1")
