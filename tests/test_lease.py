@@ -9,6 +9,7 @@ the conditional create.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -43,6 +45,22 @@ def single_process(monkeypatch):
 def child_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
     return {**env, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "1", **extra}
+
+
+@contextlib.contextmanager
+def killed_holder(out: str) -> "Iterator[subprocess.Popen[str]]":
+    """Another process holding ``out``'s lease (as `softlabels generate`) while the block runs; then it is
+    SIGKILLed, as a crashed holder would be, leaving its lease record behind."""
+    code = ("import time; from softlabels.lease import hold_lease\n"
+            f"with hold_lease({out!r}, 'softlabels generate'):\n"
+            "    print('held', flush=True); time.sleep(300)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], env=child_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
 
 
 def one_line_error(code: int, err: str, *needles: object) -> str:
@@ -180,19 +198,11 @@ def test_a_lease_file_softlabels_did_not_write_is_not_overwritten(tmp_path):
 
 def test_a_stale_local_lease_of_a_killed_holder_is_taken_over(tmp_path, capsys):
     out = tmp_path / "out"
-    code = ("import sys, time; from softlabels.lease import hold_lease\n"
-            f"with hold_lease({str(out)!r}, 'softlabels generate'):\n"
-            "    print('held', flush=True); time.sleep(300)\n")
-    holder = subprocess.Popen([sys.executable, "-c", code], env=child_env(), stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with killed_holder(str(out)) as holder:
         with pytest.raises(LeaseHeld) as refused:
             with hold_lease(out, "softlabels seal", flag=None):
                 pass
         assert refused.value.holder["pid"] == holder.pid and f"pid {holder.pid} on host" in str(refused.value)
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
     left = json.loads((out / LOCAL_NAME).read_text())  # the dead holder's record is still there
     assert left["pid"] == holder.pid
     with hold_lease(out, "softlabels generate") as lease:
@@ -319,18 +329,10 @@ def test_the_ranks_of_one_torchrun_job_share_the_lease(tmp_path, request, monkey
 
 def test_a_store_lease_of_a_holder_killed_on_this_machine_is_taken_over_at_once(s3_bucket, tmp_path):
     out = f"{s3_bucket}/soft"
-    code = ("import time; from softlabels.lease import hold_lease\n"
-            f"with hold_lease({out!r}, 'softlabels generate'):\n"
-            "    print('held', flush=True); time.sleep(300)\n")
-    holder = subprocess.Popen([sys.executable, "-c", code], env=child_env(), stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with killed_holder(out) as holder:
         with pytest.raises(LeaseHeld, match=f"pid {holder.pid} on host"):
             with hold_lease(out, "softlabels seal", flag=None):
                 pass
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
     folder = Location.of(out) / STORE_DIR
     assert folder.listdir() == ["00000001.json"]  # unexpired: it was renewed moments ago
     with hold_lease(out, "softlabels generate") as lease:  # its pid is gone from this machine: no need to wait
