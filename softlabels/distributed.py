@@ -16,7 +16,7 @@ import torch
 
 from .errors import UserError
 
-__all__ = ["DistributedEnv", "autocast", "distributed_env", "launcher_job", "resolve_device"]
+__all__ = ["DistributedEnv", "autocast", "data_parallel_position", "distributed_env", "launcher_job", "resolve_device"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,15 @@ def distributed_env(environ: Mapping[str, str] | None = None) -> DistributedEnv:
     if env.world_size < 1 or not 0 <= env.rank < env.world_size:
         raise UserError(f"RANK {env.rank} is outside WORLD_SIZE {env.world_size}")
     return env
+
+
+def data_parallel_position() -> tuple[int, int]:
+    """(rank, world size) among the ranks that split the data: the initialised torch.distributed
+    process group's, else the launcher's (``distributed_env``)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    env = distributed_env()
+    return env.rank, env.world_size
 
 
 LOOPBACK_HOSTS = ("localhost", "::1", "0.0.0.0")

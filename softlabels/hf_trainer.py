@@ -12,7 +12,7 @@ callbacks then come from transformers:
   ``target_mask`` [B, T] bool (positions with targets; for chat shards only the assistant's) and
   ``hard_labels`` [B, T] int64 (the next token, or the label column; ``IGNORE_INDEX`` where none).
 * ``SoftLabelTrainer(..., temperature=, alpha=, tail=)``: a ``Trainer`` whose ``compute_loss`` is
-  ``soft_label_loss``, the objective of ``train-student`` (``softlabels.train.batch_losses``):
+  ``soft_label_loss``, the objective of ``train-student`` (``softlabels.train.objective``):
   ``alpha * T^2 KL + (1 - alpha) * CE``, each a mean over this batch's target positions. Student
   logits at position t meet the stored targets of position t; the hard label of t is token t + 1.
   ``evaluate()`` adds ``eval_kd`` (per-position mean, T^2-scaled), ``eval_ce`` and
@@ -42,11 +42,11 @@ import torch
 from .codec import LogprobCodec
 from .data import collate
 from .errors import NotSealedError, UserError
-from .losses import IGNORE_INDEX, hard_label_loss
+from .losses import IGNORE_INDEX
 from .targets import all_batch_keys, kind_of, registered
 from .options import TAIL_MODES
 from .rundir import RunDirectory
-from .train import hard_labels, stored_kd_per_position, teacher_top1
+from .train.objective import hard_labels, is_token_sequence, soft_label_loss
 from .verify import verify
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as softlabels.hf: no retries against an unreachable hub
@@ -127,7 +127,7 @@ class SoftLabelCollator:
     ``sample_log_normalizer`` [B, T] when the proposal temperature is not 1, and
     ``proposal_temperature``, as ``collate`` gives them), ``target_mask`` bool [B, T] (collate's
     ``mask``: the positions that have targets) and
-    ``hard_labels`` int64 [B, T] (``IGNORE_INDEX`` where none), built by ``softlabels.train.hard_labels``
+    ``hard_labels`` int64 [B, T] (``IGNORE_INDEX`` where none), built by ``softlabels.train.objective.hard_labels``
     as ``train-student`` builds them: the label column when there is one, else the next token.
     """
 
@@ -160,50 +160,11 @@ class SoftLabelCollator:
         else:
             attention = torch.ones_like(tokens)
         steps = batch["mask"].shape[1]
-        next_token = "labels" not in batch and steps > 1  # train-student's rule for token sequences
-        labels = hard_labels(batch, next_token, steps)
+        labels = hard_labels(batch, is_token_sequence(batch), steps)  # train-student's labels
         if labels is None:
             labels = torch.full((tokens.shape[0], steps), IGNORE_INDEX, dtype=torch.int64)
         targets = {key: batch[key] for key in soft_label_keys() if key in batch}
         return {"input_ids": tokens.long(), "attention_mask": attention, **targets, "target_mask": batch["mask"], "hard_labels": labels}
-
-
-def soft_label_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], temperature: float = 2.0,
-                    alpha: float = 0.5, tail: str = "bucket") -> dict[str, torch.Tensor]:
-    """``train-student``'s objective on one batch: ``alpha * kd + (1 - alpha) * ce``.
-
-    Args:
-        logits: student logits [B, T', V] with T' >= T (a causal LM), or [B, V] (one position).
-        batch: ``topk_ids`` [B, T, k] and ``topk_logprobs`` [B, T, k], or sampled targets
-            (``sample_ids``, ``sample_counts``, ``sample_logprobs`` [B, T, m], ``proposal_temperature``,
-            optionally ``sample_log_normalizer`` [B, T]); ``target_mask`` bool [B, T]; optionally
-            ``hard_labels`` [B, T] (``IGNORE_INDEX`` where none).
-        temperature, alpha, tail: as ``train-student --temperature --alpha --tail``.
-
-    Returns:
-        ``loss``, ``kd`` (``kd_loss`` over the target positions, T^2-scaled; for sampled targets the
-        RS-KD estimate, and ``tail`` is unused), ``ce`` (hard-label
-        CE over the labelled target positions; 0 if none), and the counts ``positions``,
-        ``labelled`` and ``agree`` (target positions whose student argmax is the teacher's top-1).
-    """
-    if logits.dim() == 2:
-        logits = logits.unsqueeze(1)
-    steps = batch["target_mask"].shape[1]
-    if logits.shape[1] < steps:
-        raise UserError(f"the model returns {logits.shape[1]} positions but the soft labels have {steps}")
-    mask = batch["target_mask"].to(logits.device)
-    valid_logits = logits[:, :steps][mask].float()  # [N, V]: padding and non-target positions cost no fp32 copy or work
-    kd = stored_kd_per_position(valid_logits, batch, temperature, tail, mask).sum() / mask.sum().clamp(min=1) * temperature**2
-    labels = batch.get("hard_labels")
-    if labels is not None:
-        valid_labels = labels.to(logits.device)[mask]
-        ce = hard_label_loss(valid_logits, valid_labels)
-        labelled = (valid_labels != IGNORE_INDEX).sum()
-    else:
-        ce = valid_logits.sum() * 0.0
-        labelled = torch.zeros((), dtype=torch.int64, device=logits.device)
-    agree = (valid_logits.argmax(dim=-1) == teacher_top1(batch).to(logits.device)[mask]).sum()
-    return {"loss": alpha * kd + (1.0 - alpha) * ce, "kd": kd, "ce": ce, "positions": mask.sum(), "labelled": labelled, "agree": agree}
 
 
 class SoftLabelTrainer(Trainer):

@@ -306,20 +306,20 @@ def test_a_zero_row_corpus_with_automatic_rows_per_shard_is_one_line(tmp_path):
 
 
 def test_ctrl_c_of_train_student_says_whether_a_checkpoint_exists(tmp_path, soft, monkeypatch):
-    import softlabels.train
+    import softlabels.train.recipe as recipe
 
     out = tmp_path / "out"
-    real = softlabels.train._verify_inputs
+    real = recipe.verify_inputs
 
     def interrupted(config):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(softlabels.train, "_verify_inputs", interrupted)
+    monkeypatch.setattr(recipe, "verify_inputs", interrupted)
     early = run_cli("train-student", soft, "--out", out, *TRAIN)
     assert early.code == 130 and "no checkpoint was written" in early.err and not out.exists()
-    monkeypatch.setattr(softlabels.train, "_verify_inputs", real)
+    monkeypatch.setattr(recipe, "verify_inputs", real)
     assert run_cli("train-student", soft, "--out", out, *TRAIN, "--halt-after", 3).code == 0
-    monkeypatch.setattr(softlabels.train, "_verify_inputs", interrupted)
+    monkeypatch.setattr(recipe, "verify_inputs", interrupted)
     later = run_cli("train-student", soft, "--out", out, *TRAIN, "--resume")
     assert later.code == 130 and "checkpoint in --out is kept" in later.err and "--resume" in later.err
 
