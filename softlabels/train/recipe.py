@@ -35,12 +35,12 @@ from tqdm import tqdm
 
 from ..data import SoftLabelDataset
 from ..distributed import autocast, distributed_env, resolve_device
+from ..errors import UserError
 from ..hf import disable_progress_bars
 from ..lease import lease_scope, take_lease
 from ..options import TrainConfig
 from ..storage import Location
 from ..teachers import Teacher, load_teacher
-from ..errors import UserError
 from .checkpoint import (CHECKPOINT_NAME, METRICS_NAME, check_out, check_resume, discard_partial_outputs, read_checkpoint,
                          write_checkpoint, write_student)
 from .evaluation import evaluate
