@@ -50,6 +50,7 @@ its in-process runs and on ``PYTHONPATH`` for the child processes).
 
 from __future__ import annotations
 
+import importlib
 import argparse
 import functools
 import json
@@ -429,7 +430,7 @@ INNER = ("convert batch (Arrow -> padded tensor)", "teacher forward", "valid_pos
 
 def instrumented_generate(corpus_path: Path, spec: str, out: Path, batch_size: int, rows_per_shard: int) -> dict[str, Any]:
     import softlabels.corpus as corpus_module
-    import softlabels.generate as gen
+    gen = importlib.import_module("softlabels.generate")  # softlabels.generate is the function
     import softlabels.pipeline as pipe
 
     clock = StageClock()

@@ -59,7 +59,7 @@ from bench_generate import INNER, PROCESS_UNIT, STARTUP, StageClock, bare_forwar
 from bench_train import loader_read, raw_read  # noqa: E402
 from topk_reference import installed as reference_topk  # noqa: E402
 
-import softlabels.generate as generate_module  # noqa: E402
+generate_module = importlib.import_module("softlabels.generate")  # softlabels.generate is the function
 import softlabels.pipeline as pipeline_module  # noqa: E402
 from softlabels.generate import GenerateConfig, generate  # noqa: E402
 from softlabels.distributed import autocast  # noqa: E402

@@ -9,6 +9,7 @@ their /proc/self/fd link), which is where a full disk shows on a real filesystem
 
 from __future__ import annotations
 
+import importlib
 import contextlib
 import errno
 import fnmatch
@@ -349,12 +350,12 @@ def test_vectors_of_another_length_in_jsonl_are_refused_by_sample_id(tmp_path):
 
 
 def test_an_unexpected_os_error_is_one_line(tmp_path, monkeypatch):
-    import softlabels.verify
+    verify_module = importlib.import_module("softlabels.verify")  # softlabels.verify is the function
 
     def broken(directory, quick=False):
         raise OSError(errno.EIO, os.strerror(errno.EIO), str(tmp_path / "x"))
 
-    monkeypatch.setattr(softlabels.verify, "verify", broken)
+    monkeypatch.setattr(verify_module, "verify", broken)
     result = run_cli("verify", tmp_path)
     assert result.code == 1
     one_line(result.err, str(tmp_path / "x"), "input/output error")

@@ -9,6 +9,7 @@ as the store failing, never as a damaged shard.
 
 from __future__ import annotations
 
+import importlib
 import hashlib
 import socket
 
@@ -111,7 +112,7 @@ def test_unreachable_endpoint_is_one_line(tmp_path, s3_endpoint, monkeypatch):
 
 
 def test_missing_bucket_is_refused_before_the_teacher_loads(tmp_path, faulty_s3, monkeypatch):
-    import softlabels.generate as generate_module
+    generate_module = importlib.import_module("softlabels.generate")  # softlabels.generate is the function
 
     loaded = []
     real = generate_module.load_teacher
