@@ -7,7 +7,7 @@
 #   bash pipelines/distil_smollm.sh [RUN_DIR] [TRAIN_WINDOWS] [HELDOUT_WINDOWS] [STEPS]
 #   bash pipelines/distil_smollm.sh runs/distil      # the full run: 336 windows, 64 + 64 held out, 42 steps (about 2 h on 2 quiet cores)
 #   LAYERS=0,29 SEEDS="0 1" SEEDS_HARD=0 SEEDS_SCRATCH=0 BATCH=2 SPEED_ROUNDS=1 SPEED_BATCHES=1 \
-#     bash pipelines/distil_smollm.sh runs/distil_smoke 7 3 3                         # a smoke size (the CI test)
+#     bash pipelines/distil_smollm.sh runs/distil_smoke 5 3 2                         # a smoke size (the CI test)
 #
 # Stages, each skipped when its output is complete and resumed when interrupted, so rerunning the same
 # command continues where it stopped:

@@ -88,7 +88,7 @@ def run_cli(*args: object) -> CliResult:
 def run_cli_subprocess(*args: object, **popen: object) -> subprocess.CompletedProcess[str]:
     """Run the real console entry point in a child process (for exit codes and tracebacks).
 
-    The child is forked from a server that has already imported torch (CLI_FORK_SERVER), which saves
+    The child is forked from a server that has already imported torch (tests/cli_fork_server.py), which saves
     the seconds of a fresh interpreter's imports; it then runs ``python -m softlabels.cli ARGS`` as a
     new process would (its own pid, exit status, stdout and stderr, uncaught exceptions printed by the
     interpreter). A call with other options than ``cwd``, or in an environment not seen before, starts a
@@ -103,49 +103,6 @@ def run_cli_subprocess(*args: object, **popen: object) -> subprocess.CompletedPr
         [sys.executable, "-m", "softlabels.cli", *argv],
         capture_output=True, text=True, env=env, timeout=600, **popen,
     )
-
-
-CLI_FORK_SERVER = r"""
-import atexit, gc, json, os, runpy, signal, sys
-import numpy, torch, typer, transformers  # no thread starts on these imports (Polars and Arrow start some: the child imports them)
-import softlabels  # not softlabels.cli: runpy runs that as __main__
-gc.freeze()  # the child's garbage collector leaves the server's objects alone: their pages stay shared
-replies = os.fdopen(os.dup(1), "w")
-for line in sys.stdin:
-    request = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        replies.close()
-        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), fd)
-        os.chdir(request["cwd"])
-        signal.alarm(600)
-        sys.argv = ["softlabels", *request["argv"]]
-        code = 0
-        try:  # what the interpreter does with `python -m softlabels.cli`
-            runpy.run_module("softlabels.cli", run_name="__main__", alter_sys=True)
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
-            if not isinstance(exc.code, (int, type(None))):
-                print(exc.code, file=sys.stderr)
-        except KeyboardInterrupt:
-            sys.excepthook(*sys.exc_info())
-            code = -signal.SIGINT
-        except BaseException:
-            sys.excepthook(*sys.exc_info())
-            code = 1
-        atexit._run_exitfuncs()  # then exit without tearing down the modules (that would copy every shared page)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        if code == -signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGINT)
-        os._exit(code & 0xFF)
-    _, status = os.waitpid(pid, 0)
-    replies.write(json.dumps({"status": status}) + "\n")
-    replies.flush()
-"""
 
 
 class CliForkServer:
@@ -170,7 +127,7 @@ class CliForkServer:
                 return None
             while len(cls.servers) >= cls.KEEP:
                 cls.stop(next(iter(cls.servers)))
-            cls.servers[key] = subprocess.Popen([sys.executable, "-c", CLI_FORK_SERVER], stdin=subprocess.PIPE,
+            cls.servers[key] = subprocess.Popen([sys.executable, str(REPO / "tests" / "cli_fork_server.py"), "--stdin"], stdin=subprocess.PIPE,
                                                 stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
         server = cls.servers[key]
         with tempfile.TemporaryDirectory() as scratch:
@@ -195,6 +152,36 @@ class CliForkServer:
             server = cls.servers.pop(one)
             server.stdin.close()
             server.wait(timeout=60)
+
+
+@contextlib.contextmanager
+def forking_softlabels(env: dict[str, str], folder: Path):
+    """ENV for a pipeline script whose ``softlabels`` commands are forked from one server that has imported
+    torch and transformers once (tests/cli_fork_server.py --socket), instead of each paying a fresh
+    interpreter's imports. ENV must hold what the script itself exports (HF_HUB_OFFLINE=1 ...): a command
+    whose import-time variables differ from the server's runs in a fresh interpreter instead. Yields
+    (env, served): the environment to run the script in, and a function counting the commands served."""
+    import shutil
+    import tempfile
+
+    import cli_fork_server
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cli_fork_server.write_shim(str(folder))
+    short = Path(tempfile.mkdtemp(prefix="sl-cli-"))  # a Unix socket's path has at most 107 bytes
+    socket_path = short / "server.sock"
+    server = subprocess.Popen([sys.executable, str(REPO / "tests" / "cli_fork_server.py"), "--socket", str(socket_path)],
+                              env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    try:
+        if server.stdout.readline().strip() != "ready":  # printed once the imports are done and the socket listens
+            raise RuntimeError(f"the CLI fork server did not start (exit {server.wait()})")
+        counted = Path(f"{socket_path}.served")
+        yield ({**env, "PATH": f"{folder}{os.pathsep}{env.get('PATH', '')}", "SOFTLABELS_TEST_CLI_SERVER": str(socket_path)},
+               lambda: int(counted.read_text()) if counted.is_file() else 0)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        shutil.rmtree(short, ignore_errors=True)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_cli, unpinned_environ
+from conftest import REPO, forking_softlabels, run_cli, unpinned_environ
 
 transformers = pytest.importorskip("transformers")
 sys.path.insert(0, str(REPO / "pipelines"))
@@ -29,7 +29,7 @@ import make_stdlib_docstrings  # noqa: E402
 
 DOCSTRINGS = REPO / "data" / "stdlib_docstrings.jsonl"
 SMOKE_ENV = {"LAYERS": "0,29", "SEEDS": "0 1", "SEEDS_HARD": "0", "SEEDS_SCRATCH": "0", "BATCH": "2", "SPEED_ROUNDS": "1", "SPEED_BATCHES": "1"}
-SMOKE_ARGS = ("7", "3", "3")  # 7 training windows (3 steps of 2 see 6 of them), 3 held-out windows per set
+SMOKE_ARGS = ("5", "3", "2")  # 5 training windows (2 steps of 2 see 4 of them), 3 held-out windows per set
 
 
 def t_half_width(values: list[float]) -> float:
@@ -127,15 +127,17 @@ def test_init_student_keeps_tokenizer_embeddings_and_layers_and_its_logits_are_t
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, dequantised_smollm2) -> tuple[Path, list[str], dict[str, str], subprocess.CompletedProcess]:
+def smoke_run(tmp_path_factory, dequantised_smollm2):
     run = tmp_path_factory.mktemp("distil_smoke") / "distil"
     run.mkdir()
     (run / "teacher").symlink_to(dequantised_smollm2, target_is_directory=True)  # the suite's, reused as a rerun would
-    env = {**unpinned_environ(), "HF_HUB_OFFLINE": "1", **SMOKE_ENV}
-    command = ["bash", str(REPO / "pipelines" / "distil_smollm.sh"), str(run), *SMOKE_ARGS]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return run, command, env, result
+    exported = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # as the script does
+    with forking_softlabels({**unpinned_environ(), **exported, **SMOKE_ENV}, run.parent / "cli") as (env, served):
+        command = ["bash", str(REPO / "pipelines" / "distil_smollm.sh"), str(run), *SMOKE_ARGS]
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200)
+        assert result.returncode == 0, result.stderr[-4000:]
+        assert served() == 2 + 1 + 8  # two generates, init-student and eight train-students, none in a fresh interpreter
+        yield run, command, env, result
 
 
 def table_rows(text: str, first: str) -> dict[str, list[str]]:
