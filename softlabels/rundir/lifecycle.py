@@ -157,13 +157,18 @@ class RunDirectory(RunFiles):
                     (self.staging_dir / name).delete()
 
     # -- reading a run ------------------------------------------------------------------------
-    def sealed(self, fingerprint: str | None = None) -> dict[str, Any] | None:
-        """The one "is it sealed" check: the complete, well-formed manifest (of run ``fingerprint``
-        when given), or None when there is none, it is unfinished or damaged, or of another run."""
+    def sealed(self, fingerprint: str | None = None, with_shards: bool = False) -> dict[str, Any] | None:
+        """The one "is it sealed" check: the complete, well-formed manifest (of run ``fingerprint`` when
+        given; with ``with_shards``, only while every shard it lists has its size), or None when there
+        is none, it is unfinished or damaged, of another run, or a shard is missing."""
         if not self.has_manifest():
             return None
         try:
             manifest = self.read_sealed()
+            if with_shards:
+                sizes = self.data_dir.sizes()  # one listing, not a request per shard
+                if not all(self.journalled_shard_intact(entry, hash_bytes=False, sizes=sizes) for entry in manifest["shards"]):
+                    return None
         except VerificationError:
             return None
         return manifest if fingerprint is None or manifest.get("fingerprint") == fingerprint else None
