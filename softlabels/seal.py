@@ -89,14 +89,9 @@ def _journalled_run(directory: RunDirectory) -> tuple[str, dict[str, Any], dict[
 def _already_sealed(directory: RunDirectory, fingerprint: str | None) -> SealReport | None:
     """A report when the directory holds a complete manifest (of the journals' run, when there are journals)."""
     root = directory.root
-    if not directory.has_manifest():
-        return None
-    try:
-        manifest = directory.read_manifest()
-    except VerificationError:
-        return None  # unreadable: written again from the journals
-    if manifest.get("complete") is not True:
-        return None
+    manifest = directory.sealed()
+    if manifest is None:
+        return None  # none, unfinished or damaged: written again from the journals
     if fingerprint is not None and manifest.get("fingerprint") != fingerprint:
         raise VerificationError(
             f"{directory.manifest_path}: sealed for run {manifest.get('fingerprint')}, but the journals record run {fingerprint}"
