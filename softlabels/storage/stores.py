@@ -77,11 +77,11 @@ def store_failure(exc: BaseException, place: Any) -> StoreError | None:
     """A ``StoreError`` when ``exc``, raised reading or writing ``place`` (a ``Location`` or its text), is
     the store failing (not a damaged file): for readers that catch ``OSError`` from pyarrow to call a
     file unreadable."""
-    if isinstance(place, (str, os.PathLike)):
+    if hasattr(place, "uri"):  # a Location (whose os.fspath refuses a store URI)
+        local, uri = place.local, place.uri
+    else:
         text = os.fspath(place)
         local, uri = not is_uri(text) or text.startswith("file://"), text.rstrip("/")
-    else:
-        local, uri = place.local, place.uri
     if local or isinstance(exc, UserError):
         return exc if isinstance(exc, StoreError) else None
     if isinstance(exc, _store_client_errors()) or (isinstance(exc, OSError) and any(m in str(exc) for m in _STORE_MARKERS)):
