@@ -95,8 +95,9 @@ class RunDirectory(RunFiles):
         if check_settings is not None and recorded is not None:
             check_settings(recorded)
         runs, journalled = self.read_journals() if self.root.is_dir() else ([], {})
-        for run in runs if check_settings is not None else []:
-            check_settings(run.get("settings", {}))
+        if check_settings is not None:
+            for run in runs:
+                check_settings(run.get("settings", {}))
         mine = [unit for unit in range(spec.units) if unit % world == rank]
         self.prepare_for_writing()
         self.discard_staged(mine)
