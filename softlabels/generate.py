@@ -2,9 +2,10 @@
 sampled targets with ``--targets sample``).
 
 This module prepares a run (checks, corpus units, teachers, the vocabulary probe, settings and
-fingerprint, the header), decides what is left to do from the run directory's journals, hands the
-pending units to an engine (``pipeline.run_units_locally`` or ``ray_engine.run_units_on_ray``),
-and seals the directory when every unit is committed.
+fingerprint, the header), asks the run directory to begin it (``RunDirectory.begin``: what is
+committed, what is pending), hands the pending units to an engine (``pipeline.run_units_locally`` or
+``ray_engine.run_units_on_ray``), and asks the directory to seal when every unit is committed
+(``RunDirectory.seal_if_complete``).
 """
 
 from __future__ import annotations
