@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -33,17 +32,18 @@ SETTINGS_HEADER_KEYS = ("format", "vocab_size", "ensemble", "precision", "input_
 """Settings a run header repeats as they are (the text ones only where the settings have them)."""
 
 
-@dataclass(frozen=True)
-class Footer:
+class Footer(NamedTuple):
     """What one read of a shard's Parquet footer gives.
 
     Attributes:
         header: the softlabels header (None when the shard has none, or one that is not a JSON object).
-        metadata: the Parquet file metadata (rows, row groups, schema).
+        metadata: the Parquet file metadata (rows, row groups).
+        schema: the Arrow schema, when it was asked for (``read_footer(with_schema=True)``).
     """
 
     header: dict[str, Any] | None
     metadata: pq.FileMetaData
+    schema: pa.Schema | None = None
 
     @property
     def rows(self) -> int:
@@ -54,12 +54,10 @@ class Footer:
         """The rows of each row group, in order."""
         return [self.metadata.row_group(group).num_rows for group in range(self.metadata.num_row_groups)]
 
-    def schema(self) -> pa.Schema:
-        return self.metadata.schema.to_arrow_schema()
 
-
-def read_footer(path: Location) -> Footer:
-    """The footer of the shard at ``path`` (one read).
+def read_footer(path: Location, with_schema: bool = False) -> Footer:
+    """The footer of the shard at ``path`` (one read); the Arrow schema too when ``with_schema``
+    (otherwise only the key-value metadata is decoded: no schema to rebuild).
 
     Raises:
         VerificationError: not a readable Parquet file, naming the shard.
@@ -67,14 +65,18 @@ def read_footer(path: Location) -> Footer:
     """
     try:
         with path.open() as handle:
-            metadata = pq.read_metadata(handle)
+            if with_schema:
+                parquet = pq.ParquetFile(handle)
+                metadata, schema = parquet.metadata, parquet.schema_arrow
+            else:
+                metadata, schema = pq.read_metadata(handle), None
     except (pa.ArrowInvalid, OSError) as exc:
         raise store_failure(exc, path) or VerificationError(f"{path.name}: not a readable Parquet file ({exc})") from None
     try:
-        header = decode_header(metadata.metadata)
+        header = decode_header(schema.metadata if schema is not None else metadata.metadata)
     except ValueError:
         header = None
-    return Footer(header if isinstance(header, dict) else None, metadata)
+    return Footer(header if isinstance(header, dict) else None, metadata, schema)
 
 
 def read_shard_header(path: Location) -> dict[str, Any] | None:
@@ -170,7 +172,7 @@ def validate_shard(path: Location, entry: ShardEntry, manifest: dict[str, Any], 
     problem = shard_bytes_problem(path, entry, hash_bytes, sizes)
     if problem is not None:
         raise VerificationError(f"{name}: {problem}")
-    footer = read_footer(path)
+    footer = read_footer(path, with_schema=check_types)
     header = footer.header
     if header is None or header.get("fingerprint") != manifest.get("fingerprint"):
         raise VerificationError(f"{name}: header belongs to another run (fingerprint differs)")
@@ -184,7 +186,7 @@ def validate_shard(path: Location, entry: ShardEntry, manifest: dict[str, Any], 
     if check_types:
         schema_keys = SCHEMA_KEYS + kind_of(manifest).manifest_keys
         schema_fields = {key: manifest[key] for key in schema_keys if key in manifest}
-        schema = footer.schema()
+        schema = footer.schema if footer.schema is not None else footer.metadata.schema.to_arrow_schema()
         for field_name, field_type in _expected_fields(manifest["vocab_size"], len(manifest["teachers"]),
                                                        json.dumps(schema_fields, sort_keys=True)):
             if schema.get_field_index(field_name) < 0 or schema.field(field_name).type != field_type:
