@@ -214,7 +214,9 @@ def _document_windows(config: GenerateConfig) -> tuple[DocumentWindows | None, d
     return documents, settings
 
 
-def _prepare(config: GenerateConfig) -> GenerationRun:
+def _prepare(config: GenerateConfig, directory: RunDirectory | None = None) -> GenerationRun:
+    """Every check of the corpus and teachers, the vocabulary probe, the settings, fingerprint and run
+    header; ``directory`` is ``config.out`` as ``RunDirectory.for_output`` opened it (opened here if None)."""
     documents, text_settings = _document_windows(config)
     source_column = config.text_column or config.chat_column or config.input_column
     corpus = open_corpus(config.corpus, source_column, config.id_column, config.label_column, config.rows_per_shard)
@@ -245,7 +247,7 @@ def _prepare(config: GenerateConfig) -> GenerationRun:
     codec = LogprobCodec.named(config.logprob_dtype)
     settings["logprob_dtype"] = codec.dtype
     fingerprint = _fingerprint(settings)
-    directory = RunDirectory.for_output(config.out)
+    directory = directory if directory is not None else RunDirectory.for_output(config.out)
     run = GenerationRun(config, directory, corpus, teachers, device, vocab_size, settings, fingerprint, codec, documents=documents)
     fields = {**kind.header(config), "teachers": [{"name": portable_name(t.spec), "sha256": t.sha256} for t in teachers],
               "teacher_temperature": 1.0, "softlabels_version": __version__, **codec.header_fields()}
@@ -298,7 +300,7 @@ def generate(config: GenerateConfig) -> GenerateSummary:
     output.refuse_foreign()
     take_lease(output.root, "softlabels generate")  # one writer per --out, until generate ends
     _check_engine(config)
-    run = _prepare(config)
+    run = _prepare(config, output)
     rank, world = _rank()
     spec = RunSpec(run.fingerprint, run.settings, run.header, len(run.corpus.units))
     # a damaged manifest is rebuilt; data/ holds only this run; the settings recorded are this run's
