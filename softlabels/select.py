@@ -17,7 +17,7 @@ Polars (``pl.sql_expr``).
    rows is not written, and a condition that keeps nothing gives a sealed directory with no shards.
    Shards are written by ``shards.write_shard`` (``.tmp``, fsync, rename). There is no journal:
    a selection is cheap to redo, and an interrupted one is redone from the start by the same command.
-4. ``manifest.json`` is written last, by the same ``seal.build_manifest`` that seals ``generate``.
+4. ``manifest.json`` is written last, by the same ``rundir.build_manifest`` that seals ``generate``.
 
 Fingerprint and provenance: the settings are the source's plus ``selections``, a list that grows by
 ``{source_fingerprint, where}`` with each selection (a selection of a selection keeps the chain);
