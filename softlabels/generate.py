@@ -10,6 +10,7 @@ committed, what is pending), hands the pending units to an engine (``pipeline.ru
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -120,27 +121,10 @@ def _fingerprint(settings: dict[str, Any]) -> str:
     return settings_fingerprint(settings)
 
 
-def _describe_difference(key: str, ours: Any, theirs: Any) -> str:
-    try:
-        flag = SETTING_FLAGS.get(key) or flag_of(GenerateConfig, key)
-    except KeyError:
-        flag = key
-    if not isinstance(theirs, type(ours)) and ours is not None and theirs is not None:
-        return f"{flag}: DIR records {theirs!r}, this run {ours!r}"
-    if key == "teachers":
-        return f"{flag}: the teachers differ (sha256 {[t['sha256'][:12] for t in theirs]} in DIR, {[t['sha256'][:12] for t in ours]} now)"
-    if key == "corpus":
-        return f"{flag}: the corpus files differ (DIR has {[c['path'] for c in theirs]} with {sum(c['rows'] for c in theirs)} rows)"
-    return f"{flag}: DIR has {theirs!r}, this run {ours!r}"
-
-
-def _check_same_run(out: Path, settings: dict[str, Any], recorded: dict[str, Any]) -> None:
-    differences = [_describe_difference(k, settings.get(k), recorded.get(k)) for k in sorted(set(settings) | set(recorded)) if settings.get(k) != recorded.get(k)]
-    if differences:
-        raise UserError(
-            f"--out {out} holds a run with different settings ({'; '.join(differences)}); "
-            "use another --out or delete it"
-        )
+def _setting_flags() -> dict[str, str]:
+    """The flag (or argument) a user changes each setting by, for the refusal of an --out holding another run."""
+    flags = {item.name: flag_of(GenerateConfig, item.name) for item in dataclasses.fields(GenerateConfig) if "option" in item.metadata}
+    return {**flags, **SETTING_FLAGS}
 
 
 def _probe_table(corpus: Corpus, documents: DocumentWindows | None) -> pa.Table:
@@ -302,9 +286,8 @@ def generate(config: GenerateConfig) -> GenerateSummary:
     _check_engine(config)
     run = _prepare(config, output)
     rank, world = _rank()
-    spec = RunSpec(run.fingerprint, run.settings, run.header, len(run.corpus.units))
-    # a damaged manifest is rebuilt; data/ holds only this run; the settings recorded are this run's
-    plan = run.directory.begin(spec, rank, world, lambda recorded: _check_same_run(config.out, run.settings, recorded))
+    spec = RunSpec(run.fingerprint, run.settings, run.header, len(run.corpus.units), _setting_flags())
+    plan = run.directory.begin(spec, rank, world)  # a damaged manifest is rebuilt; data/ and the settings are this run's
     if plan.sealed is not None:
         return _summary(run, plan.sealed, 0, started, already=True)
     entries = _run_pending(run, plan)

@@ -8,7 +8,7 @@ import pytest
 from conftest import digits_mlp_soft_labels, shard_path
 
 from softlabels.errors import NotSealedError, UserError
-from softlabels.rundir import RunDirectory, RunSpec, manifest_run_header, validate_shard
+from softlabels.rundir import RunDirectory, RunSpec, manifest_run_header, settings_fingerprint, validate_shard
 
 UNITS = 3  # 53 rows in units of 25: 25, 25, 3
 
@@ -24,11 +24,9 @@ def run(tmp_path):
 
 def test_begin_on_a_sealed_run_has_nothing_pending_and_keeps_its_manifest(run):
     out, sealed, spec = run
-    seen: list[dict] = []
-    plan = RunDirectory.open(out).begin(spec, check_settings=seen.append)
+    plan = RunDirectory.open(out).begin(spec)
     assert (plan.mine, plan.pending, sorted(plan.committed)) == ([0, 1, 2], [], [0, 1, 2])
     assert plan.sealed is not None and plan.sealed["totals"]["rows"] == 53
-    assert seen == [spec.settings, spec.settings]  # the manifest's settings, then the one journal's
     assert (out / "manifest.json").read_bytes() == sealed
 
 
@@ -75,14 +73,12 @@ def test_ranks_plan_their_own_units_and_only_the_last_seals(run):
     assert (out / "manifest.json").read_bytes() == sealed
 
 
-def test_check_settings_refusal_stops_begin_before_it_writes(run):
+def test_other_settings_are_refused_by_flag_before_begin_writes(run):
     out, _, spec = run
-
-    def refuse(recorded: dict) -> None:
-        raise UserError("other settings")
-
+    settings = {**spec.settings, "rows_per_shard": 26}
+    other = RunSpec(settings_fingerprint(settings), settings, spec.header, UNITS, {"rows_per_shard": "--rows-per-shard"})
     journal = next((out / "_journal").iterdir())
     before = journal.read_bytes()
-    with pytest.raises(UserError, match="other settings"):
-        RunDirectory.open(out).begin(spec, check_settings=refuse)
+    with pytest.raises(UserError, match=r"holds a run with different settings \(--rows-per-shard: DIR has 25, this run 26\)"):
+        RunDirectory.open(out).begin(other)
     assert (out / "manifest.json").exists() and journal.read_bytes() == before

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,12 +40,15 @@ class RunSpec:
         settings: what the fingerprint hashes (with ``corpus`` and ``id_column``).
         header: the run header every shard carries.
         units: how many units the run has (unit N writes shard N).
+        flags: the flag a user changes each setting by, to name it when the directory holds another
+            run's settings (a setting without one is named by its key).
     """
 
     fingerprint: str
     settings: dict[str, Any]
     header: dict[str, Any]
     units: int
+    flags: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -70,34 +73,43 @@ class Plan:
     sealed: dict[str, Any] | None = field(default=None)
 
 
+def _difference(key: str, ours: Any, theirs: Any, flag: str) -> str:
+    """One setting a directory records (``theirs``) otherwise than this run (``ours``), named by its flag."""
+    if not isinstance(theirs, type(ours)) and ours is not None and theirs is not None:
+        return f"{flag}: DIR records {theirs!r}, this run {ours!r}"
+    if key == "teachers":
+        return f"{flag}: the teachers differ (sha256 {[t['sha256'][:12] for t in theirs]} in DIR, {[t['sha256'][:12] for t in ours]} now)"
+    if key == "corpus":
+        return f"{flag}: the corpus files differ (DIR has {[c['path'] for c in theirs]} with {sum(c['rows'] for c in theirs)} rows)"
+    return f"{flag}: DIR has {theirs!r}, this run {ours!r}"
+
+
 @dataclass(frozen=True)
 class RunDirectory(RunFiles):
     """A soft-label directory (``RunFiles``) and the lifecycle of the run in it."""
 
     # -- writing a run ------------------------------------------------------------------------
-    def begin(self, spec: RunSpec, rank: int = 0, world: int = 1,
-              check_settings: Callable[[dict[str, Any]], None] | None = None) -> Plan:
+    def begin(self, spec: RunSpec, rank: int = 0, world: int = 1) -> Plan:
         """Begin (or resume) run ``spec`` on ``rank`` of ``world``: plan what is committed and what is pending.
 
-        A damaged manifest is removed when this run's journals can rebuild it. ``check_settings`` is
-        given the settings of the sealed manifest and of every journal and raises when they are not
-        this run's. Then the folders are created, this rank's partial files discarded and its journal
-        started. When nothing is pending and the directory is sealed with these settings, the plan
+        A damaged manifest is removed when this run's journals can rebuild it. The settings the
+        manifest and every journal record must be the spec's. Then the folders are created, this
+        rank's partial files discarded and its journal started. When nothing is pending and the directory is sealed with these settings, the plan
         carries the manifest (rewritten only if it differs); otherwise any manifest is removed while
         units are pending.
 
         Raises:
-            UserError: a file in ``data/`` that is not this run's, or what ``check_settings`` raises.
+            UserError: a file in ``data/`` that is not this run's, or settings recorded that differ
+                (naming each setting's flag).
             VerificationError: a damaged manifest and no journal to rebuild it from.
         """
         manifest = self._resume_manifest(spec.fingerprint, spec.units)
         recorded = manifest.get("settings", {}) if manifest is not None else None
-        if check_settings is not None and recorded is not None:
-            check_settings(recorded)
+        if recorded is not None:
+            self._refuse_other_settings(spec, recorded)
         runs, journalled = self.read_journals() if self.root.is_dir() else ([], {})
-        if check_settings is not None:
-            for run in runs:
-                check_settings(run.get("settings", {}))
+        for run in runs:
+            self._refuse_other_settings(spec, run.get("settings", {}))
         mine = [unit for unit in range(spec.units) if unit % world == rank]
         self.prepare_for_writing()
         self.discard_staged(mine)
@@ -116,6 +128,15 @@ class RunDirectory(RunFiles):
         if pending:
             self.remove_manifest()  # a damaged shard makes the directory unsealed until it is redone
         return plan
+
+    def _refuse_other_settings(self, spec: RunSpec, recorded: dict[str, Any]) -> None:
+        """Raise a ``UserError`` naming every setting ``recorded`` has otherwise than ``spec``."""
+        settings = spec.settings
+        differences = [_difference(k, settings.get(k), recorded.get(k), spec.flags.get(k, k))
+                       for k in sorted(set(settings) | set(recorded)) if settings.get(k) != recorded.get(k)]
+        if differences:
+            raise UserError(f"--out {self.root} holds a run with different settings ({'; '.join(differences)}); "
+                            "use another --out or delete it")
 
     def seal_if_complete(self, plan: Plan, entries: dict[int, ShardEntry]) -> dict[str, Any] | None:
         """After this rank's units are committed (``entries``, by unit): seal when every unit of the run
