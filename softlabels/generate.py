@@ -2,14 +2,15 @@
 sampled targets with ``--targets sample``).
 
 This module prepares a run (checks, corpus units, teachers, the vocabulary probe, settings and
-fingerprint, the header), decides what is left to do from the run directory's journals, hands the
-pending units to an engine (``pipeline.run_units_locally`` or ``ray_engine.run_units_on_ray``),
-and seals the directory when every unit is committed.
+fingerprint, the header), asks the run directory to begin it (``RunDirectory.begin``: what is
+committed, what is pending), hands the pending units to an engine (``pipeline.run_units_locally`` or
+``ray_engine.run_units_on_ray``), and asks the directory to seal when every unit is committed
+(``RunDirectory.seal_if_complete``).
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -24,13 +25,13 @@ from . import __version__
 from .codec import LogprobCodec
 from .corpus import Corpus, Unit, corpus_record, open_corpus
 from .distributed import autocast, distributed_env, resolve_device
-from .errors import UserError, VerificationError
+from .errors import UserError
 from .hf import disable_progress_bars
 from .inputs import check_input_type, to_teacher_inputs
 from .lease import lease_scope, take_lease
 from .options import GenerateConfig, flag_of
 from .pipeline import GenerationRun, run_units_locally
-from .rundir import RunDirectory, build_manifest, settings_fingerprint, shard_name
+from .rundir import Plan, RunDirectory, RunSpec, settings_fingerprint, settings_run_header
 from .targets import kind_named
 from .schema import FORMAT, TARGETS_COLUMN, TOKENS_COLUMN
 from .storage import is_uri
@@ -120,27 +121,10 @@ def _fingerprint(settings: dict[str, Any]) -> str:
     return settings_fingerprint(settings)
 
 
-def _describe_difference(key: str, ours: Any, theirs: Any) -> str:
-    try:
-        flag = SETTING_FLAGS.get(key) or flag_of(GenerateConfig, key)
-    except KeyError:
-        flag = key
-    if not isinstance(theirs, type(ours)) and ours is not None and theirs is not None:
-        return f"{flag}: DIR records {theirs!r}, this run {ours!r}"
-    if key == "teachers":
-        return f"{flag}: the teachers differ (sha256 {[t['sha256'][:12] for t in theirs]} in DIR, {[t['sha256'][:12] for t in ours]} now)"
-    if key == "corpus":
-        return f"{flag}: the corpus files differ (DIR has {[c['path'] for c in theirs]} with {sum(c['rows'] for c in theirs)} rows)"
-    return f"{flag}: DIR has {theirs!r}, this run {ours!r}"
-
-
-def _check_same_run(out: Path, settings: dict[str, Any], recorded: dict[str, Any]) -> None:
-    differences = [_describe_difference(k, settings.get(k), recorded.get(k)) for k in sorted(set(settings) | set(recorded)) if settings.get(k) != recorded.get(k)]
-    if differences:
-        raise UserError(
-            f"--out {out} holds a run with different settings ({'; '.join(differences)}); "
-            "use another --out or delete it"
-        )
+def _setting_flags() -> dict[str, str]:
+    """The flag (or argument) a user changes each setting by, for the refusal of an --out holding another run."""
+    flags = {item.name: flag_of(GenerateConfig, item.name) for item in dataclasses.fields(GenerateConfig) if "option" in item.metadata}
+    return {**flags, **SETTING_FLAGS}
 
 
 def _probe_table(corpus: Corpus, documents: DocumentWindows | None) -> pa.Table:
@@ -214,7 +198,9 @@ def _document_windows(config: GenerateConfig) -> tuple[DocumentWindows | None, d
     return documents, settings
 
 
-def _prepare(config: GenerateConfig) -> GenerationRun:
+def _prepare(config: GenerateConfig, directory: RunDirectory | None = None) -> GenerationRun:
+    """Every check of the corpus and teachers, the vocabulary probe, the settings, fingerprint and run
+    header; ``directory`` is ``config.out`` as ``RunDirectory.for_output`` opened it (opened here if None)."""
     documents, text_settings = _document_windows(config)
     source_column = config.text_column or config.chat_column or config.input_column
     corpus = open_corpus(config.corpus, source_column, config.id_column, config.label_column, config.rows_per_shard)
@@ -245,71 +231,20 @@ def _prepare(config: GenerateConfig) -> GenerationRun:
     codec = LogprobCodec.named(config.logprob_dtype)
     settings["logprob_dtype"] = codec.dtype
     fingerprint = _fingerprint(settings)
-    directory = RunDirectory.for_output(config.out)
+    directory = directory if directory is not None else RunDirectory.for_output(config.out)
     run = GenerationRun(config, directory, corpus, teachers, device, vocab_size, settings, fingerprint, codec, documents=documents)
-    run.header = {
-        "format": FORMAT,
-        "fingerprint": fingerprint,
-        **kind.header(config),
-        "vocab_size": vocab_size,
-        "ensemble": settings["ensemble"],
-        "teachers": [{"name": portable_name(t.spec), "sha256": t.sha256} for t in teachers],
-        "teacher_temperature": 1.0,
-        "precision": config.precision,
-        "input_column": config.input_column,
-        "id_column": config.id_column,
-        "label_column": config.label_column,
-        "softlabels_version": __version__,
-        **codec.header_fields(),
-        **text_settings,
-    }
+    fields = {**kind.header(config), "teachers": [{"name": portable_name(t.spec), "sha256": t.sha256} for t in teachers],
+              "teacher_temperature": 1.0, "softlabels_version": __version__, **codec.header_fields()}
     if config.chat_column is not None:
-        run.header["target_positions_column"] = TARGETS_COLUMN
+        fields["target_positions_column"] = TARGETS_COLUMN
+    run.header = settings_run_header(settings, fingerprint, fields)
     return run
-
-
-def _committed_units(run: GenerationRun, journal_shards: dict[str, dict[str, Any]], units: list[Unit]) -> dict[int, dict[str, Any]]:
-    """Journalled shards of ``units`` whose bytes still hash to the journal; the rest run again."""
-    committed: dict[int, dict[str, Any]] = {}
-    sizes = run.directory.data_dir.sizes()  # one listing, not a request per shard
-    for unit in units:
-        entry = journal_shards.get(shard_name(unit.index))
-        if entry is not None and run.directory.journalled_shard_intact(entry, sizes=sizes):
-            committed[unit.index] = entry
-    return committed
 
 
 def _rank() -> tuple[int, int]:
     """This process's share of the units under torchrun (RANK / WORLD_SIZE), else (0, 1)."""
     env = distributed_env()
     return env.rank, env.world_size
-
-
-def _all_journalled(run: GenerationRun) -> dict[int, dict[str, Any]] | None:
-    """Every unit's journal entry (any rank) whose file is in place, or None while some are missing."""
-    _, journal_shards = run.directory.read_journals()
-    sizes = run.directory.data_dir.sizes()
-    entries: dict[int, dict[str, Any]] = {}
-    for unit in run.corpus.units:
-        entry = journal_shards.get(shard_name(unit.index))
-        if entry is None or not run.directory.journalled_shard_intact(entry, hash_bytes=False, sizes=sizes):
-            return None
-        entries[unit.index] = entry
-    return entries
-
-
-def _seal(run: GenerationRun, entries: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """Write the manifest, unless the directory already holds exactly this one (a no-op rerun)."""
-    shards = [entries[unit.index] for unit in run.corpus.units]
-    manifest = build_manifest(run.header, run.settings, run.config.id_column, corpus_record(run.corpus), shards)
-    if run.directory.has_manifest():
-        try:
-            if run.directory.read_manifest() == json.loads(json.dumps(manifest)):
-                return manifest
-        except VerificationError:
-            pass
-    run.directory.write_manifest(manifest)
-    return manifest
 
 
 def _summary(run: GenerationRun, manifest: dict[str, Any], written: int, started: float, already: bool) -> GenerateSummary:
@@ -349,37 +284,28 @@ def generate(config: GenerateConfig) -> GenerateSummary:
     output.refuse_foreign()
     take_lease(output.root, "softlabels generate")  # one writer per --out, until generate ends
     _check_engine(config)
-    run = _prepare(config)
-    directory = run.directory
-    recorded_settings = None
-    sealed = directory.resume_manifest(run.fingerprint, len(run.corpus.units))  # a damaged one is rebuilt; data/ holds only this run
-    if sealed is not None:
-        recorded_settings = sealed.get("settings", {})
-        _check_same_run(config.out, run.settings, recorded_settings)
-    runs, journal_shards = directory.read_journals() if directory.root.is_dir() else ([], {})
-    for recorded in runs:
-        _check_same_run(config.out, run.settings, recorded.get("settings", {}))
+    run = _prepare(config, output)
     rank, world = _rank()
-    mine = [unit for unit in run.corpus.units if unit.index % world == rank]
-    mine_indices = [unit.index for unit in mine]
-    directory.prepare_for_writing()
-    directory.discard_staged(mine_indices)
-    if rank == 0:  # a seal interrupted by a crash; ranks start together, long before anyone seals
-        directory.discard_stale_manifest_writes()
-    journal = directory.journal(rank)
-    if not journal.exists():
-        journal.start({"fingerprint": run.fingerprint, "settings": run.settings})
-    committed = _committed_units(run, journal_shards, mine)
-    pending = [unit for unit in mine if unit.index not in committed]
-    if not pending and directory.has_manifest() and recorded_settings == run.settings:
-        everything = _all_journalled(run)
-        if everything is not None:
-            return _summary(run, _seal(run, everything), 0, started, already=True)
-    if pending:
-        directory.remove_manifest()  # a damaged shard makes the directory unsealed until it is redone
+    spec = RunSpec(run.fingerprint, run.settings, run.header, len(run.corpus.units), _setting_flags())
+    plan = run.directory.begin(spec, rank, world)  # a damaged manifest is rebuilt; data/ and the settings are this run's
+    if plan.sealed is not None:
+        return _summary(run, plan.sealed, 0, started, already=True)
+    entries = _run_pending(run, plan)
+    manifest = run.directory.seal_if_complete(plan, entries)
+    if manifest is None:  # the last rank to finish seals the directory
+        return GenerateSummary.partial(run, rank, world, entries, len(plan.pending), time.perf_counter() - started)
+    return _summary(run, manifest, len(plan.pending), started, already=False)
 
-    done_rows = sum(unit.rows for unit in mine if unit.index in committed)
-    bar = tqdm(total=sum(u.rows for u in mine), initial=done_rows, unit="row", desc="generate", file=sys.stderr, disable=not config.progress, dynamic_ncols=True)
+
+def _run_pending(run: GenerationRun, plan: Plan) -> dict[int, dict[str, Any]]:
+    """Commit the plan's pending units through the configured engine, with a progress bar; returns the
+    entries of this rank's units (those committed before and those written now). On any exception
+    (Ctrl-C too) this rank's partial files are removed first."""
+    config = run.config
+    units = run.corpus.units
+    done_rows = sum(units[index].rows for index in plan.committed)
+    bar = tqdm(total=sum(units[index].rows for index in plan.mine), initial=done_rows, unit="row", desc="generate",
+               file=sys.stderr, disable=not config.progress, dynamic_ncols=True)
     position_count = [0, time.perf_counter()]
 
     def on_batch(rows: int, positions: int) -> None:
@@ -388,21 +314,17 @@ def generate(config: GenerateConfig) -> GenerateSummary:
         elapsed = max(time.perf_counter() - position_count[1], 1e-9)
         bar.set_postfix_str(f"{position_count[0] / elapsed:,.0f} pos/s", refresh=False)
 
-    entries = dict(committed)
+    entries: dict[int, dict[str, Any]] = dict(plan.committed)
     if config.engine == "ray":
         from .ray_engine import run_units_on_ray as run_units
     else:
         run_units = run_units_locally
     try:
-        run_units(run, journal, pending, on_batch, entries)
+        run_units(run, plan.journal, [units[index] for index in plan.pending], on_batch, entries)
     except BaseException:
-        directory.discard_staged(mine_indices)
+        run.directory.discard_staged(plan.mine)
         bar.leave = False  # the error line should stand alone, not under a frozen bar
         bar.close()
         raise
     bar.close()
-    everything = entries if world == 1 else _all_journalled(run)
-    if everything is None:  # the last rank to finish seals the directory
-        return GenerateSummary.partial(run, rank, world, entries, len(pending), time.perf_counter() - started)
-    manifest = _seal(run, everything)
-    return _summary(run, manifest, len(pending), started, already=False)
+    return entries

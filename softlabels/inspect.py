@@ -20,7 +20,7 @@ from typing import Any
 import polars as pl
 
 from .codec import LogprobCodec
-from .rundir import RunDirectory, check_shard
+from .rundir import RunDirectory
 from .targets import kind_named, kind_of
 from .targets.base import distribution
 
@@ -33,12 +33,9 @@ def inspect(directory: str | Path) -> dict[str, Any]:
     """Figures of a sealed directory (see the module docstring); raises VerificationError if unsealed."""
     run_directory = RunDirectory.open(directory)
     root = run_directory.root
-    manifest = run_directory.read_sealed()
+    manifest = run_directory.open_sealed()  # data/ holds exactly the dataset
     kind = kind_of(manifest)
-    run_directory.refuse_unlisted(manifest)  # data/ holds exactly the dataset
-    shards = [run_directory.shard_path(entry["file"]) for entry in manifest["shards"]]
-    for path, entry in zip(shards, manifest["shards"]):  # damaged shards are named, never summarised
-        check_shard(path, entry, manifest)
+    shards = [path for _, path, _ in run_directory.check_shards(manifest)]  # damaged shards are named, never summarised
     files = [str(path) for path in shards]
     totals = manifest["totals"]
     report: dict[str, Any] = {

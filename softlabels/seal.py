@@ -89,14 +89,9 @@ def _journalled_run(directory: RunDirectory) -> tuple[str, dict[str, Any], dict[
 def _already_sealed(directory: RunDirectory, fingerprint: str | None) -> SealReport | None:
     """A report when the directory holds a complete manifest (of the journals' run, when there are journals)."""
     root = directory.root
-    if not directory.has_manifest():
-        return None
-    try:
-        manifest = directory.read_manifest()
-    except VerificationError:
-        return None  # unreadable: written again from the journals
-    if manifest.get("complete") is not True:
-        return None
+    manifest = directory.sealed()
+    if manifest is None:
+        return None  # none, unfinished or damaged: written again from the journals
     if fingerprint is not None and manifest.get("fingerprint") != fingerprint:
         raise VerificationError(
             f"{directory.manifest_path}: sealed for run {manifest.get('fingerprint')}, but the journals record run {fingerprint}"
@@ -131,8 +126,35 @@ def seal(directory: str | os.PathLike[str]) -> SealReport:
     if done is not None:
         return done
     rebuilt = run_directory.has_manifest()  # damaged or unfinished: replaced once every unit checks out
-
     names = [shard_name(unit) for unit in range(unit_count(settings))]
+    first_header = _check_units(run_directory, names, fingerprint, settings, journal)
+    header = run_header(first_header) if names else {}
+    entries = [journal[name] for name in names]
+    manifest = build_manifest(header, settings, settings.get("id_column"), settings["corpus"], entries)
+    run_directory.refuse_unlisted(manifest)  # never seal a data folder that holds more than the dataset
+    run_directory.write_manifest(manifest)
+    totals = manifest["totals"]
+    return SealReport(str(root), fingerprint, totals["shards"], totals["rows"], totals["positions"], totals["bytes"], rebuilt=rebuilt)
+
+
+def _reference(present: list[tuple[str, Location, dict[str, Any]]], fingerprint: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """What the shards are checked against: the header of any shard whose footer names this run, with
+    the settings' kind fields, vocabulary and teachers (the settings alone when no footer does)."""
+    for _, path, _ in present:
+        header = read_shard_header(path)
+        if header is not None and header.get("fingerprint") == fingerprint:
+            return {**header, **{k: settings[k] for k in (*kind_of(header).manifest_keys, "vocab_size", "teachers")}}
+    return {**settings, "fingerprint": fingerprint}
+
+
+def _check_units(run_directory: RunDirectory, names: list[str], fingerprint: str, settings: dict[str, Any],
+                 journal: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The header of unit 0's shard, once every unit's journalled shard checks out against the run
+    (size, sha256, footer; concurrent on an object store).
+
+    Raises:
+        VerificationError: naming every unit not committed and every one damaged.
+    """
     sizes = run_directory.data_dir.sizes()  # one listing, not a request per shard
     missing: list[str] = []
     present: list[tuple[str, Location, dict[str, Any]]] = []
@@ -142,14 +164,7 @@ def seal(directory: str | os.PathLike[str]) -> SealReport:
             missing.append(name)
         else:
             present.append((name, run_directory.shard_path(name), entry))
-    # the reference for the schema check: any shard whose footer names this run
-    reference: dict[str, Any] | None = None
-    for _, path, _ in present:
-        header = read_shard_header(path)
-        if header is not None and header.get("fingerprint") == fingerprint:
-            reference = {**header, **{k: settings[k] for k in (*kind_of(header).manifest_keys, "vocab_size", "teachers")}}
-            break
-    expected = reference or {**settings, "fingerprint": fingerprint}
+    expected = _reference(present, fingerprint, settings)
 
     def check(item: tuple[str, Location, dict[str, Any]]) -> tuple[str | None, dict[str, Any]]:
         """(what is wrong with the unit or None, its shard's header)."""
@@ -176,12 +191,6 @@ def seal(directory: str | os.PathLike[str]) -> SealReport:
         if damaged:
             problems.append(f"{len(damaged)} damaged ({_listed(damaged)})")
         raise VerificationError(
-            f"{root}: cannot seal: {'; '.join(problems)}; rerun the same 'softlabels generate' command to redo them"
+            f"{run_directory.root}: cannot seal: {'; '.join(problems)}; rerun the same 'softlabels generate' command to redo them"
         )
-    header = run_header(first_header) if names else {}
-    entries = [journal[name] for name in names]
-    manifest = build_manifest(header, settings, settings.get("id_column"), settings["corpus"], entries)
-    run_directory.refuse_unlisted(manifest)  # never seal a data folder that holds more than the dataset
-    run_directory.write_manifest(manifest)
-    totals = manifest["totals"]
-    return SealReport(str(root), fingerprint, totals["shards"], totals["rows"], totals["positions"], totals["bytes"], rebuilt=rebuilt)
+    return first_header

@@ -17,7 +17,7 @@ Polars (``pl.sql_expr``).
    rows is not written, and a condition that keeps nothing gives a sealed directory with no shards.
    Shards are written by ``shards.write_shard`` (``.tmp``, fsync, rename). There is no journal:
    a selection is cheap to redo, and an interrupted one is redone from the start by the same command.
-4. ``manifest.json`` is written last, by the same ``seal.build_manifest`` that seals ``generate``.
+4. ``manifest.json`` is written last, by the same ``rundir.build_manifest`` that seals ``generate``.
 
 Fingerprint and provenance: the settings are the source's plus ``selections``, a list that grows by
 ``{source_fingerprint, where}`` with each selection (a selection of a selection keeps the chain);
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,10 +48,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .codec import LogprobCodec
-from .errors import UserError, VerificationError
+from .errors import UserError
 from .lease import lease_scope, take_lease
-from .rundir import (MANIFEST_BODY_KEYS, RunDirectory, ShardEntry, build_manifest, check_shard,
-                     run_header, settings_fingerprint)
+from .rundir import RunDirectory, ShardEntry, build_manifest, manifest_run_header, run_header, settings_fingerprint, shard_unit
 from .schema import FORMAT, HEADER_KEY, decode_header, encode_header
 from .targets import soft_columns
 from .shards import write_shard
@@ -95,7 +93,7 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _mask(files: list[Path], where: str, rows: int) -> np.ndarray:
+def _mask(files: list[Location], where: str, rows: int) -> np.ndarray:
     """One bool per source row (all shards in manifest order): does it meet ``where``?"""
     flag = f"--where {where!r}"
     if not where.strip():
@@ -133,20 +131,8 @@ def _selection_settings(manifest: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def _done(out: RunDirectory, fingerprint: str) -> dict[str, Any] | None:
-    """The manifest of this selection when ``out`` already holds it complete, with its shards in place."""
-    try:
-        manifest = out.read_manifest()
-    except VerificationError:
-        return None
-    if manifest.get("complete") is not True or manifest.get("fingerprint") != fingerprint:
-        return None
-    for entry in manifest.get("shards", []):
-        try:
-            if not out.journalled_shard_intact(entry, hash_bytes=False):  # names must stay inside --out
-                return None
-        except VerificationError:
-            return None
-    return manifest
+    """The manifest of this selection when ``out`` already holds it sealed, with its shards in place."""
+    return out.sealed(fingerprint, with_shards=True) if out.root.is_dir() else None
 
 
 def _check_out(out: RunDirectory, source: Location, fingerprint: str) -> None:
@@ -175,64 +161,59 @@ def select(directory: str | os.PathLike[str], where: str, out: str | os.PathLike
         VerificationError: the source is not sealed, or one of its shards is damaged.
     """
     source = RunDirectory.open(directory)
-    root = source.root
-    manifest = source.read_sealed()
-    source.refuse_unlisted(manifest)
+    manifest = source.open_sealed()  # sealed, and data/ holds exactly the shards it lists
     target = RunDirectory.for_output(out)
-    out = target.root
     settings = _selection_settings(manifest, where)
     fingerprint = settings_fingerprint(settings)
-    source_totals = manifest["totals"]
+    _check_out(target, source.root, fingerprint)
+    take_lease(target.root, "softlabels select")  # one writer per --out, until select ends
+    done = _done(target, fingerprint)
+    if done is None:
+        files = [path for _, path, _ in source.check_shards(manifest)]  # every shard checked before any is read
+        mask = _mask(files, where, sum(int(entry["rows"]) for entry in manifest["shards"]))
+        target.start_over()  # an interrupted run of this selection: redone whole
+        result = _write_selection(source, manifest, files, mask, target, settings, where)
+        target.write_manifest(result)
+    totals = (done or result)["totals"]
+    return SelectSummary(str(source.root), str(target.root), where, fingerprint, int(manifest["totals"]["rows"]), totals["rows"],
+                         totals["positions"], totals["shards"], totals["bytes"], already_complete=done is not None)
 
-    def summary(result: dict[str, Any], already: bool) -> SelectSummary:
-        totals = result["totals"]
-        return SelectSummary(str(root), str(out), where, fingerprint, int(source_totals["rows"]), totals["rows"],
-                             totals["positions"], totals["shards"], totals["bytes"], already_complete=already)
 
-    _check_out(target, root, fingerprint)
-    take_lease(out, "softlabels select")  # one writer per --out, until select ends
-    done = _done(target, fingerprint) if out.is_dir() else None
-    if done is not None:
-        return summary(done, already=True)
-    files = [source.shard_path(entry.get("file")) for entry in manifest["shards"]]
-    for path, entry in zip(files, manifest["shards"]):
-        check_shard(path, entry, manifest)
-    mask = _mask(files, where, sum(int(entry["rows"]) for entry in manifest["shards"]))
-    target.prepare_for_writing()
-    target.remove_manifest()  # an interrupted run of this selection: redone whole
-    if target.root.local:
-        for name in target.staging_dir.listdir():
-            if name.endswith(".tmp"):
-                (target.staging_dir / name).delete()
-
-    header = {k: v for k, v in manifest.items() if k not in MANIFEST_BODY_KEYS}
-    header.update(fingerprint=fingerprint, selections=settings["selections"], format=FORMAT)
-    source_codec, target_codec = LogprobCodec.from_header(manifest), LogprobCodec.from_header(header)
+def _write_selection(source: RunDirectory, manifest: dict[str, Any], files: list[Location], mask: np.ndarray,
+                     target: RunDirectory, settings: dict[str, Any], where: str) -> dict[str, Any]:
+    """Write each source shard's kept rows as the same shard of ``target``; returns the manifest to seal."""
+    header = manifest_run_header(manifest)
+    header.update(fingerprint=settings_fingerprint(settings), selections=settings["selections"], format=FORMAT)
+    codecs = LogprobCodec.from_header(manifest), LogprobCodec.from_header(header)
     entries: list[ShardEntry] = []
     start = 0
     for path, entry in zip(files, manifest["shards"]):
         keep = mask[start : start + int(entry["rows"])]
         start += int(entry["rows"])
-        if not keep.any():
-            continue
-        unit = int(path.name.removeprefix("shard-").removesuffix(".parquet"))
-        with path.open() as handle:
-            kept = _stored_as(pq.read_table(handle).filter(pa.array(keep)), source_codec, target_codec)
-        positions = int(pc.sum(pc.list_value_length(kept.column(soft_columns(manifest)[0]))).as_py() or 0)
-        shard_header = {**run_header(decode_header(kept.schema.metadata) or {}), **header, "unit": unit,
-                        "rows": kept.num_rows, "positions": positions}
-        kept = kept.replace_schema_metadata({HEADER_KEY: encode_header(shard_header)})
-        size, digest, soft_bytes = write_shard(kept, target, unit, positions)
-        entries.append({"file": target.unit_shard_path(unit).name, "unit": unit, "rows": kept.num_rows, "positions": positions,
-                        "bytes": size, "sha256": digest, "soft_label_bytes": soft_bytes})
+        if keep.any():
+            entries.append(_write_kept(path, keep, manifest, header, codecs, target))
     result = build_manifest(header, settings, manifest.get("id_column"), manifest.get("corpus", []), entries)
     result["selection"] = {
-        "source": root.name,
+        "source": source.root.name,
         "source_fingerprint": manifest["fingerprint"],
         "where": where,
-        "source_totals": source_totals,
+        "source_totals": manifest["totals"],
         "source_fidelity": manifest.get("fidelity"),
         "note": "fidelity needs the full teacher distribution; source_fidelity describes every row of the source, not this selection",
     }
-    target.write_manifest(result)
-    return summary(result, already=False)
+    return result
+
+
+def _write_kept(path: Location, keep: np.ndarray, manifest: dict[str, Any], header: dict[str, Any],
+                codecs: tuple[LogprobCodec, LogprobCodec], target: RunDirectory) -> ShardEntry:
+    """Shard N of the selection: the kept rows of the source's shard N, with the selection's header."""
+    unit = shard_unit(path.name)
+    with path.open() as handle:
+        kept = _stored_as(pq.read_table(handle).filter(pa.array(keep)), *codecs)
+    positions = int(pc.sum(pc.list_value_length(kept.column(soft_columns(manifest)[0]))).as_py() or 0)
+    shard_header = {**run_header(decode_header(kept.schema.metadata) or {}), **header, "unit": unit,
+                    "rows": kept.num_rows, "positions": positions}
+    kept = kept.replace_schema_metadata({HEADER_KEY: encode_header(shard_header)})
+    size, digest, soft_bytes = write_shard(kept, target, unit, positions)
+    return {"file": target.unit_shard_path(unit).name, "unit": unit, "rows": kept.num_rows, "positions": positions,
+            "bytes": size, "sha256": digest, "soft_label_bytes": soft_bytes}

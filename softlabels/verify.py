@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import VerificationError
-from .rundir import RunDirectory, check_shard
+from .rundir import RunDirectory
 
 __all__ = ["VerifyReport", "verify"]
 
@@ -56,20 +56,11 @@ def verify(directory: str | Path, quick: bool = False) -> VerifyReport:
     """
     run_directory = RunDirectory.open(directory)
     root = run_directory.root
-    manifest = run_directory.read_sealed()
-    run_directory.refuse_unlisted(manifest)  # data/ holds exactly the dataset
+    manifest = run_directory.open_sealed()  # data/ holds exactly the dataset
     rows = positions = size = 0
     listed = set()
-    sizes = run_directory.data_dir.sizes()  # one listing, not a request per shard
-    entries = manifest["shards"]
-
-    def check(entry: dict) -> str:
-        path = run_directory.shard_path(entry.get("file"))
-        check_shard(path, entry, manifest, hash_bytes=not quick, sizes=sizes)
-        return path.name
-
-    for entry, name in zip(entries, run_directory.map_shards(check, entries)):  # concurrent on an object store
-        listed.add(name)
+    for entry, path, _ in run_directory.check_shards(manifest, hash_bytes=not quick):  # concurrent on an object store
+        listed.add(path.name)
         rows += entry["rows"]
         positions += entry["positions"]
         size += entry["bytes"]
