@@ -44,7 +44,7 @@ from ..targets import kind_of
 from .collation import ShardRows
 from .plan import (Piece, Window, batches_in, cut_pieces, epoch_pieces, resume_point, stream_index, window_order,
                    windows_after, worker_pieces)
-from .reading import ShardReader, load_manifest, prefetched, shard_row_groups
+from .reading import ShardReader, prefetched, shard_row_groups
 from .state import StreamState
 
 __all__ = ["SoftLabelDataset", "cut_batches"]
@@ -103,7 +103,7 @@ class SoftLabelDataset(IterableDataset):
         self.world_size = default_world if world_size is None else world_size
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
-        self.manifest = load_manifest(self.run_directory, allow_partial, without_manifest)
+        self.manifest = self.run_directory.open_sealed(allow_partial, without_manifest)
         self.input_column = self.manifest.get("input_column") if with_inputs else None
         self.label_column = self.manifest.get("label_column")
         self.codec = LogprobCodec.from_header(self.manifest)

@@ -1,6 +1,6 @@
-"""Reading a soft-label directory for the dataset: its manifest (sealed, partial, or rebuilt from the
-shards), the row groups of its shards after checking each against the manifest, and pieces of
-rows with page checksums and a once-per-process sha256.
+"""Reading a soft-label directory for the dataset: the row groups of its shards after the run
+directory checks each against the manifest, and pieces of rows with page checksums and a
+once-per-process sha256.
 """
 
 from __future__ import annotations
@@ -12,49 +12,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import VerificationError
-from ..rundir import RunDirectory, header_mismatch, read_shard_header, run_header
-from ..schema import decode_header
+from ..rundir import RunDirectory, validate_shard
 from ..storage import Location, store_failure
-from ..targets import kind_of
 from .plan import Piece
 
-__all__ = ["ShardReader", "load_manifest", "prefetched", "shard_row_groups"]
+__all__ = ["ShardReader", "prefetched", "shard_row_groups"]
 
 Item = TypeVar("Item")
 Loaded = TypeVar("Loaded")
-
-
-def load_manifest(directory: RunDirectory, allow_partial: bool, without_manifest: bool) -> dict[str, Any]:
-    """The manifest the dataset reads: the sealed one; under ``allow_partial`` one built from the
-    journal (its committed shards); under ``without_manifest`` one rebuilt from the shards' headers.
-
-    Raises:
-        VerificationError: not sealed (without ``allow_partial``), or not a soft-label directory.
-    """
-    if without_manifest and not directory.has_manifest():
-        return directory.manifest_from_shards()
-    try:
-        manifest = directory.read_manifest()
-        complete = manifest.get("complete") is True
-    except VerificationError:
-        if not allow_partial:
-            raise
-        manifest, complete = {}, False
-    if complete:
-        sealed = directory.read_sealed()
-        directory.refuse_unlisted(sealed)  # data/ holds exactly the listed shards
-        return sealed
-    if not allow_partial:
-        raise VerificationError(f"{directory.root}: the run is not complete (no sealed manifest); pass allow_partial=True to read committed shards")
-    runs, journal = directory.read_journals()
-    if not runs:
-        raise VerificationError(f"{directory.root}: no manifest and no journal; not a soft-label directory")
-    settings = runs[0]["settings"]
-    entries = sorted(journal.values(), key=lambda e: e["file"])
-    header = read_shard_header(directory.shard_path(entries[0]["file"])) if entries else {}
-    kind_settings = {key: settings[key] for key in kind_of(header or settings).manifest_keys if key in settings}
-    return {**run_header(header or {}), "fingerprint": runs[0]["fingerprint"], **kind_settings,
-            "vocab_size": settings["vocab_size"], "shards": entries, "complete": False}
 
 
 def shard_row_groups(run_directory: RunDirectory, manifest: dict[str, Any], shard_paths: list[Location]) -> list[tuple[int, int, int]]:
@@ -67,25 +32,9 @@ def shard_row_groups(run_directory: RunDirectory, manifest: dict[str, Any], shar
     sizes = run_directory.data_dir.sizes()  # one listing, not a request per shard
 
     def row_groups(item: tuple[Any, dict[str, Any]]) -> list[int]:
-        """The rows of each row group of one shard, after checking its size and footer."""
+        """The rows of each row group of one shard, after the run directory's one shard validator."""
         path, entry = item
-        if path.name not in sizes:
-            raise VerificationError(f"{path.name}: missing")
-        if sizes[path.name] != entry["bytes"]:
-            raise VerificationError(f"{path.name}: {sizes[path.name]} bytes on disk, manifest says {entry['bytes']}")
-        try:
-            with path.open() as handle:
-                metadata = pq.read_metadata(handle)
-            header = decode_header(metadata.metadata)  # the footer's key-value pairs: no Arrow schema to rebuild
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise store_failure(exc, path) or VerificationError(f"{path.name}: not a readable Parquet file ({exc})") from None
-        if header is None or header.get("fingerprint") != manifest["fingerprint"]:
-            raise VerificationError(f"{path.name}: header belongs to another run (fingerprint differs)")
-        if metadata.num_rows != entry["rows"]:
-            raise VerificationError(f"{path.name}: {metadata.num_rows} rows, manifest says {entry['rows']}")
-        if (mismatch := header_mismatch(header, manifest)) is not None and not manifest.get("from_shards"):
-            raise VerificationError(f"{path.name}: its header and the manifest differ on {mismatch}")
-        return [metadata.row_group(group).num_rows for group in range(metadata.num_row_groups)]
+        return validate_shard(path, entry, manifest, hash_bytes=False, sizes=sizes, check_types=False).row_groups
 
     groups: list[tuple[int, int, int]] = []
     shards = list(zip(shard_paths, manifest["shards"]))
