@@ -27,6 +27,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
+from softlabels.distributed import autocast
 from softlabels.errors import UserError
 from softlabels.generate import generate
 from softlabels.hf_trainer import (
@@ -192,7 +193,8 @@ def test_eval_kd_equals_train_student_evaluate(soft_dirs, tmp_path):
                                data_collator=SoftLabelCollator.from_directory(directory), temperature=1.5, alpha=0.5, tail="renorm")
     ours = trainer.evaluate(load_soft_label_dataset(directory, cache_dir=tmp_path / "cache"))
     config = TrainConfig(data=[str(directory)], student="unused", out=str(tmp_path / "unused"), temperature=1.5, tail="renorm", batch_size=10)
-    theirs = evaluate(HFLogits(student), SoftLabelDataset(directory, batch_size=10, shuffle=False), config, torch.device("cpu"), next_token=True)
+    theirs = evaluate(HFLogits(student), SoftLabelDataset(directory, batch_size=10, shuffle=False), config, torch.device("cpu"), next_token=True,
+                      precision=autocast(torch.device("cpu"), config.precision))
     for key in ("eval_kd", "eval_ce", "eval_top1_agreement"):
         assert ours[key] == pytest.approx(theirs[key], rel=1e-5), key
 

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, classifier_table, run_cli, save_teacher, shard_paths, token_table, write_parquet
 from failing_students import FAILURE, RAISE_AT
+from softlabels.distributed import autocast
 from softlabels.data import SoftLabelDataset
 from softlabels.options import TrainConfig
 from softlabels.train import DistillationRecipe, evaluate, train_student
@@ -242,7 +243,7 @@ def test_evaluate_equals_a_dense_computation_over_ragged_rows(tmp_path, tokens, 
                          temperature=temperature, tail=tail, progress=False)
     model = tokens["student"].train()
     dataset = SoftLabelDataset(tokens["soft"], batch_size=8, shuffle=False)  # 29 rows: 8, 8, 8, 5
-    metrics = evaluate(model, dataset, config, torch.device("cpu"), next_token=True)
+    metrics = evaluate(model, dataset, config, torch.device("cpu"), next_token=True, precision=autocast(torch.device("cpu"), config.precision))
     assert model.training  # evaluate puts the mode back
 
     kd, agree, positions, correct, ce, labelled = [], 0, 0, 0, [], 0

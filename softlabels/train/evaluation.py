@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 
 from ..data import SoftLabelDataset
-from ..distributed import autocast
 from ..losses import IGNORE_INDEX
 from ..options import TrainConfig
 from .objective import hard_labels, stored_kd_per_position, student_logits, teacher_top1
@@ -16,8 +17,12 @@ __all__ = ["evaluate"]
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset: SoftLabelDataset, config: TrainConfig, device: torch.device, next_token: bool) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, dataset: SoftLabelDataset, config: TrainConfig, device: torch.device, next_token: bool,
+             precision: AbstractContextManager[Any]) -> dict[str, float]:
     """KD loss, top-1 agreement with the teacher, and accuracy / CE against hard labels when present.
+
+    The student's forward runs inside ``precision`` (``distributed.autocast(device, config.precision)``,
+    the recipe's one context); the losses outside it, in fp32.
 
     On sampled targets ``eval_kd`` is the RS-KD estimate and the teacher's top-1 is the most probable
     drawn id (``teacher_top1``).
@@ -28,7 +33,7 @@ def evaluate(model: torch.nn.Module, dataset: SoftLabelDataset, config: TrainCon
     ce_sum = 0.0
     dataset.set_epoch(0)
     for batch in dataset:
-        with autocast(device, config.precision):
+        with precision:
             logits = student_logits(model, batch, device)
         logits = logits.float()
         mask = batch["mask"].to(device)

@@ -110,6 +110,7 @@ class DistillationRecipe:
 
     out: Location
     device: torch.device
+    precision: Any  # distributed.autocast(device, --precision): entered around every student forward
     sources: list[SoftLabelDataset]
     eval_set: SoftLabelDataset | None
     manifest: dict[str, Any]
@@ -169,6 +170,7 @@ class DistillationRecipe:
         self.out = check_out(config)
         verify_inputs(config)
         self.device = resolve_device(config.device, self.env.local_rank)
+        self.precision = autocast(self.device, config.precision)  # the student's compute context, entered once per forward
         self.sources = open_sources(config, self.env.rank, self.env.world_size)
         self.manifest = self.sources[0].manifest
         self.eval_set = open_eval(config, self.manifest)
@@ -249,7 +251,7 @@ class DistillationRecipe:
         """
         config = self.config
         teacher_logits = self._online_teacher_logits(batch)
-        with autocast(self.device, config.precision):
+        with self.precision:
             logits = student_logits(self.trained, batch, self.device)
         terms = batch_losses(logits.float(), batch, config, self.next_token, teacher_logits)
         self.optimizer.zero_grad(set_to_none=True)
@@ -272,7 +274,7 @@ class DistillationRecipe:
         """--online-teacher's logits [B, T, V] float32 on ``batch`` (no gradient), or None without one."""
         if self.online_teacher is None:
             return None
-        with torch.inference_mode(), autocast(self.device, self.config.precision):
+        with torch.inference_mode(), self.precision:
             return student_logits(self.online_teacher.module, batch, self.device).float().clone()
 
     def log_step(self, terms: dict[str, float]) -> None:
@@ -295,7 +297,7 @@ class DistillationRecipe:
         dataset = self.eval_set if dataset is None else dataset
         if dataset is None:
             raise ValueError("no dataset to evaluate on: this run has no --eval directory")
-        return evaluate(self.model, dataset, self.config, self.device, self.next_token)
+        return evaluate(self.model, dataset, self.config, self.device, self.next_token, self.precision)
 
     def save_checkpoint(self) -> None:
         """Rank 0 writes OUT/checkpoint.pt: weights, optimizer, scheduler, step, loader positions, settings."""
