@@ -137,6 +137,7 @@ CASES = [
     Misuse("train-unknown-tail", train("w/soft", "--out", "w/s", "--tail", "spread"), 1, ("--tail", "spread")),
     Misuse("train-out-holds-users-files", train("w/soft", "--out", "w/student_out"), 1, ("--out", "notes.txt")),
     Misuse("train-out-is-the-data", train("w/soft", "--out", "w/soft"), 1, ("--out",)),
+    Misuse("train-out-inside-the-data", train("w/soft", "--out", "w/soft/student"), 1, ("--out", "is inside the soft-label directory")),
     Misuse("train-no-data", lambda w: ["train-student", "--student", "softlabels.models:digits_mlp", "--out", w / "s"], 1, ("DATA_DIR",)),
     Misuse("train-data-not-soft-labels", train("w/corpus", "--out", "w/s"), 1, ("corpus",)),
     Misuse("inspect-plot-into-a-directory", cmd("inspect", "w/soft", "--plot", "w/empty"), 1, ("--plot",)),
