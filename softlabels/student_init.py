@@ -221,7 +221,8 @@ def init_student(config: InitStudentConfig) -> InitStudentSummary:
 
     Raises:
         UserError: a teacher that is not ``hf:`` or has no layer list, bad ``--layers``, or an
-            ``--out`` holding files init-student did not write.
+            ``--out`` holding files init-student did not write; ``lease.LeaseHeld`` (a ``UserError``)
+            while another writer holds ``--out``.
     """
     from .hf import disable_progress_bars, load_hf_model
     from .loading import portable_name
