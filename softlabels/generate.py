@@ -28,7 +28,8 @@ from .distributed import autocast, distributed_env, resolve_device
 from .errors import UserError
 from .hf import disable_progress_bars
 from .inputs import check_input_type, to_teacher_inputs
-from .lease import lease_scope, take_lease
+from .claim import claim_output
+from .lease import lease_scope
 from .options import GenerateConfig, flag_of
 from .pipeline import GenerationRun, run_units_locally
 from .rundir import Plan, RunDirectory, RunSpec, settings_fingerprint, settings_run_header
@@ -48,21 +49,10 @@ PROBE_DOCUMENTS = 64
 SETTING_FLAGS = {"corpus": "CORPUS", "teachers": "--teacher", "vocab_size": "--teacher (vocabulary size)", "format": "the softlabels version"}
 
 
-def _check_out_apart_from_corpus(config: GenerateConfig) -> None:
-    """``--out`` may neither be nor hold nor lie inside a CORPUS folder or file."""
-    if is_uri(config.out):
-        if any(str(argument).rstrip("/") == config.out.rstrip("/") or str(argument).startswith(config.out.rstrip("/") + "/")
-               or config.out.startswith(str(argument).rstrip("/") + "/") for argument in config.corpus):
-            raise UserError(f"--out {config.out} overlaps CORPUS; write the soft labels to a directory outside the corpus")
-        return
-    out = Path(config.out).resolve()
-    for argument in config.corpus:
-        path = Path(argument)
-        if is_uri(argument) or not path.exists():
-            continue  # a store, a glob or a missing file: open_corpus names it
-        corpus = path.resolve()
-        if out == corpus or corpus.is_relative_to(out) or (path.is_dir() and out.is_relative_to(corpus)):
-            raise UserError(f"--out {config.out} overlaps CORPUS {argument}; write the soft labels to a directory outside the corpus")
+def _corpus_inputs(config: GenerateConfig) -> list[tuple[str, str]]:
+    """The CORPUS arguments ``--out`` stays apart from: store URIs and local files or folders (a glob or
+    a missing file is named by ``open_corpus``)."""
+    return [(str(argument), "CORPUS") for argument in config.corpus if is_uri(str(argument)) or Path(argument).exists()]
 
 
 def _check_engine(config: GenerateConfig) -> None:
@@ -279,10 +269,9 @@ def generate(config: GenerateConfig) -> GenerateSummary:
     started = time.perf_counter()
     if not config.progress:
         disable_progress_bars()
-    output = RunDirectory.for_output(config.out)  # not a file, not a v1 dataset
-    _check_out_apart_from_corpus(config)
-    output.refuse_foreign()
-    take_lease(output.root, "softlabels generate")  # one writer per --out, until generate ends
+    claim_output(config.out, "softlabels generate", lambda out: RunDirectory.for_output(out).foreign_file(),
+                 _corpus_inputs(config))  # one writer per --out, until generate ends
+    output = RunDirectory.for_output(config.out)
     _check_engine(config)
     run = _prepare(config, output)
     rank, world = _rank()

@@ -1,7 +1,8 @@
 """One writer per output: an exclusive lease on a directory, held by a command for as long as it writes.
 
-``generate``, ``seal``, ``select`` and ``train-student`` hold the lease on their output; a second
-writer is refused before it does any work, with one line naming the holder (command, pid, host, age).
+``generate``, ``seal``, ``select``, ``train-student`` and ``init-student`` hold the lease on their output
+(all but ``seal`` through ``claim.claim_output``, which checks the output first); a second writer is
+refused before it does any work, with one line naming the holder (command, pid, host, age).
 
 Local disk: ``DIR/_lease.json``, ``flock``-ed on a descriptor kept open for the whole command and
 holding the holder's record (JSON). The kernel drops a dead process's lock, so a lease left by a

@@ -4,18 +4,20 @@ matplotlib is an optional extra (``pip install 'softlabels[plot]'``) imported on
 through its object-oriented API on the Agg canvas: no display, no pyplot state. Every panel is drawn
 from the report of :func:`softlabels.inspect.inspect`, never recomputed, so the picture shows the same
 numbers as ``--json``: captured top-k mass per position, confidence and entropy per row, agreement per
-row (ensembles only), and the most frequent top-1 classes. The file is written under a ``.tmp`` name
-and renamed into place, so a reader never sees half a PNG.
+row (ensembles only), and the most frequent top-1 classes. The file is written with the storage
+layer's atomic writer (staged, fsync'd, renamed), so a reader never sees half a PNG.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .storage import atomic_write_bytes
 
 __all__ = ["HISTOGRAMS", "TOP1_PANEL", "require_matplotlib", "check_plot_path", "draw", "save_plot"]
 
@@ -122,18 +124,14 @@ def _top1(axes: Any, classes: list[dict[str, Any]], positions: int) -> None:
 
 
 def save_plot(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Draw the report and write it as a PNG atomically (``.tmp`` then rename); returns the path."""
+    """Draw the report and write it as a PNG atomically (``storage.atomic_write_bytes``); returns the path.
+
+    Raises:
+        UserError: the disk refused it, naming ``--plot`` and the file (no temporary file stays).
+    """
     target = check_plot_path(path)
     figure = draw(report)
-    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            figure.savefig(handle, format="png", dpi=DPI)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except OSError as exc:
-        raise UserError(f"--plot {target}: cannot write it ({exc.strerror or exc})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI)
+    atomic_write_bytes(target, buffer.getvalue(), shown=f"--plot {target}")
     return target

@@ -49,7 +49,8 @@ import pyarrow.parquet as pq
 
 from .codec import LogprobCodec
 from .errors import UserError
-from .lease import lease_scope, take_lease
+from .claim import claim_output
+from .lease import lease_scope
 from .rundir import RunDirectory, ShardEntry, build_manifest, manifest_run_header, run_header, settings_fingerprint, shard_unit
 from .schema import FORMAT, HEADER_KEY, decode_header, encode_header
 from .targets import soft_columns
@@ -135,13 +136,6 @@ def _done(out: RunDirectory, fingerprint: str) -> dict[str, Any] | None:
     return out.sealed(fingerprint, with_shards=True) if out.root.is_dir() else None
 
 
-def _check_out(out: RunDirectory, source: Location, fingerprint: str) -> None:
-    """``out`` must be new, empty, or hold only files of this same selection (an interrupted run)."""
-    if out.root.same_as(source):
-        raise UserError(f"--out {out.root} is the source directory; write the selection to a new directory")
-    out.refuse_foreign(fingerprint=fingerprint)
-
-
 def _stored_as(table: pa.Table, source: LogprobCodec, target: LogprobCodec) -> pa.Table:
     """A v1 shard's rows with the log-prob column named and described as format v2 stores it."""
     if source.column == target.column:
@@ -162,11 +156,11 @@ def select(directory: str | os.PathLike[str], where: str, out: str | os.PathLike
     """
     source = RunDirectory.open(directory)
     manifest = source.open_sealed()  # sealed, and data/ holds exactly the shards it lists
-    target = RunDirectory.for_output(out)
     settings = _selection_settings(manifest, where)
     fingerprint = settings_fingerprint(settings)
-    _check_out(target, source.root, fingerprint)
-    take_lease(target.root, "softlabels select")  # one writer per --out, until select ends
+    claim_output(out, "softlabels select", lambda place: RunDirectory.for_output(place).foreign_file(fingerprint),
+                 [(source.root, "the source directory")])  # new, empty, or this selection's; one writer until select ends
+    target = RunDirectory.for_output(out)
     done = _done(target, fingerprint)
     if done is None:
         files = [path for _, path, _ in source.check_shards(manifest)]  # every shard checked before any is read

@@ -34,7 +34,9 @@ from torch import nn
 from . import __version__
 from .errors import UserError
 from .options import InitStudentConfig
-from .storage import fsync_path, is_uri, os_error_reason
+from .claim import claim_output, names_in
+from .lease import is_lease_name, lease_scope
+from .storage import Location, atomic_write_text, fsync_path, is_uri, os_error_reason
 
 __all__ = ["INIT_RECORD_NAME", "InitStudentSummary", "every_other_layer", "find_layer_list", "halve_layers", "init_student", "select_layers"]
 
@@ -136,33 +138,31 @@ class InitStudentSummary:
                 f"record in {INIT_RECORD_NAME}. Train it with --student hf:{self.out}")
 
 
-def _check_out(out: str, teacher: str) -> Path:
-    """``--out`` is a local directory that is new, empty, or a previous init-student output."""
-    if is_uri(out):
-        raise UserError(f"--out {out}: init-student writes a local directory (hf: specs load local directories only)")
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory")
-    teacher_path = Path(teacher[len("hf:"):].partition("@")[0])
-    if path.exists() and teacher_path.exists():
-        teacher_dir = teacher_path if teacher_path.is_dir() else teacher_path.parent
-        if path.resolve() == teacher_dir.resolve():
-            raise UserError(f"--out {out} is the --teacher directory; choose another --out")
-    if not path.is_dir():
-        return path
-    names = sorted(p.name for p in path.iterdir())
+def _foreign(out: Location) -> str | None:
+    """init-student writes only ``init.json`` and the files it lists: the first other name, or None."""
+    names = names_in(out)
     if not names:
-        return path
+        return None
     ours = {INIT_RECORD_NAME}
     try:
-        ours |= set(json.loads((path / INIT_RECORD_NAME).read_text())["files"])
+        ours |= set(json.loads((out / INIT_RECORD_NAME).read_text())["files"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
     foreign = [name for name in names if name not in ours]
-    if INIT_RECORD_NAME not in names or foreign:
-        culprit = (foreign or names)[0]
-        raise UserError(f"--out {out} holds {culprit}, which init-student did not write; give an empty or new --out")
-    return path
+    if foreign or INIT_RECORD_NAME not in names:
+        return (foreign or names)[0]
+    return None
+
+
+def _claim_out(out: str, teacher: str) -> Path:
+    """``--out`` is a local directory, apart from the teacher's, that is new, empty, or a previous
+    init-student output; claimed (with the lease) until the command ends."""
+    if is_uri(out):
+        raise UserError(f"--out {out}: init-student writes a local directory (hf: specs load local directories only)")
+    teacher_path = Path(teacher[len("hf:"):].partition("@")[0])
+    what = "the --teacher directory" if teacher_path.is_dir() else "the --teacher file"
+    inputs = [(teacher_path, what)] if teacher_path.exists() else []
+    return claim_output(out, "softlabels init-student", _foreign, inputs).local_path
 
 
 def _tokenizer_files(teacher: str) -> tuple[list[Path], Any]:
@@ -198,32 +198,38 @@ def _swap_in(student: nn.Module, path: Path, staging: Path, record: dict[str, An
     if loaded is not None:
         loaded.save_pretrained(str(staging))
     record["files"] = sorted(p.name for p in staging.iterdir())
-    (staging / INIT_RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_text(staging / INIT_RECORD_NAME, json.dumps(record, indent=2) + "\n")  # written and fsync'd
     mode = (staging / INIT_RECORD_NAME).stat().st_mode & 0o777  # the umask's, not save_pretrained's 0600
     for file in staging.iterdir():
         file.chmod(mode)
         fsync_path(file)
-    if path.is_dir():  # empty, or a previous init-student output (checked by _check_out)
+    fsync_path(staging)
+    if path.is_dir():  # the lease, and a previous init-student output (checked by _claim_out)
         for file in path.iterdir():
-            file.unlink()
+            if is_lease_name(file.name):
+                os.replace(file, staging / file.name)  # the held lease moves with the directory it guards
+            else:
+                file.unlink()
         path.rmdir()
     os.replace(staging, path)
     fsync_path(path.parent)
 
 
+@lease_scope
 def init_student(config: InitStudentConfig) -> InitStudentSummary:
     """Write an ``hf:`` student directory initialised from the teacher's layers (see module docstring).
 
     Raises:
         UserError: a teacher that is not ``hf:`` or has no layer list, bad ``--layers``, or an
-            ``--out`` holding files init-student did not write.
+            ``--out`` holding files init-student did not write; ``lease.LeaseHeld`` (a ``UserError``)
+            while another writer holds ``--out``.
     """
     from .hf import disable_progress_bars, load_hf_model
     from .loading import portable_name
 
     if not config.teacher.startswith("hf:"):
         raise UserError(f"--teacher {config.teacher}: init-student needs an hf: teacher (a transformers directory or a .gguf)")
-    path = _check_out(config.out, config.teacher)
+    path = _claim_out(config.out, config.teacher)
     if not config.progress:
         disable_progress_bars()
     wrapped, sha256 = load_hf_model(config.teacher, "--teacher")

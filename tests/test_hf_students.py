@@ -253,6 +253,44 @@ def test_init_student_refusals_are_one_line_and_write_nothing(tmp_path, monkeypa
     assert (tmp_path / "mine" / "notes.txt").read_text() == "the user's own file\n"
 
 
+def test_init_student_holds_the_lease_through_its_swap_and_a_second_writer_is_refused(tmp_path, monkeypatch):
+    """One writer per --out: while another holds it, init-student is refused in one line before it loads the
+    teacher; its own lease moves with the directory it swaps in (others are still refused after the
+    rename), and is gone when the command ends."""
+    from softlabels import student_init
+    from softlabels.lease import LOCAL_NAME, LeaseHeld, hold_lease
+
+    tiny_llama(tmp_path / "teacher", seed=0)
+    out = tmp_path / "student"
+    args = ("init-student", "--teacher", f"hf:{tmp_path / 'teacher'}", "--out", out, "--no-progress")
+    with hold_lease(out, "softlabels init-student"):
+        refused = run_cli(*args)
+        lines = refused.err.strip().splitlines()
+        assert refused.code == 1 and len(lines) == 1, refused.err
+        assert f"--out {out} is being written by 'softlabels init-student'" in lines[0] and f"pid {os.getpid()}" in lines[0]
+        assert os.listdir(out) == [LOCAL_NAME], "the refused writer wrote something"
+    assert not out.exists()
+
+    after_swap = []
+    fsync_path = student_init.fsync_path
+
+    def fsync_then_try_the_lease(path: Path) -> None:
+        fsync_path(path)
+        if Path(path).resolve() == tmp_path.resolve():  # the rename of the staged directory onto --out, made durable
+            with pytest.raises(LeaseHeld, match=f"--out {out} is being written by 'softlabels init-student'"):
+                with hold_lease(out, "softlabels init-student"):
+                    pass
+            after_swap.append(sorted(os.listdir(out)))
+
+    monkeypatch.setattr(student_init, "fsync_path", fsync_then_try_the_lease)
+    result = run_cli(*args)
+    assert result.code == 0, result.err
+    record = json.loads((out / "init.json").read_text())
+    assert after_swap == [sorted(record["files"] + ["init.json", LOCAL_NAME])]
+    assert sorted(os.listdir(out)) == sorted(record["files"] + ["init.json"])
+    assert not list(tmp_path.glob(".*")), "a staging directory stayed behind"
+
+
 def test_student_with_another_vocabulary_is_refused_by_name(soft, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # the child's stderr: only the error line
     tiny_llama(tmp_path / "wide", seed=4, vocab=300)

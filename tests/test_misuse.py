@@ -93,7 +93,7 @@ CASES = [
     # -- from the issue: data lost
     Misuse("out-holds-users-shard", gen("--out", "w/mine"), 1, ("--out", "shard-000000.parquet", "did not write")),
     Misuse("out-is-the-corpus-folder", lambda w: ["generate", w / "corpus", "--id-column", "id", "--teacher", TEACHER, "--out", w / "corpus"], 1, ("--out", "CORPUS")),
-    Misuse("out-inside-the-corpus-folder", lambda w: ["generate", w / "corpus", "--id-column", "id", "--teacher", TEACHER, "--out", w / "corpus" / "soft"], 1, ("--out", "overlaps")),
+    Misuse("out-inside-the-corpus-folder", lambda w: ["generate", w / "corpus", "--id-column", "id", "--teacher", TEACHER, "--out", w / "corpus" / "soft"], 1, ("--out", "inside CORPUS")),
     # -- tracebacks
     Misuse("foreign-manifest-in-out", gen("--out", "w/foreign_manifest"), 1, ("--out", "manifest.json")),
     Misuse("vectors-too-narrow-for-teacher", lambda w: ["generate", w / "narrow" / "n.parquet", "--id-column", "id", "--teacher", TEACHER, "--out", w / "o"], 1, ("--teacher", "32")),
@@ -129,6 +129,7 @@ CASES = [
     Misuse("select-bad-where", cmd("select", "w/soft", "--where", "confidence >>> 2", "--out", "w/sel"), 1, ("--where",)),
     Misuse("select-unknown-column", cmd("select", "w/soft", "--where", "confidnce > 0.5", "--out", "w/sel"), 1, ("--where", "confidnce")),
     Misuse("select-into-the-source", cmd("select", "w/soft", "--where", "confidence > 0.5", "--out", "w/soft"), 1, ("--out", "source")),
+    Misuse("select-into-a-folder-of-the-source", cmd("select", "w/soft", "--where", "confidence > 0.5", "--out", "w/soft/sel"), 1, ("--out", "is inside the source directory")),
     Misuse("select-into-users-folder", cmd("select", "w/soft", "--where", "confidence > 0.5", "--out", "w/mine"), 1, ("--out", "did not write")),
     Misuse("train-temperature-zero", train("w/soft", "--out", "w/s", "--temperature", 0), 1, ("--temperature",)),
     Misuse("train-alpha-above-one", train("w/soft", "--out", "w/s", "--alpha", 1.5), 1, ("--alpha", "1.5")),
@@ -136,6 +137,7 @@ CASES = [
     Misuse("train-unknown-tail", train("w/soft", "--out", "w/s", "--tail", "spread"), 1, ("--tail", "spread")),
     Misuse("train-out-holds-users-files", train("w/soft", "--out", "w/student_out"), 1, ("--out", "notes.txt")),
     Misuse("train-out-is-the-data", train("w/soft", "--out", "w/soft"), 1, ("--out",)),
+    Misuse("train-out-inside-the-data", train("w/soft", "--out", "w/soft/student"), 1, ("--out", "is inside the soft-label directory")),
     Misuse("train-no-data", lambda w: ["train-student", "--student", "softlabels.models:digits_mlp", "--out", w / "s"], 1, ("DATA_DIR",)),
     Misuse("train-data-not-soft-labels", train("w/corpus", "--out", "w/s"), 1, ("corpus",)),
     Misuse("inspect-plot-into-a-directory", cmd("inspect", "w/soft", "--plot", "w/empty"), 1, ("--plot",)),

@@ -21,8 +21,7 @@ from ..storage import Location, atomic_write_text, commit_file
 from ..targets import kind_of
 from .footer import shard_bytes_problem
 from .journal import Journal
-from .layout import (DATA_DIR, JOURNAL_DIR, MANIFEST_NAME, SHARD_PATTERN, STAGING_DIR, Layout, detect_layout,
-                     refuse_out_inside_data, shard_name)
+from .layout import DATA_DIR, JOURNAL_DIR, MANIFEST_NAME, SHARD_PATTERN, STAGING_DIR, Layout, detect_layout, shard_name
 from .manifest import (MANIFEST_CHECKSUM_KEY, MANIFEST_INTEGRITY_KEY, REQUIRED_MANIFEST_KEYS, ShardEntry, manifest_damage,
                        manifest_text, shape_damage)
 
@@ -62,17 +61,13 @@ class RunFiles:
 
     @classmethod
     def for_output(cls, directory: "str | os.PathLike[str] | Location", flag: str = "--out") -> "RunFiles":
-        """The v2 directory a command writes to (it need not exist yet).
+        """The v2 directory a command writes to (it need not exist yet), once the command has claimed
+        it (``claim.claim_output``: the bucket, not a file, apart from its inputs, the lease).
 
         Raises:
-            UserError: it exists and is not a directory, it holds a v1 dataset, or it lies inside a
-                run's ``data/``; its store's bucket is missing or the store cannot be reached.
+            UserError: it holds a v1 dataset.
         """
         root = Location.of(directory)
-        root.require_bucket(flag)  # a missing bucket is refused before any work, not at the first write
-        refuse_out_inside_data(root, flag)
-        if root.is_file():
-            raise UserError(f"{flag} {root} exists and is not a directory")
         if root.is_dir() and detect_layout(root) == "v1":
             raise UserError(
                 f"{flag} {root} holds a {FORMAT_V1} dataset (shards beside manifest.json); this release writes {FORMAT} "

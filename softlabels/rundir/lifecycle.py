@@ -338,19 +338,6 @@ class RunDirectory(RunFiles):
                 return name
         return None
 
-    def refuse_foreign(self, flag: str = "--out", fingerprint: str | None = None) -> None:
-        """Raise unless every file in the directory is one softlabels writes.
-
-        Raises:
-            UserError: naming the first foreign file; nothing of the user's is ever overwritten.
-        """
-        foreign = self.foreign_file(fingerprint)
-        if foreign is not None:
-            raise UserError(
-                f"{flag} {self.root} holds {foreign}, which softlabels did not write; "
-                f"give an empty or new {flag} (softlabels never overwrites files it did not write)"
-            )
-
     def _resume_manifest(self, fingerprint: str, units: int) -> dict[str, Any] | None:
         """For ``generate`` resuming run ``fingerprint`` of ``units`` units: the manifest to compare
         settings with (None when there is none, or when it is damaged and this run's journals will

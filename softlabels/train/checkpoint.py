@@ -17,35 +17,35 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from ..lease import is_lease_name
+from ..claim import check_output, claim_output, names_in
 from ..options import TrainConfig, flag_of
-from ..rundir import refuse_out_inside_data
 from ..storage import Location, writing
 
-__all__ = ["CHECKPOINT_NAME", "METRICS_NAME", "OUTPUT_NAMES", "canonical_safetensors", "check_out", "check_resume",
+__all__ = ["CHECKPOINT_NAME", "METRICS_NAME", "OUTPUT_NAMES", "canonical_safetensors", "check_out", "check_resume", "is_output_name",
            "discard_partial_outputs", "read_checkpoint", "write_checkpoint", "write_student"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 OUTPUT_NAMES = (CHECKPOINT_NAME, METRICS_NAME, "student.safetensors", "student.json")
 """Every file ``train-student`` writes in ``--out`` (and their ``.tmp`` names while writing)."""
+COMMAND = "softlabels train-student"
 
 
-def check_out(config: TrainConfig) -> Location:
-    """``--out`` may hold only what train-student writes; a checkpoint there needs ``--resume``."""
-    out = Location.of(config.out)
-    out.require_bucket("--out")  # before any data is read or model built
-    refuse_out_inside_data(out)
-    if out.is_file():
-        raise UserError(f"--out {out} exists and is not a directory")
-    for name in out.listdir():
-        if name not in OUTPUT_NAMES and not is_lease_name(name) and not (name.endswith(".tmp") and name.split(".tmp")[0].startswith(OUTPUT_NAMES)):
-            raise UserError(f"--out {out} holds {name}, which train-student did not write; give an empty or new --out")
+def is_output_name(name: str) -> bool:
+    """Is ``name`` a file train-student writes in ``--out`` (``OUTPUT_NAMES``, or one of them while written)?"""
+    return name in OUTPUT_NAMES or (name.endswith(".tmp") and name.split(".tmp")[0].startswith(OUTPUT_NAMES))
+
+
+def check_out(config: TrainConfig, lease: bool = False) -> Location:
+    """``--out`` claimed (``claim.claim_output`` with ``lease``, else only checked): apart from every
+    DATA_DIR/--data and --eval directory, holding only what train-student writes; a checkpoint there
+    needs ``--resume``."""
+    inputs = [(d, "the soft-label directory (DATA_DIR/--data)") for d in config.data]
+    inputs += [(config.eval, "the --eval directory")] if config.eval else []
+    claim = claim_output if lease else check_output
+    out = claim(config.out, COMMAND, lambda place: next((n for n in names_in(place) if not is_output_name(n)), None), inputs)
     if (out / CHECKPOINT_NAME).is_file() and not config.resume:
         raise UserError(f"--out {out} already holds a checkpoint; pass --resume to continue it or choose another --out")
-    for directory, flag in [(d, "DATA_DIR/--data") for d in config.data] + ([(config.eval, "--eval")] if config.eval else []):
-        if out.same_as(directory):
-            raise UserError(f"--out {out} is the soft-label directory {directory} ({flag}); choose another --out")
     return out
 
 
@@ -54,7 +54,7 @@ def discard_partial_outputs(out: Location) -> None:
     if not out.local:
         return
     for name in out.listdir():
-        if name.endswith(".tmp") and name.split(".tmp")[0].startswith(OUTPUT_NAMES):
+        if name.endswith(".tmp") and is_output_name(name):
             with writing(out / name, action="remove"):
                 (out / name).delete()
 

@@ -37,7 +37,7 @@ from ..data import SoftLabelDataset
 from ..distributed import autocast, distributed_env, resolve_device
 from ..errors import UserError
 from ..hf import disable_progress_bars
-from ..lease import lease_scope, take_lease
+from ..lease import lease_scope
 from ..options import TrainConfig
 from ..storage import Location
 from ..teachers import Teacher, load_teacher
@@ -409,7 +409,7 @@ def train_student(config: TrainConfig) -> TrainSummary:
             ``--resume`` whose checkpoint was made with other settings.
         KeyboardInterrupt: SIGINT or SIGTERM, after a checkpoint at the step boundary.
     """
-    take_lease(config.out, "softlabels train-student")  # one writer per --out, until training ends
+    check_out(config, lease=True)  # one writer per --out, until training ends
     if not config.progress:
         disable_progress_bars()
     recipe = DistillationRecipe(config)
