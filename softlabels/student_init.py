@@ -35,12 +35,14 @@ from . import __version__
 from .errors import UserError
 from .options import InitStudentConfig
 from .claim import claim_output, names_in
-from .lease import is_lease_name, lease_scope
+from .lease import lease_scope
 from .storage import Location, atomic_write_text, fsync_path, is_uri, os_error_reason
 
 __all__ = ["INIT_RECORD_NAME", "InitStudentSummary", "every_other_layer", "find_layer_list", "halve_layers", "init_student", "select_layers"]
 
 INIT_RECORD_NAME = "init.json"
+STAGING_NAME = ".init-student.tmp"
+"""Inside --out: the files being written, and ``files.json`` naming what a publish may leave behind."""
 """The record ``init-student`` writes last in ``--out``; it lists every other file it wrote."""
 
 
@@ -139,17 +141,19 @@ class InitStudentSummary:
 
 
 def _foreign(out: Location) -> str | None:
-    """init-student writes only ``init.json`` and the files it lists: the first other name, or None."""
+    """init-student writes only ``init.json``, the files it lists, and while it publishes its staging
+    folder (whose ``files.json`` names what it may have left in --out): the first other name, or None."""
     names = names_in(out)
     if not names:
         return None
-    ours = {INIT_RECORD_NAME}
-    try:
-        ours |= set(json.loads((out / INIT_RECORD_NAME).read_text())["files"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    ours = {INIT_RECORD_NAME, STAGING_NAME}
+    for record in (out / INIT_RECORD_NAME, out / STAGING_NAME / "files.json"):
+        try:
+            ours |= set(json.loads(record.read_text())["files"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
     foreign = [name for name in names if name not in ours]
-    if foreign or INIT_RECORD_NAME not in names:
+    if foreign or not {INIT_RECORD_NAME, STAGING_NAME} & set(names):
         return (foreign or names)[0]
     return None
 
@@ -177,42 +181,56 @@ def _tokenizer_files(teacher: str) -> tuple[list[Path], Any]:
 
 
 def _write(student: nn.Module, path: Path, record: dict[str, Any], tokenizer: tuple[list[Path], Any] = ([], None)) -> None:
-    """save_pretrained into a sibling staging directory, then swap it in: --out is never half written."""
-    staging = path.parent / f".{path.name}.init-student.tmp"
+    """Write the student into --out (never outside it), ``init.json`` last: a directory without it is
+    incomplete (a rerun finishes it), and config.json only appears once every weight file has."""
+    staging = path / STAGING_NAME
     try:
-        _swap_in(student, path, staging, record, tokenizer)
-    except BaseException as exc:  # a full or read-only disk, Ctrl-C: no staging directory stays behind
-        shutil.rmtree(staging, ignore_errors=True)
+        _stage(student, staging, tokenizer)
+        _publish(path, staging, record)
+    except BaseException as exc:  # a full or read-only disk, Ctrl-C: init.json is not written
+        if not (staging / "files.json").exists():  # once publishing began, files.json tells a rerun what is ours
+            shutil.rmtree(staging, ignore_errors=True)
         if isinstance(exc, OSError):
             raise UserError(f"cannot write {path}: {os_error_reason(exc)}") from None
         raise
 
 
-def _swap_in(student: nn.Module, path: Path, staging: Path, record: dict[str, Any], tokenizer: tuple[list[Path], Any]) -> None:
+def _stage(student: nn.Module, staging: Path, tokenizer: tuple[list[Path], Any]) -> None:
+    """save_pretrained and the teacher's tokenizer into ``--out/.init-student.tmp``, with the umask's mode, fsync'd."""
     if staging.exists():
-        shutil.rmtree(staging)  # an interrupted earlier run's staging directory
+        shutil.rmtree(staging)  # an interrupted earlier run's staged files
     student.save_pretrained(str(staging))
     files, loaded = tokenizer
     for file in files:
         shutil.copyfile(file, staging / file.name)
     if loaded is not None:
         loaded.save_pretrained(str(staging))
-    record["files"] = sorted(p.name for p in staging.iterdir())
-    atomic_write_text(staging / INIT_RECORD_NAME, json.dumps(record, indent=2) + "\n")  # written and fsync'd
-    mode = (staging / INIT_RECORD_NAME).stat().st_mode & 0o777  # the umask's, not save_pretrained's 0600
+    probe = staging / ".mode"
+    probe.touch()
+    mode = probe.stat().st_mode & 0o777  # the umask's, not save_pretrained's 0600
+    probe.unlink()
     for file in staging.iterdir():
         file.chmod(mode)
         fsync_path(file)
-    fsync_path(staging)
-    if path.is_dir():  # the lease, and a previous init-student output (checked by _claim_out)
-        for file in path.iterdir():
-            if is_lease_name(file.name):
-                os.replace(file, staging / file.name)  # the held lease moves with the directory it guards
-            else:
-                file.unlink()
-        path.rmdir()
-    os.replace(staging, path)
-    fsync_path(path.parent)
+
+
+def _publish(path: Path, staging: Path, record: dict[str, Any]) -> None:
+    """Move the staged files into --out, replacing a previous init-student output: its record goes first,
+    config.json comes last of the model files, and the new record is written after them."""
+    new = sorted(p.name for p in staging.iterdir())
+    old: list[str] = []
+    if (path / INIT_RECORD_NAME).is_file():
+        old = json.loads((path / INIT_RECORD_NAME).read_text()).get("files", [])
+    atomic_write_text(staging / "files.json", json.dumps({"files": sorted(set(new) | set(old))}) + "\n")
+    (path / INIT_RECORD_NAME).unlink(missing_ok=True)  # from here on --out reads as incomplete
+    for name in sorted(set(old) - set(new)):
+        (path / name).unlink(missing_ok=True)
+    for name in sorted(new, key=lambda n: n == "config.json"):
+        os.replace(staging / name, path / name)
+    record["files"] = new
+    atomic_write_text(path / INIT_RECORD_NAME, json.dumps(record, indent=2) + "\n")  # written and fsync'd
+    shutil.rmtree(staging)
+    fsync_path(path)
 
 
 @lease_scope

@@ -253,10 +253,10 @@ def test_init_student_refusals_are_one_line_and_write_nothing(tmp_path, monkeypa
     assert (tmp_path / "mine" / "notes.txt").read_text() == "the user's own file\n"
 
 
-def test_init_student_holds_the_lease_through_its_swap_and_a_second_writer_is_refused(tmp_path, monkeypatch):
+def test_init_student_holds_the_lease_while_it_writes_and_a_second_writer_is_refused(tmp_path, monkeypatch):
     """One writer per --out: while another holds it, init-student is refused in one line before it loads the
-    teacher; its own lease moves with the directory it swaps in (others are still refused after the
-    rename), and is gone when the command ends."""
+    teacher; while it publishes its files others are refused; the lease is gone when the command ends, and
+    nothing is written outside --out."""
     from softlabels import student_init
     from softlabels.lease import LOCAL_NAME, LeaseHeld, hold_lease
 
@@ -271,24 +271,62 @@ def test_init_student_holds_the_lease_through_its_swap_and_a_second_writer_is_re
         assert os.listdir(out) == [LOCAL_NAME], "the refused writer wrote something"
     assert not out.exists()
 
-    after_swap = []
-    fsync_path = student_init.fsync_path
+    publishing = []
+    publish = student_init._publish
 
-    def fsync_then_try_the_lease(path: Path) -> None:
-        fsync_path(path)
-        if Path(path).resolve() == tmp_path.resolve():  # the rename of the staged directory onto --out, made durable
-            with pytest.raises(LeaseHeld, match=f"--out {out} is being written by 'softlabels init-student'"):
-                with hold_lease(out, "softlabels init-student"):
-                    pass
-            after_swap.append(sorted(os.listdir(out)))
+    def publish_while_another_tries(path: Path, staging: Path, record: dict) -> None:
+        with pytest.raises(LeaseHeld, match=f"--out {out} is being written by 'softlabels init-student'"):
+            with hold_lease(out, "softlabels init-student"):
+                pass
+        publishing.append(sorted(os.listdir(out)))
+        publish(path, staging, record)
 
-    monkeypatch.setattr(student_init, "fsync_path", fsync_then_try_the_lease)
+    monkeypatch.setattr(student_init, "_publish", publish_while_another_tries)
     result = run_cli(*args)
     assert result.code == 0, result.err
     record = json.loads((out / "init.json").read_text())
-    assert after_swap == [sorted(record["files"] + ["init.json", LOCAL_NAME])]
+    assert publishing == [sorted([LOCAL_NAME, student_init.STAGING_NAME])]
     assert sorted(os.listdir(out)) == sorted(record["files"] + ["init.json"])
-    assert not list(tmp_path.glob(".*")), "a staging directory stayed behind"
+    assert sorted(os.listdir(tmp_path)) == ["student", "teacher"], "init-student wrote outside --out"
+
+
+def test_init_student_stopped_while_publishing_leaves_no_record_and_a_rerun_finishes_it(tmp_path, monkeypatch):
+    """Ctrl-C after the first staged file moved into --out: no init.json (the output reads as incomplete,
+    and config.json, moved last, is absent so hf: cannot load it), nothing outside --out; a rerun
+    accepts the leftovers as its own and ends with the bytes of an uninterrupted run."""
+    from softlabels import student_init
+
+    tiny_llama(tmp_path / "teacher", seed=0)
+    args = ("init-student", "--teacher", f"hf:{tmp_path / 'teacher'}", "--no-progress", "--out")
+    assert run_cli(*args, tmp_path / "whole").code == 0
+    moved = []
+    replace = os.replace
+
+    def stop_after_the_first_move(src, dst, *rest, **kw):
+        into_out = Path(src).parent.name == student_init.STAGING_NAME and Path(dst).parent.name != student_init.STAGING_NAME
+        if into_out and moved:
+            raise KeyboardInterrupt
+        replace(src, dst, *rest, **kw)
+        if into_out:
+            moved.append(Path(dst).name)
+
+    monkeypatch.setattr(os, "replace", stop_after_the_first_move)
+    out = tmp_path / "student"
+    stopped = run_cli(*args, out)
+    monkeypatch.setattr(os, "replace", replace)
+    assert stopped.code == 130, stopped.err
+    assert len(moved) == 1 and moved[0] != "config.json"
+    assert not (out / "init.json").exists() and not (out / "config.json").exists() and (out / moved[0]).is_file()
+    assert sorted(os.listdir(tmp_path)) == ["student", "teacher", "whole"], "init-student wrote outside --out"
+    (tmp_path / "copy").mkdir()
+    shutil.copytree(out, tmp_path / "copy" / "with_notes")
+    (tmp_path / "copy" / "with_notes" / "notes.txt").write_text("the user's\n")
+    foreign = run_cli(*args, tmp_path / "copy" / "with_notes")
+    assert foreign.code == 1 and "notes.txt" in foreign.err  # the leftovers are ours, the user's file is not
+    assert run_cli(*args, out).code == 0
+    assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "whole"))
+    for name in os.listdir(out):
+        assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
 
 
 def test_student_with_another_vocabulary_is_refused_by_name(soft, tmp_path, monkeypatch):
