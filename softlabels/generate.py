@@ -39,6 +39,7 @@ from .storage import is_uri
 from .loading import portable_name
 from .teachers import Teacher, load_teacher
 from .text import DocumentWindows, TokenizerSource, load_tokenizer, tokenizer_identity
+from .audio_kind import AUDIO_ROWS_PER_SHARD, AudioKind, check_audio_type, teacher_sample_rate
 
 __all__ = ["GenerateConfig", "GenerateSummary", "generate"]
 
@@ -135,15 +136,22 @@ def _probe_table(corpus: Corpus, documents: DocumentWindows | None) -> pa.Table:
 
 
 def _probe_vocab(config: GenerateConfig, corpus: Corpus, teachers: list[Teacher], device: torch.device,
-                 documents: DocumentWindows | None = None) -> int:
+                 documents: DocumentWindows | None = None, audio: AudioKind | None = None) -> int:
     """Run every teacher on two rows so vocabulary mismatches and k > V fail before any work."""
-    table = _probe_table(corpus, documents)
-    inputs = to_teacher_inputs(table.column(config.input_column), config.input_column, table.column("sample_id")).to(device)
+    if audio is not None:
+        table = audio.probe_table(corpus)
+        inputs = audio.teacher_inputs(table, table.column("sample_id").combine_chunks()).to(device)
+    else:
+        table = _probe_table(corpus, documents)
+        inputs = to_teacher_inputs(table.column(config.input_column), config.input_column, table.column("sample_id")).to(device)
     vocab_sizes: list[int] = []
     for teacher in teachers:
         try:
             with torch.inference_mode(), autocast(device, config.precision):
-                logits = teacher.logits(inputs)
+                if audio is not None:
+                    logits = audio.teacher_outputs([teacher], inputs, table.column("sample_id").combine_chunks())[0][0]
+                else:
+                    logits = teacher.logits(inputs)
         except UserError:
             raise
         except Exception as exc:  # the user's model rejected our calling convention
@@ -192,17 +200,26 @@ def _prepare(config: GenerateConfig, directory: RunDirectory | None = None) -> G
     """Every check of the corpus and teachers, the vocabulary probe, the settings, fingerprint and run
     header; ``directory`` is ``config.out`` as ``RunDirectory.for_output`` opened it (opened here if None)."""
     documents, text_settings = _document_windows(config)
-    source_column = config.text_column or config.chat_column or config.input_column
+    source_column = config.text_column or config.chat_column or config.audio_column or config.input_column
+    if config.audio_column is not None and config.rows_per_shard is None:
+        config.rows_per_shard = AUDIO_ROWS_PER_SHARD
     corpus = open_corpus(config.corpus, source_column, config.id_column, config.label_column, config.rows_per_shard)
     config.rows_per_shard = corpus.rows_per_shard
-    if documents is not None:
+    if config.audio_column is not None:
+        check_audio_type(corpus.passthrough_schema().field(config.audio_column).type, config.audio_column)
+        config.input_column = config.audio_column
+    elif documents is not None:
         documents.check_column_type(corpus.passthrough_schema().field(source_column).type)
         config.input_column = TOKENS_COLUMN
     else:
         check_input_type(corpus.passthrough_schema().field(config.input_column).type, config.input_column)
     device = resolve_device(config.device, distributed_env().local_rank)
     teachers = [load_teacher(spec, device) for spec in config.teachers]
-    vocab_size = _probe_vocab(config, corpus, teachers, device, documents)
+    audio = None
+    if config.audio_column is not None:
+        audio = AudioKind(config.audio_column, teacher_sample_rate(teachers), config.on_bad_audio == "skip", config.batch_size, config.batch_seconds)
+        text_settings = audio.settings()  # recorded like the text settings: fingerprint, manifest, every header
+    vocab_size = _probe_vocab(config, corpus, teachers, device, documents, audio)
     settings = {
         "format": FORMAT,
         "ensemble": config.ensemble if len(teachers) > 1 else "single",
@@ -222,7 +239,8 @@ def _prepare(config: GenerateConfig, directory: RunDirectory | None = None) -> G
     settings["logprob_dtype"] = codec.dtype
     fingerprint = _fingerprint(settings)
     directory = directory if directory is not None else RunDirectory.for_output(config.out)
-    run = GenerationRun(config, directory, corpus, teachers, device, vocab_size, settings, fingerprint, codec, documents=documents)
+    run = GenerationRun(config, directory, corpus, teachers, device, vocab_size, settings, fingerprint, codec, documents=documents,
+                        input_kind=audio)
     fields = {**kind.header(config), "teachers": [{"name": portable_name(t.spec), "sha256": t.sha256} for t in teachers],
               "teacher_temperature": 1.0, "softlabels_version": __version__, **codec.header_fields()}
     if config.chat_column is not None:

@@ -160,6 +160,14 @@ class GenerateConfig:
     max_length: int = option(2048, "--max-length", "Most tokens per window of a --text-column / --chat-column document.", minimum=2)
     tokenizer: str | None = option(None, "--tokenizer", "Tokenizer hf:DIR for --text-column / --chat-column.", metavar="SPEC", shown_default="the hf: teacher's")
     pack: bool = option(False, "--pack", "Join a unit's documents (EOS between) into full windows.", negatable=True)
+    audio_column: str | None = option(None, "--audio-column", "Audio column (HF Audio struct, bytes, or a path relative to the corpus file): "
+                                      "decoded, mixed to mono, resampled to the teacher's sample_rate; one position per teacher frame "
+                                      "(extra [audio]).", shown_default="none")
+    batch_seconds: float | None = option(None, "--batch-seconds", "With --audio-column (whose utterances are batched by length): at most "
+                                         "this many padded seconds of audio per batch, besides --batch-size rows.", above=0.0,
+                                         shown_default="no cap")
+    on_bad_audio: str = option("error", "--on-bad-audio", "With --audio-column: error names an undecodable, empty or truncated row; "
+                               "skip drops it and records its id in the manifest.", choices=("error", "skip"))
     targets: str = option("topk", "--targets", "topk: the k most probable classes per position; sample: N draws from the teacher, "
                           "unbiased targets for the RS-KD loss.", choices=TARGET_KINDS)
     top_k: int | None = option(None, "--top-k", "Classes stored per position (--targets topk).", minimum=1, shown_default="20, or V if smaller")
@@ -191,6 +199,12 @@ class GenerateConfig:
             raise UserError("--out is required")
         if self.text_column is not None and self.chat_column is not None:
             raise UserError("--text-column and --chat-column exclude each other: a corpus is raw text or chat")
+        if self.audio_column is not None and (self.text_column is not None or self.chat_column is not None):
+            raise UserError("--audio-column excludes --text-column and --chat-column: a corpus is audio, raw text or chat")
+        if self.audio_column is None:
+            for name in ("batch_seconds", "on_bad_audio"):
+                if getattr(self, name) not in (None, "error"):
+                    raise UserError(f"{flag_of(self, name)} needs --audio-column")
         if self.text_column is None and self.chat_column is None:
             for name in ("tokenizer", "pack"):
                 if getattr(self, name):

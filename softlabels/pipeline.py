@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -40,7 +40,24 @@ from .text import DocumentWindows
 from .targets import BatchTargets, TargetKind, kind_of
 from .targets.topk import usable_positions, valid_positions
 
-__all__ = ["GenerationRun", "forward", "usable_positions", "teacher_logits", "batch_targets", "process_unit", "write_unit", "run_pipeline", "run_units_locally", "ignore_progress"]
+__all__ = ["InputKind", "GenerationRun", "forward", "usable_positions", "teacher_logits", "batch_targets", "process_unit", "write_unit", "run_pipeline", "run_units_locally", "ignore_progress"]
+
+
+class InputKind(Protocol):
+    """An input kind that reaches the teacher its own way (audio: ``softlabels.audio_kind.AudioKind``).
+
+    The pipeline asks it for the unit's rows as the teacher sees them (reader thread, in the order the
+    teacher computes them), the unit's batches as row spans and each row's place in corpus order, each
+    batch's TeacherInputs, the teachers' outputs as (logits per teacher, valid positions
+    per row), the rows as the shard stores them, and the rows it dropped as bad input.
+    """
+
+    def read_unit(self, corpus: Corpus, unit: Unit, table: pa.Table) -> pa.Table: ...
+    def spans(self, table: pa.Table) -> tuple[list[tuple[int, int]], np.ndarray]: ...
+    def teacher_inputs(self, batch: pa.Table, sample_ids: pa.Array) -> TeacherInputs: ...
+    def teacher_outputs(self, teachers: Sequence[Teacher], inputs: TeacherInputs, sample_ids: pa.Array) -> tuple[list[torch.Tensor], torch.Tensor]: ...
+    def stored(self, table: pa.Table) -> pa.Table: ...
+    def skipped(self, table: pa.Table) -> list[dict[str, str]]: ...
 
 
 @dataclass
@@ -58,10 +75,14 @@ class GenerationRun:
     codec: LogprobCodec = field(default_factory=LogprobCodec)
     header: dict[str, Any] = field(default_factory=dict)
     documents: DocumentWindows | None = None
+    input_kind: InputKind | None = None
 
     def read_unit(self, unit: Unit) -> pa.Table:
-        """The unit's rows as the teacher sees them: corpus rows, or the token windows of its documents."""
+        """The unit's rows as the teacher sees them: corpus rows, the token windows of its documents, or
+        what the input kind makes of them (decoded audio)."""
         table = self.corpus.read_unit(unit)
+        if self.input_kind is not None:
+            return self.input_kind.read_unit(self.corpus, unit, table)
         return table if self.documents is None else self.documents(table)
 
 
@@ -103,8 +124,14 @@ def process_unit(run: GenerationRun, unit: Unit, table: pa.Table, on_batch: Call
     positions_parts, conf_parts, ent_parts, agree_parts = [], [], [], []
     keep = np.ones(table.num_rows, dtype=bool)
     fidelity = Fidelity()
-    for begin in range(0, table.num_rows, config.batch_size):
-        batch = table.slice(begin, config.batch_size)
+    spans = [(begin, config.batch_size) for begin in range(0, table.num_rows, config.batch_size)]
+    order, skipped = None, []
+    if run.input_kind is not None:  # its batches (by length), computed in that order, stored in corpus order
+        skipped = run.input_kind.skipped(table)
+        on_batch(len(skipped), 0)  # rows dropped as bad input count as done
+        spans, order = run.input_kind.spans(table)
+    for begin, size in spans:
+        batch = table.slice(begin, size)
         sample_ids = batch.column("sample_id").combine_chunks()
         member_logits = teacher_logits(run, batch, sample_ids)
         targets, per_row, kept = batch_targets(run, kind, member_logits, batch, sample_ids)
@@ -125,21 +152,33 @@ def process_unit(run: GenerationRun, unit: Unit, table: pa.Table, on_batch: Call
     def joined(parts: list[np.ndarray], shape: tuple[int, ...], dtype: type) -> np.ndarray:
         return np.concatenate(parts) if parts else np.zeros(shape, dtype=dtype)
 
+    passthrough = table.filter(pa.array(keep)) if not keep.all() else table
+    if run.input_kind is not None:
+        passthrough = run.input_kind.stored(passthrough)
+        order = np.argsort(order[keep], kind="stable")
     return ShardPayload(
-        passthrough=table.filter(pa.array(keep)) if not keep.all() else table,
+        passthrough=passthrough,
         positions=joined(positions_parts, (0,), np.int64),
         targets=kind.join(parts, run.header),
         confidence=joined(conf_parts, (0,), np.float32),
         entropy=joined(ent_parts, (0,), np.float32),
         agreement=joined(agree_parts, (0,), np.float32) if len(run.teachers) > 1 else None,
         fidelity=fidelity,
+        order=None if order is None or np.array_equal(order, np.arange(len(order))) else order,
+        skipped_samples=skipped,
     )
 
 
 def teacher_logits(run: GenerationRun, batch: pa.Table, sample_ids: pa.Array) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """(every teacher's logits, the rows' valid positions or None) for one batch of corpus rows; a model that fails is one line naming the rows."""
-    inputs = to_teacher_inputs(batch.column(run.config.input_column), run.config.input_column, sample_ids).to(run.device)
+    if run.input_kind is not None:
+        inputs = run.input_kind.teacher_inputs(batch, sample_ids).to(run.device)
+    else:
+        inputs = to_teacher_inputs(batch.column(run.config.input_column), run.config.input_column, sample_ids).to(run.device)
     try:
+        if run.input_kind is not None:
+            with torch.inference_mode(), autocast(run.device, run.config.precision):
+                return run.input_kind.teacher_outputs(run.teachers, inputs, sample_ids)
         return forward(run, inputs), inputs.lengths
     except UserError:
         raise
@@ -196,6 +235,7 @@ def write_unit(run: GenerationRun, unit: Unit, payload: ShardPayload, skipped: i
         "sha256": digest,
         "fidelity": payload.fidelity.to_json(),
         "skipped_nonfinite": skipped,
+        **({"skipped_samples": payload.skipped_samples} if payload.skipped_samples else {}),
     }
 
 

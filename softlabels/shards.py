@@ -17,7 +17,7 @@ values are nearly all distinct, so a dictionary only costs big readers a lookup.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -51,6 +51,8 @@ class ShardPayload:
         confidence, entropy: float32 [R].
         agreement: float32 [R], or None for a single teacher.
         fidelity: the N positions' fidelity figures (what the kind records).
+        order: row i of the shard is payload row ``order[i]`` (rows computed out of corpus order), or None.
+        skipped_samples: [{sample_id, reason}] of rows dropped as bad input (journalled with the shard).
     """
 
     passthrough: pa.Table
@@ -60,6 +62,8 @@ class ShardPayload:
     entropy: np.ndarray
     agreement: np.ndarray | None
     fidelity: Fidelity
+    order: np.ndarray | None = None
+    skipped_samples: list[dict[str, str]] = field(default_factory=list)
 
 
 def build_shard(payload: ShardPayload, vocab_size: int, ensemble_size: int, header: dict[str, Any]) -> pa.Table:
@@ -76,7 +80,8 @@ def build_shard(payload: ShardPayload, vocab_size: int, ensemble_size: int, head
     ]
     if ensemble_size > 1:
         arrays.append(pa.array(payload.agreement.astype(np.float32)))
-    return pa.Table.from_arrays(arrays, schema=schema)
+    table = pa.Table.from_arrays(arrays, schema=schema)
+    return table if payload.order is None else table.take(pa.array(payload.order))
 
 
 def write_shard(table: pa.Table, directory: RunDirectory, unit: int, positions: int) -> tuple[int, str, int]:

@@ -29,12 +29,15 @@ class Teacher:
     sha256: str
     module: Callable[..., Any]
 
+    def call(self, inputs: TeacherInputs) -> Any:
+        """The model's own output: ``model(x)``, or ``model(x, lengths)`` for sequences and audio."""
+        if inputs.lengths is None:
+            return self.module(inputs.x)
+        return self.module(inputs.x, inputs.lengths)
+
     def logits(self, inputs: TeacherInputs) -> torch.Tensor:
         """Call the model; logits [B, C] or [B, T, C] in the model's dtype."""
-        if inputs.lengths is None:
-            output = self.module(inputs.x)
-        else:
-            output = self.module(inputs.x, inputs.lengths)
+        output = self.call(inputs)
         if hasattr(output, "logits"):
             output = output.logits
         elif isinstance(output, (tuple, list)):

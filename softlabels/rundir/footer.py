@@ -28,8 +28,8 @@ UNCHECKED_HEADER_KEYS = ("softlabels_version",)
 SCHEMA_KEYS = ("format", "logprob_dtype", "logprob_scale", "targets")
 """Header keys besides V, the teachers and the target kind's ``manifest_keys`` that set a shard's column types."""
 SETTINGS_HEADER_KEYS = ("format", "vocab_size", "ensemble", "precision", "input_column", "id_column", "label_column",
-                        "text_column", "chat_column", "max_length", "pack", "tokenizer")
-"""Settings a run header repeats as they are (the text ones only where the settings have them)."""
+                        "text_column", "chat_column", "max_length", "pack", "tokenizer", "audio_column", "sample_rate")
+"""Settings a run header repeats as they are (the text and audio ones only where the settings have them)."""
 
 
 class Footer(NamedTuple):

@@ -18,7 +18,7 @@ __all__ = ["MANIFEST_BODY_KEYS", "SHARD_FIELDS", "REQUIRED_MANIFEST_KEYS", "MANI
            "ShardEntry", "build_manifest", "manifest_checksum", "manifest_text", "manifest_damage", "shape_damage"]
 
 # Manifest keys that are not the run header (everything else in a manifest is a header field).
-MANIFEST_BODY_KEYS = ("complete", "settings", "id_column", "corpus", "shards", "totals", "fidelity", "selection")
+MANIFEST_BODY_KEYS = ("complete", "settings", "id_column", "corpus", "shards", "totals", "fidelity", "selection", "skipped_samples")
 SHARD_FIELDS = ("file", "rows", "positions", "bytes", "sha256")
 REQUIRED_MANIFEST_KEYS = ("fingerprint", "vocab_size", "teachers", "shards", "totals")
 """What every sealed manifest must hold; its target kind adds its ``manifest_keys`` (``top_k``; ``samples`` ...)."""
@@ -43,6 +43,7 @@ class ShardEntry(TypedDict, total=False):
     soft_label_bytes: int
     fidelity: dict[str, Any]
     skipped_nonfinite: int
+    skipped_samples: list[dict[str, str]]
 
 
 def build_manifest(
@@ -85,6 +86,9 @@ def build_manifest(
         for entry in entries:
             fidelity.merge(Fidelity.from_json(entry["fidelity"]))
         manifest["fidelity"] = kind_of(header).fidelity_summary(fidelity)
+    skipped = [sample for entry in entries for sample in entry.get("skipped_samples", [])]
+    if skipped:  # rows dropped as bad input (--on-bad-audio skip): [{sample_id, reason}] in unit order
+        manifest["skipped_samples"] = skipped
     return manifest
 
 
