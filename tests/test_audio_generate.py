@@ -22,6 +22,7 @@ from conftest import (assert_equal_to_storage_precision, decoded, run_cli, save_
                       write_parquet)
 from softlabels.audio import AUDIO_CLASSES, AcousticModel
 from softlabels.loading import load_model
+from softlabels.schema import decode_header
 
 RATE = 16_000
 K = 20
@@ -142,6 +143,8 @@ def test_generate_equals_a_direct_forward_on_the_decoded_waveforms(tmp_path, tea
     assert_matches_direct(tmp_path / "out", teachers[:1], files)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["settings"]["audio_column"] == "audio" and manifest["settings"]["sample_rate"] == RATE
+    header = decode_header(pq.read_schema(shard_paths(tmp_path / "out")[1]).metadata)
+    assert header["audio_column"] == "audio" and header["sample_rate"] == RATE  # a shard describes itself
     assert "skipped_samples" not in manifest
     assert run_cli("verify", tmp_path / "out").code == 0
 
