@@ -88,6 +88,7 @@ class GenerateSummary:
     sealed: bool = True
     rank_note: str = ""
     targets: str = "topk"
+    skipped_samples: int = 0
 
     @classmethod
     def partial(cls, run: "GenerationRun", rank: int, world: int, entries: dict[int, dict[str, Any]], written: int, seconds: float) -> "GenerateSummary":
@@ -103,6 +104,7 @@ class GenerateSummary:
         soft_per_position = self.soft_label_bytes / max(self.positions, 1)
         state = "already complete, nothing to do" if self.already_complete else f"{self.shards_written} written this run"
         skipped = f", {self.skipped_nonfinite} rows skipped for non-finite teacher outputs" if self.skipped_nonfinite else ""
+        skipped += f", {self.skipped_samples} bad rows skipped (manifest: skipped_samples)" if self.skipped_samples else ""
         head = (f"{self.out}: {self.rows:,} rows, {self.positions:,} positions in {self.shards} shards ({state}){skipped}; "
                 f"{self.bytes:,} bytes on disk, {per_position:.1f} bytes/position ")
         return head + f"{kind_named(self.targets).describe_fidelity(soft_per_position, self.fidelity)}; {self.seconds:.1f} s."
@@ -270,6 +272,7 @@ def _summary(run: GenerationRun, manifest: dict[str, Any], written: int, started
         seconds=time.perf_counter() - started,
         already_complete=already,
         targets=run.config.targets,
+        skipped_samples=len(manifest.get("skipped_samples", [])),
     )
 
 

@@ -205,6 +205,7 @@ def test_skip_mode_drops_the_bad_row_and_records_its_id(tmp_path, teachers, bad)
     result = run_cli("generate", corpus, "--teacher", teachers[0], "--audio-column", "audio", "--id-column", "utt",
                      "--out", tmp_path / "out", "--rows-per-shard", 4, "--on-bad-audio", "skip", "--no-progress")
     assert result.code == 0, result.err
+    assert "1 bad rows skipped" in result.out
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert [s["sample_id"] for s in manifest["skipped_samples"]] == ["utt-bad"]
     assert manifest["skipped_samples"][0]["reason"]
