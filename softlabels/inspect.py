@@ -6,6 +6,9 @@ lists (a file in data/ it does not list is refused, naming it), each checked fir
 footer), so a damaged shard is a VerificationError naming it, never a page of plausible figures.
 Quantiles are linear interpolations, as numpy's default.
 
+Audio directories (``--audio-column``) also report the audio: hours (the ``duration_s`` column),
+frames (their positions) per second, bytes per frame, and the rows skipped as bad audio.
+
 Sampled directories (``targets: sample``) report, in place of the captured top-k mass, the distinct
 ids stored per position (``unique_ids``) and their teacher probability (``drawn_mass``), and as
 "top-1" the most drawn id of each position; bytes per position are reported for both kinds.
@@ -67,6 +70,8 @@ def inspect(directory: str | Path) -> dict[str, Any]:
     if "agreement" in names:
         agreement = rows.get_column("agreement")
         report["agreement"] = {**distribution(rows, "agreement", upper=1.0), "unanimous_rows": float((agreement >= 1.0 - 1e-6).mean())}
+    if manifest.get("audio_column") is not None and "duration_s" in names:
+        report["audio"] = audio_figures(scan, manifest)
     figures, positions = kind.inspect(scan, manifest, codec)
     report.update(figures)
     counts = positions.get_column("top1").value_counts(sort=True).head(TOP_CLASSES)
@@ -75,6 +80,16 @@ def inspect(directory: str | Path) -> dict[str, Any]:
         for c, n in zip(counts.get_column("top1").to_list(), counts.get_column("count").to_list())
     ]
     return report
+
+
+def audio_figures(scan: pl.LazyFrame, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Hours of audio, frames per second, bytes per frame (whole shards and soft labels), skipped rows."""
+    seconds = float(scan.select(pl.col("duration_s").cast(pl.Float64).sum()).collect().item() or 0.0)
+    totals = manifest["totals"]
+    return {"hours": seconds / 3600, "frames": totals["positions"], "frames_per_second": totals["positions"] / max(seconds, 1e-9),
+            "bytes_per_frame": totals["bytes"] / max(totals["positions"], 1),
+            "soft_label_bytes_per_frame": totals.get("soft_label_bytes", 0) / max(totals["positions"], 1),
+            "sample_rate": manifest.get("sample_rate"), "skipped_samples": len(manifest.get("skipped_samples", []))}
 
 
 def render(report: dict[str, Any]) -> str:
@@ -86,6 +101,12 @@ def render(report: dict[str, Any]) -> str:
         f"{report['bytes']:,} bytes ({report['bytes_per_position']:.1f}/position, {report['soft_label_bytes_per_position']:.1f} for soft labels)",
         f"{stored} of {report['vocab_size']:,} classes, {report.get('logprob_dtype', 'float16')} log-probs; ensemble {report['ensemble']} of {len(report['teachers'])} teacher(s)",
     ]
+    if "audio" in report:
+        audio = report["audio"]
+        skipped = f", {audio['skipped_samples']} rows skipped as bad audio" if audio["skipped_samples"] else ""
+        lines.append(f"audio: {audio['hours']:,.3f} hours at {audio['sample_rate']} Hz, {audio['frames']:,} frames "
+                     f"({audio['frames_per_second']:.1f}/s), {audio['bytes_per_frame']:.1f} bytes/frame "
+                     f"({audio['soft_label_bytes_per_frame']:.1f} for soft labels){skipped}")
     for name in (*kind.inspect_figures, "confidence", "entropy"):
         figure = report.get(name)
         if figure and figure.get("mean") is not None:

@@ -147,6 +147,9 @@ def test_generate_equals_a_direct_forward_on_the_decoded_waveforms(tmp_path, tea
     assert header["audio_column"] == "audio" and header["sample_rate"] == RATE  # a shard describes itself
     assert "skipped_samples" not in manifest
     assert run_cli("verify", tmp_path / "out").code == 0
+    report = json.loads(run_cli("inspect", tmp_path / "out", "--json").out)["audio"]
+    assert report["frames"] == manifest["totals"]["positions"] and report["skipped_samples"] == 0
+    assert report["hours"] == pytest.approx(sum(n / rate for n, rate, _ in CLIPS) / 3600, rel=1e-6)
 
 
 def test_two_teacher_ensemble_by_length_equals_the_direct_ensemble(tmp_path, teachers):
