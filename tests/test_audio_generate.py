@@ -18,7 +18,7 @@ import soxr
 import torch
 from torch import nn
 
-from conftest import (assert_equal_to_storage_precision, decoded, run_cli, save_teacher, shard_paths, tolerance, upload,
+from conftest import (assert_equal_to_storage_precision, decoded, directory_files, run_cli, save_teacher, shard_paths, tolerance, upload,
                       write_parquet)
 from softlabels.audio import AUDIO_CLASSES, AcousticModel
 from softlabels.loading import load_model
@@ -251,3 +251,15 @@ def test_audio_paths_relative_to_a_corpus_in_object_storage(tmp_path, teachers, 
                      "--id-column", "utt", "--out", tmp_path / "out", "--no-progress")
     assert result.code == 0, result.err
     assert_matches_direct(tmp_path / "out", teachers[:1], files)
+
+
+def test_a_run_stopped_by_bad_audio_resumes_with_skip_to_the_bytes_of_an_uninterrupted_run(tmp_path, teachers):
+    corpus = bad_corpus(tmp_path, "corrupt")
+    common = [corpus, "--teacher", teachers[0], "--audio-column", "audio", "--id-column", "utt", "--rows-per-shard", 4,
+              "--batch-seconds", 0.3, "--no-progress"]
+    assert run_cli("generate", *common, "--out", tmp_path / "out").code == 1  # unit 0 committed, unit 1 stops
+    assert len(shard_paths(tmp_path / "out")) == 1
+    result = run_cli("generate", *common, "--out", tmp_path / "out", "--on-bad-audio", "skip")
+    assert result.code == 0 and "(1 written this run)" in result.out, result.err
+    assert run_cli("generate", *common, "--out", tmp_path / "whole", "--on-bad-audio", "skip").code == 0
+    assert directory_files(tmp_path / "out") == directory_files(tmp_path / "whole")
