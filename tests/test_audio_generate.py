@@ -52,6 +52,12 @@ def half_frames() -> nn.Module:
     return HalfFrames()
 
 
+def tiny_8k() -> nn.Module:
+    model = tiny()
+    model.sample_rate = 8_000
+    return model
+
+
 class NoRate(nn.Module):
     def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.zeros(len(lengths), 3, AUDIO_CLASSES), torch.full_like(lengths, 3)
@@ -234,6 +240,14 @@ def test_a_teacher_without_a_sample_rate_is_one_line(tmp_path):
     result = run_cli("generate", corpus, "--teacher", "test_audio_generate:no_rate", "--audio-column", "audio",
                      "--out", tmp_path / "out", "--no-progress")
     assert result.code == 1 and "sample_rate" in result.err and len(result.err.strip().splitlines()) == 1, result.err
+
+
+def test_teachers_at_other_rates_are_one_line(tmp_path, teachers):
+    corpus, _ = audio_corpus(tmp_path, "bytes", clips=CLIPS[:2])
+    slow = save_teacher("test_audio_generate:tiny_8k", 3, tmp_path / "tiny_8k.safetensors")
+    result = run_cli("generate", corpus, "--teacher", teachers[0], "--teacher", slow, "--audio-column", "audio",
+                     "--out", tmp_path / "out", "--no-progress")
+    assert result.code == 1 and "8000 Hz" in result.err and len(result.err.strip().splitlines()) == 1, result.err
 
 
 def test_audio_column_of_another_type_is_one_line(tmp_path, teachers):
