@@ -430,6 +430,7 @@ INNER = ("convert batch (Arrow -> padded tensor)", "teacher forward", "valid_pos
 
 def instrumented_generate(corpus_path: Path, spec: str, out: Path, batch_size: int, rows_per_shard: int) -> dict[str, Any]:
     import softlabels.corpus as corpus_module
+    import softlabels.inputs as inputs_module
     gen = importlib.import_module("softlabels.generate")  # softlabels.generate is the function
     import softlabels.pipeline as pipe
 
@@ -437,7 +438,7 @@ def instrumented_generate(corpus_path: Path, spec: str, out: Path, batch_size: i
     for owner, name, stage in (
         (gen, "_prepare", STARTUP),
         (corpus_module.Corpus, "read_unit", "read unit (Parquet -> Arrow)"),
-        (pipe, "to_teacher_inputs", INNER[0]),
+        (inputs_module, "to_teacher_inputs", INNER[0]),
         (pipe, "forward", INNER[1]),
         (pipe, "valid_positions", INNER[2]),
         (pipe, "soft_labels", INNER[3]),

@@ -33,7 +33,7 @@ from .audio_input import audio_bytes, decode_audio, resample
 from .batching import length_batches
 from .corpus import Corpus, Unit
 from .errors import UserError
-from .inputs import TeacherInputs, to_teacher_inputs
+from .inputs import PROBE_ROWS, TeacherInputs, to_teacher_inputs
 
 __all__ = ["WAVEFORM_COLUMN", "BATCH_COLUMN", "ROW_COLUMN", "DURATION_COLUMN", "AUDIO_ROWS_PER_SHARD", "SKIPPED_KEY", "AudioKind", "check_audio_type", "teacher_sample_rate"]
 
@@ -49,7 +49,6 @@ AUDIO_ROWS_PER_SHARD = 256
 memory (256 utterances of 10 s at 16 kHz: 164 MB), and the next unit is decoded meanwhile."""
 SKIPPED_KEY = b"softlabels.skipped_samples"
 """Schema metadata of a read unit: JSON [{sample_id, reason}] of the rows the reader dropped."""
-PROBE_ROWS = 2
 
 
 def check_audio_type(data_type: pa.DataType, column: str) -> None:
@@ -113,10 +112,22 @@ class AudioKind:
     """
 
     column: str
-    sample_rate: int
+    sample_rate: int | None = None  # what the teachers expect (check_teachers); None until then
     skip_bad: bool = False
     batch_size: int = 64
     batch_seconds: float | None = None
+    counts_documents = False  # class attributes (unannotated): progress counts rows,
+    default_rows_per_shard = AUDIO_ROWS_PER_SHARD  # and a unit's decoded audio is held in memory
+
+    def check_column(self, schema: pa.Schema) -> None:
+        check_audio_type(schema.field(self.column).type, self.column)
+
+    def check_teachers(self, teachers: Sequence[Any]) -> None:
+        """Every teacher has the same integer ``sample_rate``; the clips are resampled to it."""
+        self.sample_rate = teacher_sample_rate(teachers)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Nothing to check: the teachers' classes are the targets."""
 
     def settings(self) -> dict[str, Any]:
         """What the run fingerprint, the manifest and every shard header record of the audio input."""

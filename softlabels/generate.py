@@ -17,34 +17,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import torch
 from tqdm import tqdm
 
 from . import __version__
 from .codec import LogprobCodec
-from .corpus import Corpus, Unit, corpus_record, open_corpus
+from .corpus import Corpus, corpus_record, open_corpus
 from .distributed import autocast, distributed_env, resolve_device
 from .errors import UserError
 from .hf import disable_progress_bars
-from .inputs import check_input_type, to_teacher_inputs
+from .inputs import ColumnsKind
 from .claim import claim_output
 from .lease import lease_scope
 from .options import GenerateConfig, flag_of
-from .pipeline import GenerationRun, run_units_locally
+from .pipeline import GenerationRun, InputKind, run_units_locally
 from .rundir import Plan, RunDirectory, RunSpec, settings_fingerprint, settings_run_header
 from .targets import kind_named
 from .schema import FORMAT, TARGETS_COLUMN, TOKENS_COLUMN
 from .storage import is_uri
 from .loading import portable_name
 from .teachers import Teacher, load_teacher
-from .text import DocumentWindows, TokenizerSource, load_tokenizer, tokenizer_identity
-from .audio_kind import AUDIO_ROWS_PER_SHARD, AudioKind, check_audio_type, teacher_sample_rate
+from .text import DocumentWindows, DocumentsKind, TokenizerSource, load_tokenizer, tokenizer_identity
+from .audio_kind import AudioKind
 
 __all__ = ["GenerateConfig", "GenerateSummary", "generate"]
 
-PROBE_ROWS = 2
-PROBE_DOCUMENTS = 64
 
 # Settings that change what is written, and the flag a user changes each by (options.flag_of for the rest).
 SETTING_FLAGS = {"corpus": "CORPUS", "teachers": "--teacher", "vocab_size": "--teacher (vocabulary size)", "format": "the softlabels version"}
@@ -120,40 +117,16 @@ def _setting_flags() -> dict[str, str]:
     return {**flags, **SETTING_FLAGS}
 
 
-def _probe_table(corpus: Corpus, documents: DocumentWindows | None) -> pa.Table:
-    """The first rows the teacher would see: two corpus rows, or the first windows of the first documents."""
-    if documents is None:
-        return corpus.read_unit(Unit(0, 0, 0, min(PROBE_ROWS, corpus.files[0].rows)))
-    read = 0
-    for unit in corpus.units:  # whole units: a JSONL unit is read from its own byte range
-        rows = min(unit.rows, PROBE_DOCUMENTS - read)
-        windows = documents(corpus.read_unit(Unit(unit.index, unit.file_index, unit.start, unit.start + rows)))
-        if windows.num_rows:
-            return windows.slice(0, PROBE_ROWS)
-        read += rows
-        if read >= PROBE_DOCUMENTS:
-            break
-    raise UserError(f"{'--chat-column' if documents.chat else '--text-column'} {documents.column!r}: the first {read} documents "
-                    "give no window to distil (empty texts, or conversations without an assistant message)")
-
-
-def _probe_vocab(config: GenerateConfig, corpus: Corpus, teachers: list[Teacher], device: torch.device,
-                 documents: DocumentWindows | None = None, audio: AudioKind | None = None) -> int:
-    """Run every teacher on two rows so vocabulary mismatches and k > V fail before any work."""
-    if audio is not None:
-        table = audio.probe_table(corpus)
-        inputs = audio.teacher_inputs(table, table.column("sample_id").combine_chunks()).to(device)
-    else:
-        table = _probe_table(corpus, documents)
-        inputs = to_teacher_inputs(table.column(config.input_column), config.input_column, table.column("sample_id")).to(device)
+def _probe_vocab(config: GenerateConfig, corpus: Corpus, teachers: list[Teacher], device: torch.device, kind: InputKind) -> int:
+    """Run every teacher on the input kind's probe rows so vocabulary mismatches and k > V fail before any work."""
+    table = kind.probe_table(corpus)
+    sample_ids = table.column("sample_id").combine_chunks()
+    inputs = kind.teacher_inputs(table, sample_ids).to(device)
     vocab_sizes: list[int] = []
     for teacher in teachers:
         try:
             with torch.inference_mode(), autocast(device, config.precision):
-                if audio is not None:
-                    logits = audio.teacher_outputs([teacher], inputs, table.column("sample_id").combine_chunks())[0][0]
-                else:
-                    logits = teacher.logits(inputs)
+                logits = kind.teacher_outputs([teacher], inputs, sample_ids)[0][0]
         except UserError:
             raise
         except Exception as exc:  # the user's model rejected our calling convention
@@ -163,12 +136,9 @@ def _probe_vocab(config: GenerateConfig, corpus: Corpus, teachers: list[Teacher]
     if len(set(vocab_sizes)) > 1:
         described = ", ".join(f"{t.spec} has {v}" for t, v in zip(teachers, vocab_sizes))
         raise UserError(f"ensemble vocab mismatch: {described} classes")
-    vocab_size = vocab_sizes[0]
-    if documents is not None and len(documents.tokenizer) > vocab_size:
-        raise UserError(f"{_tokenizer_flag(config)}: the tokenizer has {len(documents.tokenizer)} tokens but the teachers "
-                        f"emit {vocab_size} classes; use the teachers' own tokenizer")
-    kind_named(config.targets).prepare(config, vocab_size)
-    return vocab_size
+    kind.check_vocab(vocab_sizes[0])
+    kind_named(config.targets).prepare(config, vocab_sizes[0])
+    return vocab_sizes[0]
 
 
 def _tokenizer_flag(config: GenerateConfig) -> str:
@@ -198,30 +168,33 @@ def _document_windows(config: GenerateConfig) -> tuple[DocumentWindows | None, d
     return documents, settings
 
 
+def _input_kind(config: GenerateConfig, documents: DocumentWindows | None, text_settings: dict[str, Any]) -> InputKind:
+    """How the corpus rows reach the teachers: decoded audio, token windows of documents, or the input
+    column; ``config.input_column`` becomes the column the teachers read."""
+    if config.audio_column is not None:
+        config.input_column = config.audio_column
+        return AudioKind(config.audio_column, None, config.on_bad_audio == "skip", config.batch_size, config.batch_seconds)
+    if documents is not None:
+        config.input_column = TOKENS_COLUMN
+        return DocumentsKind(documents, TOKENS_COLUMN, config.batch_size, _tokenizer_flag(config), text_settings)
+    return ColumnsKind(config.input_column, config.batch_size)
+
+
 def _prepare(config: GenerateConfig, directory: RunDirectory | None = None) -> GenerationRun:
     """Every check of the corpus and teachers, the vocabulary probe, the settings, fingerprint and run
     header; ``directory`` is ``config.out`` as ``RunDirectory.for_output`` opened it (opened here if None)."""
     documents, text_settings = _document_windows(config)
     source_column = config.text_column or config.chat_column or config.audio_column or config.input_column
-    if config.audio_column is not None and config.rows_per_shard is None:
-        config.rows_per_shard = AUDIO_ROWS_PER_SHARD
+    kind = _input_kind(config, documents, text_settings)
+    if config.rows_per_shard is None:
+        config.rows_per_shard = kind.default_rows_per_shard  # None: sized from the rows (corpus.auto_rows_per_shard)
     corpus = open_corpus(config.corpus, source_column, config.id_column, config.label_column, config.rows_per_shard)
     config.rows_per_shard = corpus.rows_per_shard
-    if config.audio_column is not None:
-        check_audio_type(corpus.passthrough_schema().field(config.audio_column).type, config.audio_column)
-        config.input_column = config.audio_column
-    elif documents is not None:
-        documents.check_column_type(corpus.passthrough_schema().field(source_column).type)
-        config.input_column = TOKENS_COLUMN
-    else:
-        check_input_type(corpus.passthrough_schema().field(config.input_column).type, config.input_column)
+    kind.check_column(corpus.passthrough_schema())
     device = resolve_device(config.device, distributed_env().local_rank)
     teachers = [load_teacher(spec, device) for spec in config.teachers]
-    audio = None
-    if config.audio_column is not None:
-        audio = AudioKind(config.audio_column, teacher_sample_rate(teachers), config.on_bad_audio == "skip", config.batch_size, config.batch_seconds)
-        text_settings = audio.settings()  # recorded like the text settings: fingerprint, manifest, every header
-    vocab_size = _probe_vocab(config, corpus, teachers, device, documents, audio)
+    kind.check_teachers(teachers)
+    vocab_size = _probe_vocab(config, corpus, teachers, device, kind)
     settings = {
         "format": FORMAT,
         "ensemble": config.ensemble if len(teachers) > 1 else "single",
@@ -233,17 +206,16 @@ def _prepare(config: GenerateConfig, directory: RunDirectory | None = None) -> G
         "rows_per_shard": config.rows_per_shard,
         "precision": config.precision,
         "vocab_size": vocab_size,
-        **text_settings,
+        **kind.settings(),  # recorded in the fingerprint, the manifest and every header
     }
-    kind = kind_named(config.targets)
-    settings.update(kind.settings(config))
+    targets = kind_named(config.targets)
+    settings.update(targets.settings(config))
     codec = LogprobCodec.named(config.logprob_dtype)
     settings["logprob_dtype"] = codec.dtype
     fingerprint = _fingerprint(settings)
     directory = directory if directory is not None else RunDirectory.for_output(config.out)
-    run = GenerationRun(config, directory, corpus, teachers, device, vocab_size, settings, fingerprint, codec, documents=documents,
-                        input_kind=audio)
-    fields = {**kind.header(config), "teachers": [{"name": portable_name(t.spec), "sha256": t.sha256} for t in teachers],
+    run = GenerationRun(config, directory, corpus, teachers, device, vocab_size, settings, fingerprint, codec, input_kind=kind)
+    fields = {**targets.header(config), "teachers": [{"name": portable_name(t.spec), "sha256": t.sha256} for t in teachers],
               "teacher_temperature": 1.0, "softlabels_version": __version__, **codec.header_fields()}
     if config.chat_column is not None:
         fields["target_positions_column"] = TARGETS_COLUMN

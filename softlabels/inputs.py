@@ -15,15 +15,21 @@ values, never a Python loop per position.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from .corpus import Corpus, Unit
 from .errors import UserError
 
-__all__ = ["TeacherInputs", "ColumnBlock", "GatherPlan", "NestedBlock", "placement", "check_input_type", "to_teacher_inputs"]
+__all__ = ["TeacherInputs", "ColumnBlock", "ColumnsKind", "GatherPlan", "NestedBlock", "PROBE_ROWS", "placement", "check_input_type",
+           "to_teacher_inputs"]
+
+PROBE_ROWS = 2
+"""Rows of the vocabulary probe: every teacher runs on them before any work."""
 
 
 @dataclass
@@ -268,3 +274,54 @@ def placement(plan: GatherPlan, rows: int) -> tuple[np.ndarray, np.ndarray]:
     if plan.uniform:
         return np.repeat(np.arange(rows), plan.longest), np.tile(np.arange(plan.longest), rows)
     return plan.row_of, plan.step_of
+
+
+class ColumnsKind:
+    """The input kind of vectors, tokens and frames (and, through text.DocumentsKind, token windows):
+    the input column reaches the teacher as it is (``to_teacher_inputs``), in corpus-order batches of
+    ``batch_size`` rows, and each teacher's logits are its positions (``Teacher.logits``)."""
+
+    counts_documents = False
+    default_rows_per_shard: int | None = None  # sized from the rows' positions
+
+    def __init__(self, column: str, batch_size: int) -> None:
+        self.column, self.batch_size = column, batch_size
+
+    def check_column(self, schema: pa.Schema) -> None:
+        """Raise a UserError naming the column when its type has no calling convention."""
+        check_input_type(schema.field(self.column).type, self.column)
+
+    def check_teachers(self, teachers: "list[Any]") -> None:
+        """Nothing to check before the probe."""
+
+    def read_unit(self, corpus: Corpus, unit: Unit, table: pa.Table) -> pa.Table:
+        """The unit's rows as the teacher sees them: the corpus rows."""
+        return table
+
+    def probe_table(self, corpus: Corpus) -> pa.Table:
+        """The first ``PROBE_ROWS`` rows the teacher would see."""
+        return corpus.read_unit(Unit(0, 0, 0, min(PROBE_ROWS, corpus.files[0].rows)))
+
+    def spans(self, table: pa.Table) -> tuple[list[tuple[int, int]], np.ndarray]:
+        """Batches of ``batch_size`` rows in corpus order: (first row, rows) spans, and the identity order."""
+        return [(begin, self.batch_size) for begin in range(0, table.num_rows, self.batch_size)], np.arange(table.num_rows)
+
+    def teacher_inputs(self, batch: pa.Table, sample_ids: pa.Array) -> TeacherInputs:
+        return to_teacher_inputs(batch.column(self.column), self.column, sample_ids)
+
+    def teacher_outputs(self, teachers: "list[Any]", inputs: TeacherInputs, sample_ids: pa.Array) -> "tuple[list[torch.Tensor], torch.Tensor | None]":
+        """Every teacher's logits ([B, C] or [B, T, C]) and the rows' valid positions (None for fixed-size rows)."""
+        return [teacher.logits(inputs) for teacher in teachers], inputs.lengths
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Nothing to check: the column holds the teacher's own inputs."""
+
+    def settings(self) -> dict[str, Any]:
+        """What the fingerprint, the manifest and every header record of the input beyond ``input_column``: nothing."""
+        return {}
+
+    def stored(self, table: pa.Table) -> pa.Table:
+        return table
+
+    def skipped(self, table: pa.Table) -> list[dict[str, str]]:
+        return []

@@ -29,14 +29,13 @@ from .codec import LogprobCodec
 from .corpus import Corpus, Unit
 from .errors import UserError
 from .fidelity import Fidelity
-from .inputs import TeacherInputs, to_teacher_inputs
+from .inputs import TeacherInputs
 from .options import GenerateConfig
 from .rundir import Journal, RunDirectory, ShardEntry
 from .shards import ShardPayload, build_shard, write_shard
 from .distributed import autocast
 from .teachers import Teacher
 from .schema import TARGETS_COLUMN
-from .text import DocumentWindows
 from .targets import BatchTargets, TargetKind, kind_of
 from .targets.topk import usable_positions, valid_positions
 
@@ -44,14 +43,25 @@ __all__ = ["InputKind", "GenerationRun", "forward", "usable_positions", "teacher
 
 
 class InputKind(Protocol):
-    """An input kind that reaches the teacher its own way (audio: ``softlabels.audio_kind.AudioKind``).
+    """How a corpus row reaches the teacher: ``inputs.ColumnsKind`` (vectors, tokens, frames),
+    ``text.DocumentsKind`` (text and chat, as token windows), ``audio_kind.AudioKind`` (decoded audio).
 
     The pipeline asks it for the unit's rows as the teacher sees them (reader thread, in the order the
     teacher computes them), the unit's batches as row spans and each row's place in corpus order, each
     batch's TeacherInputs, the teachers' outputs as (logits per teacher, valid positions
-    per row), the rows as the shard stores them, and the rows it dropped as bad input.
+    per row), the rows as the shard stores them, and the rows it dropped as bad input; generate asks
+    for the probe's rows and checks the teachers' classes. ``counts_documents``: progress counts corpus
+    rows (documents), not the rows the teacher sees.
     """
 
+    counts_documents: bool
+    default_rows_per_shard: int | None
+
+    def check_column(self, schema: pa.Schema) -> None: ...
+    def check_teachers(self, teachers: Sequence[Teacher]) -> None: ...
+    def probe_table(self, corpus: Corpus) -> pa.Table: ...
+    def check_vocab(self, vocab_size: int) -> None: ...
+    def settings(self) -> dict[str, Any]: ...
     def read_unit(self, corpus: Corpus, unit: Unit, table: pa.Table) -> pa.Table: ...
     def spans(self, table: pa.Table) -> tuple[list[tuple[int, int]], np.ndarray]: ...
     def teacher_inputs(self, batch: pa.Table, sample_ids: pa.Array) -> TeacherInputs: ...
@@ -74,22 +84,18 @@ class GenerationRun:
     fingerprint: str
     codec: LogprobCodec = field(default_factory=LogprobCodec)
     header: dict[str, Any] = field(default_factory=dict)
-    documents: DocumentWindows | None = None
-    input_kind: InputKind | None = None
+    input_kind: InputKind | None = None  # set by generate._prepare
 
     def read_unit(self, unit: Unit) -> pa.Table:
-        """The unit's rows as the teacher sees them: corpus rows, the token windows of its documents, or
-        what the input kind makes of them (decoded audio)."""
-        table = self.corpus.read_unit(unit)
-        if self.input_kind is not None:
-            return self.input_kind.read_unit(self.corpus, unit, table)
-        return table if self.documents is None else self.documents(table)
+        """The unit's rows as the teacher sees them: what the input kind makes of the corpus rows."""
+        return self.input_kind.read_unit(self.corpus, unit, self.corpus.read_unit(unit))
 
 
-def forward(run: GenerationRun, inputs: TeacherInputs) -> list[torch.Tensor]:
-    """Every teacher's logits for one batch ([B, C] or [B, T, C] each), in the run's precision."""
+def forward(run: GenerationRun, inputs: TeacherInputs, sample_ids: pa.Array) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Every teacher's logits for one batch ([B, C] or [B, T, C] each) and the rows' valid positions, in the
+    run's precision, as the input kind reads the teachers' outputs."""
     with torch.inference_mode(), autocast(run.device, run.config.precision):
-        return [teacher.logits(inputs) for teacher in run.teachers]
+        return run.input_kind.teacher_outputs(run.teachers, inputs, sample_ids)
 
 
 def target_selection(per_row: torch.Tensor, targets: pa.ChunkedArray | pa.Array) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,19 +123,16 @@ def process_unit(run: GenerationRun, unit: Unit, table: pa.Table, on_batch: Call
 
     With a ``target_positions`` column (chat) only those positions of each row are kept.
     """
-    config = run.config
     kind = kind_of(run.header)
-    by_documents = run.documents is not None  # progress counts corpus rows (documents), not windows
+    by_documents = run.input_kind.counts_documents  # progress counts corpus rows (documents), not windows
     parts: list[Any] = []
     positions_parts, conf_parts, ent_parts, agree_parts = [], [], [], []
     keep = np.ones(table.num_rows, dtype=bool)
     fidelity = Fidelity()
-    spans = [(begin, config.batch_size) for begin in range(0, table.num_rows, config.batch_size)]
-    order, skipped = None, []
-    if run.input_kind is not None:  # its batches (by length), computed in that order, stored in corpus order
-        skipped = run.input_kind.skipped(table)
+    skipped = run.input_kind.skipped(table)
+    if skipped:
         on_batch(len(skipped), 0)  # rows dropped as bad input count as done
-        spans, order = run.input_kind.spans(table)
+    spans, order = run.input_kind.spans(table)  # its batches (audio: by length), stored in corpus order
     for begin, size in spans:
         batch = table.slice(begin, size)
         sample_ids = batch.column("sample_id").combine_chunks()
@@ -153,9 +156,8 @@ def process_unit(run: GenerationRun, unit: Unit, table: pa.Table, on_batch: Call
         return np.concatenate(parts) if parts else np.zeros(shape, dtype=dtype)
 
     passthrough = table.filter(pa.array(keep)) if not keep.all() else table
-    if run.input_kind is not None:
-        passthrough = run.input_kind.stored(passthrough)
-        order = np.argsort(order[keep], kind="stable")
+    passthrough = run.input_kind.stored(passthrough)
+    order = np.argsort(order[keep], kind="stable")
     return ShardPayload(
         passthrough=passthrough,
         positions=joined(positions_parts, (0,), np.int64),
@@ -171,15 +173,9 @@ def process_unit(run: GenerationRun, unit: Unit, table: pa.Table, on_batch: Call
 
 def teacher_logits(run: GenerationRun, batch: pa.Table, sample_ids: pa.Array) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """(every teacher's logits, the rows' valid positions or None) for one batch of corpus rows; a model that fails is one line naming the rows."""
-    if run.input_kind is not None:
-        inputs = run.input_kind.teacher_inputs(batch, sample_ids).to(run.device)
-    else:
-        inputs = to_teacher_inputs(batch.column(run.config.input_column), run.config.input_column, sample_ids).to(run.device)
+    inputs = run.input_kind.teacher_inputs(batch, sample_ids).to(run.device)
     try:
-        if run.input_kind is not None:
-            with torch.inference_mode(), autocast(run.device, run.config.precision):
-                return run.input_kind.teacher_outputs(run.teachers, inputs, sample_ids)
-        return forward(run, inputs), inputs.lengths
+        return forward(run, inputs, sample_ids)
     except UserError:
         raise
     except Exception as exc:  # the user's model failed on these rows: one line naming them, no traceback

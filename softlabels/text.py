@@ -30,12 +30,17 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from .corpus import Corpus, Unit
 from .errors import UserError
 from .hf import import_transformers
+from .inputs import PROBE_ROWS, ColumnsKind
 from .schema import ID_COLUMN, TARGETS_COLUMN, TOKENS_COLUMN
 from .storage import sha256_named_files
 
-__all__ = ["TokenizerSource", "DocumentWindows", "load_tokenizer", "tokenizer_identity"]
+__all__ = ["TokenizerSource", "DocumentWindows", "DocumentsKind", "load_tokenizer", "tokenizer_identity"]
+
+PROBE_DOCUMENTS = 64
+"""Documents the vocabulary probe reads at most to find its first windows."""
 
 GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -209,3 +214,49 @@ class DocumentWindows:
             arrays.append(pa.ListArray.from_arrays(pa.array(target_offsets), pa.array(flat_targets, pa.int32())))
             fields.append(TARGETS_COLUMN)
         return pa.Table.from_arrays(arrays, names=fields)
+
+
+class DocumentsKind(ColumnsKind):
+    """The input kind of --text-column and --chat-column corpora: a unit's documents become token windows
+    in the reader stage (``DocumentWindows``), which then reach the teacher as a token column does.
+    Progress counts documents, not windows."""
+
+    counts_documents = True
+
+    def __init__(self, documents: DocumentWindows, column: str, batch_size: int, tokenizer_flag: str, settings: dict[str, Any]) -> None:
+        super().__init__(column, batch_size)
+        self.documents, self.tokenizer_flag, self.recorded = documents, tokenizer_flag, settings
+
+    def settings(self) -> dict[str, Any]:
+        """The text or chat column, --max-length, --pack and the tokenizer's name and sha256."""
+        return self.recorded
+
+    def check_column(self, schema: pa.Schema) -> None:
+        self.documents.check_column_type(schema.field(self.documents.column).type)
+
+    def read_unit(self, corpus: Corpus, unit: Unit, table: pa.Table) -> pa.Table:
+        return self.documents(table)
+
+    def probe_table(self, corpus: Corpus) -> pa.Table:
+        """The first windows of the first documents (at most ``PROBE_DOCUMENTS`` read).
+
+        Raises:
+            UserError: none of them gives a window to distil.
+        """
+        read = 0
+        for unit in corpus.units:  # whole units: a JSONL unit is read from its own byte range
+            rows = min(unit.rows, PROBE_DOCUMENTS - read)
+            windows = self.documents(corpus.read_unit(Unit(unit.index, unit.file_index, unit.start, unit.start + rows)))
+            if windows.num_rows:
+                return windows.slice(0, PROBE_ROWS)
+            read += rows
+            if read >= PROBE_DOCUMENTS:
+                break
+        raise UserError(f"{'--chat-column' if self.documents.chat else '--text-column'} {self.documents.column!r}: the first {read} documents "
+                        "give no window to distil (empty texts, or conversations without an assistant message)")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """The tokenizer's ids must be classes of the teachers."""
+        if len(self.documents.tokenizer) > vocab_size:
+            raise UserError(f"{self.tokenizer_flag}: the tokenizer has {len(self.documents.tokenizer)} tokens but the teachers "
+                            f"emit {vocab_size} classes; use the teachers' own tokenizer")
