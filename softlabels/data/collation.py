@@ -45,9 +45,9 @@ class ShardRows:
         self.sample_ids = table.column(ID_COLUMN).to_numpy(zero_copy_only=False)
         # chat shards store targets at some positions only: ``target_positions`` says which
         self.targets = ColumnBlock.from_arrow(table.column(TARGETS_COLUMN), TARGETS_COLUMN) if TARGETS_COLUMN in table.column_names else None
-        self.soft = kind.rows(table, codec, options, self._place)
         self.input_column = input_column
         self.inputs = ColumnBlock.from_arrow(table.column(input_column), input_column) if input_column else None
+        self.soft = kind.rows(table, codec, options, TargetPlacement(self.targets, self.inputs))
         self.labels: ColumnBlock | None = None
         if label_column:
             labels = table.column(label_column).combine_chunks()
@@ -72,17 +72,26 @@ class ShardRows:
             batch["labels"] = torch.from_numpy(labels)
         return batch
 
-    def _place(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int] | None:
-        """Chat rows: where their stored targets go (``softlabels.targets.rows``); None when every position has one."""
+
+class TargetPlacement:
+    """Chat rows: where their stored targets go (``softlabels.targets.rows``). It holds the two column
+    blocks it reads, not the ``ShardRows``: a decoder that held a bound method of its owner would make
+    a reference cycle, and each window's numpy blocks would then wait for the garbage collector."""
+
+    def __init__(self, targets: ColumnBlock | None, inputs: ColumnBlock | None) -> None:
+        self.targets, self.inputs = targets, inputs
+
+    def __call__(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int] | None:
+        """(source indices, row of each, index within its row, step of each, T), or None when every position has one."""
         if self.targets is None:
             return None
         plan = self.targets.plan(rows)
         row_of = np.repeat(np.arange(len(rows)), plan.lengths)
         within = plan.source - self.targets.offsets[rows][row_of]
         steps_of = self.targets.values[plan.source].astype(np.int64)
-        return plan.source, row_of, within, steps_of, self._steps(rows, steps_of)
+        return plan.source, row_of, within, steps_of, self.steps(rows, steps_of)
 
-    def _steps(self, rows: np.ndarray, steps_of: np.ndarray) -> int:
+    def steps(self, rows: np.ndarray, steps_of: np.ndarray) -> int:
         """T of a chat batch: the longest input of the rows (the student's positions)."""
         if self.inputs is not None and self.inputs.ragged:
             return int(self.inputs.lengths(rows).max()) if len(rows) else 0
