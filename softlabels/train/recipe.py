@@ -125,8 +125,10 @@ class DistillationRecipe:
     total_steps: int
     streams: list[BatchStream]
 
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: TrainConfig, claimed: Location | None = None) -> None:
+        """``claimed``: ``--out`` as ``train_student`` claimed it (checked, leased); None checks it in ``setup``."""
         self.config = config
+        self.claimed = claimed
         self.env = distributed_env()
         self.started = time.perf_counter()
         self.step = 0
@@ -167,7 +169,7 @@ class DistillationRecipe:
     def _open_data(self) -> None:
         """--out checked, every directory verified, the data and eval datasets opened."""
         config = self.config
-        self.out = check_out(config)
+        self.out = self.claimed if self.claimed is not None else check_out(config)  # checked once
         verify_inputs(config)
         self.device = resolve_device(config.device, self.env.local_rank)
         self.precision = autocast(self.device, config.precision)  # the student's compute context, entered once per forward
@@ -409,10 +411,10 @@ def train_student(config: TrainConfig) -> TrainSummary:
             ``--resume`` whose checkpoint was made with other settings.
         KeyboardInterrupt: SIGINT or SIGTERM, after a checkpoint at the step boundary.
     """
-    check_out(config, lease=True)  # one writer per --out, until training ends
+    claimed = check_out(config, lease=True)  # one writer per --out, until training ends
     if not config.progress:
         disable_progress_bars()
-    recipe = DistillationRecipe(config)
+    recipe = DistillationRecipe(config, claimed)
     try:
         recipe.setup()
         return recipe.train()
