@@ -8,7 +8,7 @@ on both held-out sets, ``RUN/corpus/heldout_kjv.parquet`` and ``heldout_ood.parq
 (``RUN/student``), fp32, batch 8, alternated over rounds on the same machine and threads.
 Each file is written whole (temporary name, then renamed), so a stopped run leaves none half written.
 
-    python pipelines/distil_eval.py RUN_DIR [--rounds 3] [--batches 3]
+    python pipelines/distil_eval.py RUN_DIR [--rounds 3] [--batches 3] [--no-speed]
 """
 
 from __future__ import annotations
@@ -95,6 +95,7 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("--rounds", type=int, default=3, help="alternated speed rounds")
     parser.add_argument("--batches", type=int, default=3, help="batches per model per speed round")
+    parser.add_argument("--no-speed", action="store_true", help="held-out figures only (after each arm); speed.json is left for the last call")
     args = parser.parse_args()
     run = args.run
     from softlabels.hf import disable_progress_bars
@@ -108,7 +109,7 @@ def main() -> None:
             spec = json.loads((arm / "student.json").read_text())["spec"]
             write_json(arm / "heldout.json", evaluate(spec, sets))
             print(f"{arm / 'heldout.json'}", file=sys.stderr)
-    if not (run / "speed.json").is_file():
+    if not args.no_speed and not (run / "speed.json").is_file():
         write_json(run / "speed.json", speed(f"hf:{run / 'teacher'}", f"hf:{run / 'student'}", sets["kjv"].shape[1], args.rounds, args.batches))
 
 

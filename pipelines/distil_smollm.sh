@@ -98,6 +98,29 @@ PY
   mv "$RUN/student_scratch.partial" "$RUN/student_scratch"
 fi
 
+# KEEP (optional): a directory, committed with the project, that holds each finished arm's small files
+# (heldout.json, metrics.jsonl, student.json) and teacher_heldout.json; copied into RUN at the start and
+# out of it after each arm, so a run continued on another machine skips the arms already measured.
+keep() {  # with KEEP: this arm's held-out figures now (distil_eval skips arms that have them), then the copy
+  [ -n "${KEEP:-}" ] || return 0
+  local arm
+  python pipelines/distil_eval.py "$RUN" --no-speed
+  mkdir -p "$KEEP/arms"
+  [ -f "$RUN/teacher_heldout.json" ] && cp "$RUN/teacher_heldout.json" "$KEEP/"
+  for arm in "$RUN"/arms/*-seed*; do
+    [ -f "$arm/heldout.json" ] || continue
+    mkdir -p "$KEEP/arms/${arm##*/}"
+    cp "$arm/heldout.json" "$arm/metrics.jsonl" "$arm/student.json" "$KEEP/arms/${arm##*/}/"
+  done
+}
+if [ -n "${KEEP:-}" ] && [ -d "$KEEP/arms" ]; then
+  for kept in "$KEEP"/arms/*-seed*; do
+    [ -f "$kept/heldout.json" ] && [ ! -f "$RUN/arms/${kept##*/}/heldout.json" ] || continue
+    mkdir -p "$RUN/arms/${kept##*/}" && cp "$kept"/* "$RUN/arms/${kept##*/}/"
+  done
+  [ -f "$KEEP/teacher_heldout.json" ] && [ ! -f "$RUN/teacher_heldout.json" ] && cp "$KEEP/teacher_heldout.json" "$RUN/"
+fi
+
 seeds_of() { case "$1" in hard) echo "$SEEDS_HARD" ;; scratch) echo "$SEEDS_SCRATCH" ;; *) echo "$SEEDS" ;; esac; }
 COMMON=(--max-steps "$STEPS" --batch-size "$BATCH" --temperature "$T" --precision "$PRECISION" --checkpoint-every 20 --log-every 5 --no-progress)
 MAX_SEEDS=$(for ARM in $ARMS; do seeds_of "$ARM" | wc -w; done | sort -n | tail -n 1)
@@ -106,7 +129,7 @@ for ROUND in $(seq 1 "$MAX_SEEDS"); do  # seed by seed, so a stopped run already
     SEED=$(seeds_of "$ARM" | tr ' ' '\n' | grep . | sed -n "${ROUND}p")
     [ -n "$SEED" ] || continue
     OUT="$RUN/arms/$ARM-seed$SEED"
-    [ -f "$OUT/student.safetensors" ] && continue
+    [ -f "$OUT/heldout.json" ] && continue  # trained and evaluated, here or (restored from KEEP) on an earlier machine
     RESUME=(); [ -f "$OUT/checkpoint.pt" ] && RESUME=(--resume)
     case "$ARM" in
       hard) ARGS=("$RUN/soft_k20" --student "hf:$RUN/student" --lr "$LR" --alpha 0) ;;
@@ -118,8 +141,9 @@ for ROUND in $(seq 1 "$MAX_SEEDS"); do  # seed by seed, so a stopped run already
     esac
     stamp "train $ARM seed $SEED"
     mkdir -p "$RUN/arms"
-    softlabels train-student "${ARGS[@]}" "${COMMON[@]}" --seed "$SEED" "${RESUME[@]}" --out "$OUT"
+    [ -f "$OUT/student.safetensors" ] || softlabels train-student "${ARGS[@]}" "${COMMON[@]}" --seed "$SEED" "${RESUME[@]}" --out "$OUT"
     rm -f "$OUT/checkpoint.pt"  # about 1 GB per arm (weights and AdamW state); the finished weights are student.safetensors
+    keep
   done
 done
 
@@ -128,4 +152,6 @@ python pipelines/distil_eval.py "$RUN" --rounds "$SPEED_ROUNDS" --batches "$SPEE
 stamp "report"
 python pipelines/distil_report.py "$RUN" > "$RUN/results.md.partial"
 mv "$RUN/results.md.partial" "$RUN/results.md"
+keep
+[ -z "${KEEP:-}" ] || cp "$RUN/results.md" "$RUN/speed.json" "$KEEP/"
 cat "$RUN/results.md"
