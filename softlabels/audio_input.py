@@ -96,9 +96,9 @@ def resample(clip: Clip, rate: int, sample: str) -> Clip:
     return Clip(np.ascontiguousarray(samples, dtype=np.float32), rate)
 
 
-def audio_bytes(cell: Any, corpus_file: str, sample: str) -> bytes:
+def audio_bytes(cell: Any, corpus_file: str | None, sample: str) -> bytes:
     """The file bytes a cell stands for: its ``bytes``, else the file at its ``path`` (relative paths
-    from ``corpus_file``'s folder).
+    from ``corpus_file``'s folder; with no corpus file, as in a shard, a relative path is an error).
 
     Raises:
         UserError: naming ``sample``: a null cell, a struct with neither, or a path that cannot be read.
@@ -113,6 +113,9 @@ def audio_bytes(cell: Any, corpus_file: str, sample: str) -> bytes:
         raise UserError(f"{sample}: the audio cell holds neither bytes nor a path")
     if is_uri(cell) or cell.startswith("/"):
         location = Location.of(cell)
+    elif corpus_file is None:
+        raise UserError(f"{sample}: the audio cell is the relative path {cell!r}, and shard rows have no corpus file to "
+                        "resolve it from; generate from a corpus that holds the audio bytes or absolute paths")
     else:
         location = Location.of(corpus_file).parent / cell
     try:

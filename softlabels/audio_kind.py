@@ -29,13 +29,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .audio_input import audio_bytes, decode_audio, resample
+from .audio_input import audio_bytes, decode_audio, read_clip, resample
 from .batching import length_batches
 from .corpus import Corpus, Unit
 from .errors import UserError
 from .inputs import PROBE_ROWS, TeacherInputs, to_teacher_inputs
 
-__all__ = ["WAVEFORM_COLUMN", "BATCH_COLUMN", "ROW_COLUMN", "DURATION_COLUMN", "AUDIO_ROWS_PER_SHARD", "SKIPPED_KEY", "AudioKind", "check_audio_type", "teacher_sample_rate"]
+__all__ = ["AudioBlock", "WAVEFORM_COLUMN", "BATCH_COLUMN", "ROW_COLUMN", "DURATION_COLUMN", "AUDIO_ROWS_PER_SHARD", "SKIPPED_KEY", "AudioKind", "check_audio_type", "is_audio_struct", "teacher_sample_rate"]
 
 WAVEFORM_COLUMN = "__softlabels_waveform"
 """The decoded samples (large_list<float32>) between the reader stage and the teacher; never stored."""
@@ -51,15 +51,18 @@ SKIPPED_KEY = b"softlabels.skipped_samples"
 """Schema metadata of a read unit: JSON [{sample_id, reason}] of the rows the reader dropped."""
 
 
+def is_audio_struct(data_type: pa.DataType) -> bool:
+    """An HF ``datasets`` Audio struct: ``bytes`` (binary) and/or ``path`` (string)."""
+    if not pa.types.is_struct(data_type):
+        return False
+    names = {data_type.field(i).name: data_type.field(i).type for i in range(data_type.num_fields)}
+    return ("bytes" in names or "path" in names) and all(
+        name not in names or kind(names[name]) for name, kind in (("bytes", _is_binary), ("path", _is_string)))
+
+
 def check_audio_type(data_type: pa.DataType, column: str) -> None:
     """Raise a UserError naming the column unless it holds an HF Audio struct, bytes or path strings."""
-    if pa.types.is_struct(data_type):
-        names = {data_type.field(i).name: data_type.field(i).type for i in range(data_type.num_fields)}
-        if ("bytes" in names or "path" in names) and all(
-            name not in names or kind(names[name]) for name, kind in (("bytes", _is_binary), ("path", _is_string))
-        ):
-            return
-    elif _is_binary(data_type) or _is_string(data_type):
+    if is_audio_struct(data_type) or _is_binary(data_type) or _is_string(data_type):
         return
     raise UserError(f"--audio-column {column!r} has type {data_type}; expected an HF Audio struct<bytes: binary, path: string>, "
                     "binary (the file's bytes) or string (a path, relative to the corpus file)")
@@ -71,6 +74,35 @@ def _is_binary(data_type: pa.DataType) -> bool:
 
 def _is_string(data_type: pa.DataType) -> bool:
     return pa.types.is_string(data_type) or pa.types.is_large_string(data_type)
+
+
+class AudioBlock:
+    """The audio column of shard rows, for training (``softlabels.data``): any rows decode, as the
+    teacher heard them (mono, resampled to the run's ``sample_rate``), into zero-padded waveforms
+    float32 [B, S_max] and lengths int64 [B], the student's ``model(waveforms, lengths)``.
+
+    Cells are decoded when a batch asks for them, so an epoch holds one batch of samples at a time.
+    """
+
+    ragged = True
+
+    def __init__(self, column: pa.Array | pa.ChunkedArray, name: str, sample_rate: Any, sample_ids: np.ndarray) -> None:
+        check_audio_type(column.type, name)
+        if not isinstance(sample_rate, int) or sample_rate < 1:
+            raise UserError(f"column {name!r} holds audio, but the rows have no shard header to give its sample_rate "
+                            "(read an audio run with softlabels' loader, or collate a table read from a shard)")
+        self.cells = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        self.name, self.sample_rate, self.sample_ids = name, sample_rate, sample_ids
+
+    def gather(self, rows: np.ndarray, fill: float = 0.0, dtype: type | None = None, plan: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """waveforms float32 [B, S_max] (padded with ``fill``) and lengths int64 [B] of ``rows``."""
+        clips = [read_clip(self.cells[int(row)].as_py(), None, f"column {self.name!r}, sample id {self.sample_ids[int(row)]}",
+                           self.sample_rate).samples for row in rows]
+        lengths = np.array([len(c) for c in clips], dtype=np.int64)
+        waveforms = np.full((len(clips), int(lengths.max()) if len(clips) else 0), fill, dtype=np.float32)
+        for out, clip in zip(waveforms, clips):
+            out[: len(clip)] = clip
+        return waveforms, lengths
 
 
 def teacher_sample_rate(teachers: Sequence[Any]) -> int:

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from ..audio_kind import AudioBlock, is_audio_struct
 from ..codec import LogprobCodec
 from ..errors import UserError
 from ..inputs import ColumnBlock
@@ -46,7 +47,7 @@ class ShardRows:
         # chat shards store targets at some positions only: ``target_positions`` says which
         self.targets = ColumnBlock.from_arrow(table.column(TARGETS_COLUMN), TARGETS_COLUMN) if TARGETS_COLUMN in table.column_names else None
         self.input_column = input_column
-        self.inputs = ColumnBlock.from_arrow(table.column(input_column), input_column) if input_column else None
+        self.inputs = _input_block(table, input_column, header, self.sample_ids) if input_column else None
         self.soft = kind.rows(table, codec, options, TargetPlacement(self.targets, self.inputs))
         self.labels: ColumnBlock | None = None
         if label_column:
@@ -150,6 +151,14 @@ def collate(
     return ShardRows(table, input_column, label_column, codec, options).batch(np.arange(table.num_rows))
 
 
+def _input_block(table: pa.Table, column: str, header: dict[str, Any] | None, sample_ids: np.ndarray) -> ColumnBlock | AudioBlock:
+    """The input column as a block: decoded audio when the header says it is an audio run's column."""
+    audio = header.get("audio_column") == column if header is not None else is_audio_struct(table.schema.field(column).type)
+    if audio:
+        return AudioBlock(table.column(column), column, (header or {}).get("sample_rate"), sample_ids)
+    return ColumnBlock.from_arrow(table.column(column), column)
+
+
 def _codec_of_rows(table: pa.Table, header: dict[str, Any] | None, kind: TargetKind) -> LogprobCodec:
     """The log-prob codec of rows: the header's, else told by the column; uint8 codes that lost both
     their header and their integer type are refused (``UserError``), not guessed."""
@@ -159,6 +168,8 @@ def _codec_of_rows(table: pa.Table, header: dict[str, Any] | None, kind: TargetK
         leaf = table.column(stored)
         while pa.types.is_list(leaf.type) or pa.types.is_fixed_size_list(leaf.type) or pa.types.is_large_list(leaf.type):
             leaf = pc.list_flatten(leaf)
+        if pa.types.is_float16(leaf.type):  # Arrow has no min/max kernel for half floats
+            leaf = pa.array(leaf.to_numpy(zero_copy_only=False).astype(np.float32))
         if (pc.max(leaf).as_py() or 0.0) > 0.0:  # codes that lost their header and their integer type
             raise UserError(f"column {stored!r} holds values above 0, so they are not log-probabilities "
                             "(uint8 codes whose header is gone?); pass the codec of the directory's manifest")
