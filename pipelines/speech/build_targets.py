@@ -5,7 +5,9 @@ Reads ``CORPUS/<set>/part-*.parquet`` (build_corpus.py) and writes ``OUT/<set>/p
 corpus columns plus ``senones`` (list<int32>, one per frame of softlabels.audio's frontend: 1 + samples //
 160, frame j centred on sample 160 j; see sphinx_align.on_frontend_frames), ``phones`` (list<string>, the
 aligned phone segments, SIL included), ``phone_starts`` (list<int32>, first frame of each) and
-``align_mode`` (the sphinx_align try that aligned it). ``test_noisy`` takes the targets of its clean utterance
+``align_mode`` (the sphinx_align try that aligned it) and ``labels`` (list<int32>, the senone of each
+40 ms output frame of the models, ``speech_models.frame_labels``: the column ``generate --label-column``
+stores and the metrics score). ``test_noisy`` takes the targets of its clean utterance
 (the same samples under the noise). Utterances that fail to align are dropped; ``OUT/targets.json``
 (written last) counts them per set, with the alignment speed and the model's senone count. A shard that
 exists is skipped, so an interrupted run resumes.
@@ -30,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from build_corpus import features, write_shard  # noqa: E402
 from senones import phone_error_rate, read_mdef  # noqa: E402
 from kjv_sentences import align_transcript  # noqa: E402
+from speech_models import frame_labels  # noqa: E402
 from sphinx_align import Aligner, model_dir, on_frontend_frames  # noqa: E402
 
 ALIGNED_SETS = ("labeled", "test_clean")
@@ -43,6 +46,7 @@ def target_features():  # noqa: ANN201 - datasets.Features
     out["phones"] = hf.List(hf.Value("string"))
     out["phone_starts"] = hf.List(hf.Value("int32"))
     out["align_mode"] = hf.Value("string")
+    out["labels"] = hf.List(hf.Value("int32"))
     return out
 
 
@@ -103,13 +107,14 @@ def main(argv: list[str] | None = None) -> int:
                 kept += 1
                 modes[alignment.mode] = modes.get(alignment.mode, 0) + 1
                 rows.append({**row, "senones": alignment.senones.tolist(), "phones": alignment.phones,
-                             "phone_starts": alignment.phone_starts, "align_mode": alignment.mode})
+                             "phone_starts": alignment.phone_starts, "align_mode": alignment.mode,
+                             "labels": frame_labels(alignment.senones, samples.size).tolist()})
             write_shard(rows, target, schema)
         counts[name] = {"aligned": kept, "dropped": dropped, "modes": modes}
     # test_noisy: each row takes its clean utterance's targets; a row whose clean one was dropped is dropped.
     clean = {}
     for shard in shards(out / "test_clean"):
-        for row in pq.read_table(shard, columns=["id", "senones", "phones", "phone_starts", "align_mode"]).to_pylist():
+        for row in pq.read_table(shard, columns=["id", "senones", "phones", "phone_starts", "align_mode", "labels"]).to_pylist():
             clean[row.pop("id")] = row
     kept = dropped = 0
     for shard in shards(corpus / "test_noisy"):
