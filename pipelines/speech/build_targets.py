@@ -7,10 +7,11 @@ corpus columns plus ``senones`` (list<int32>, one per frame of softlabels.audio'
 aligned phone segments, SIL included), ``phone_starts`` (list<int32>, first frame of each) and
 ``align_mode`` (the sphinx_align try that aligned it) and ``labels`` (list<int32>, the senone of each
 40 ms output frame of the models, ``speech_models.frame_labels``: the column ``generate --label-column``
-stores and the metrics score). ``test_noisy`` takes the targets of its clean utterance
-(the same samples under the noise). Utterances that fail to align are dropped; ``OUT/targets.json``
-(written last) counts them per set, with the alignment speed and the model's senone count. A shard that
-exists is skipped, so an interrupted run resumes.
+stores and the metrics score). ``test_real`` (build_real.py's human recordings) is aligned too when
+``CORPUS/test_real`` exists (``CORPUS/real.json``, its summary, must then exist too). ``test_noisy`` takes
+the targets of its clean utterance (the same samples under the noise). Utterances that fail to align are
+dropped; ``OUT/targets.json`` (written last) counts them per set, with the alignment speed and the model's
+senone count. A shard that exists is skipped, so an interrupted run resumes.
 
     python pipelines/speech/build_targets.py --corpus runs/speech/corpus --out runs/speech/targets
 """
@@ -36,6 +37,7 @@ from speech_models import frame_labels  # noqa: E402
 from sphinx_align import Aligner, model_dir, on_frontend_frames  # noqa: E402
 
 ALIGNED_SETS = ("labeled", "test_clean")
+OPTIONAL_SETS = ("test_real",)  # aligned when the corpus has it (build_real.py needs apt packages)
 
 
 def target_features():  # noqa: ANN201 - datasets.Features
@@ -76,12 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not (corpus / "corpus.json").exists():
         raise SystemExit(f"{corpus}: no corpus.json (run build_corpus.py first)")
+    optional = tuple(name for name in OPTIONAL_SETS if (corpus / name).exists())
+    if "test_real" in optional and not (corpus / "real.json").exists():
+        raise SystemExit(f"{corpus}/test_real: no {corpus}/real.json, the set is unfinished (run build_real.py again)")
     schema = target_features().arrow_schema
     aligner = Aligner()
     mdef = read_mdef(model_dir() / "en-us" / "mdef")
     counts: dict[str, dict] = {}
     align_seconds = audio_seconds = 0.0
-    for name in ALIGNED_SETS:
+    for name in ALIGNED_SETS + optional:
         kept = dropped = 0
         modes: dict[str, int] = {}
         for shard in shards(corpus / name):
