@@ -30,18 +30,15 @@ import pyarrow as pa
 import torch
 
 from .audio_input import audio_bytes, decode_audio, read_clip, resample
-from .batching import length_batches
+from .batching import BATCH_COLUMN, ROW_COLUMN, batch_order, batch_spans, length_batches, with_batch_columns
 from .corpus import Corpus, Unit
 from .errors import UserError
 from .inputs import PROBE_ROWS, TeacherInputs, to_teacher_inputs
 
-__all__ = ["AudioBlock", "WAVEFORM_COLUMN", "BATCH_COLUMN", "ROW_COLUMN", "DURATION_COLUMN", "AUDIO_ROWS_PER_SHARD", "SKIPPED_KEY", "AudioKind", "check_audio_type", "is_audio_struct", "teacher_sample_rate"]
+__all__ = ["AudioBlock", "WAVEFORM_COLUMN", "DURATION_COLUMN", "AUDIO_ROWS_PER_SHARD", "SKIPPED_KEY", "AudioKind", "check_audio_type", "is_audio_struct", "teacher_sample_rate"]
 
 WAVEFORM_COLUMN = "__softlabels_waveform"
 """The decoded samples (large_list<float32>) between the reader stage and the teacher; never stored."""
-BATCH_COLUMN = "__softlabels_batch"
-ROW_COLUMN = "__softlabels_row"
-"""int64: each read row's batch, and its place among the unit's kept rows in corpus order; never stored."""
 HIDDEN = [WAVEFORM_COLUMN, BATCH_COLUMN, ROW_COLUMN]
 DURATION_COLUMN = "duration_s"
 AUDIO_ROWS_PER_SHARD = 256
@@ -196,16 +193,13 @@ class AudioKind:
         if not keep.all():
             table = table.filter(pa.array(keep))
         lengths = np.array([len(s) for s in samples], dtype=np.int64)
-        batches = self.batches(lengths)
-        order = np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
-        batch_of = np.repeat(np.arange(len(batches), dtype=np.int64), [len(b) for b in batches])
+        order, batch_of = batch_order(self.batches(lengths))  # the waveforms are laid out in batch order once, not copied again
         offsets = np.concatenate([[0], np.cumsum(lengths[order])]).astype(np.int64)
         values = np.concatenate([samples[i] for i in order]) if samples else np.zeros(0, dtype=np.float32)
         table = table.take(pa.array(order)) if not np.array_equal(order, np.arange(len(order))) else table
         table = table.append_column(pa.field(DURATION_COLUMN, pa.float32()), pa.array(np.array(durations, dtype=np.float32)[order]))
         table = table.append_column(WAVEFORM_COLUMN, pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.float32())))
-        table = table.append_column(BATCH_COLUMN, pa.array(batch_of)).append_column(ROW_COLUMN, pa.array(order))
-        return table.replace_schema_metadata({SKIPPED_KEY: json.dumps(skipped).encode()})
+        return with_batch_columns(table, order, batch_of).replace_schema_metadata({SKIPPED_KEY: json.dumps(skipped).encode()})
 
     @staticmethod
     def skipped(table: pa.Table) -> list[dict[str, str]]:
@@ -221,10 +215,7 @@ class AudioKind:
     @staticmethod
     def spans(table: pa.Table) -> tuple[list[tuple[int, int]], np.ndarray]:
         """A read unit's batches as (first row, rows) spans of its rows, and each row's place in corpus order."""
-        batch_of = table.column(BATCH_COLUMN).to_numpy()
-        starts = np.flatnonzero(np.diff(batch_of, prepend=-1)) if len(batch_of) else np.zeros(0, dtype=np.int64)
-        sizes = np.diff(np.append(starts, len(batch_of)))
-        return list(zip(starts.tolist(), sizes.tolist())), table.column(ROW_COLUMN).to_numpy()
+        return batch_spans(table)
 
     def batches(self, lengths: np.ndarray) -> list[np.ndarray]:
         """Row indices of batches by length (longest first), given each row's samples: at most

@@ -176,8 +176,8 @@ def _input_kind(config: GenerateConfig, documents: DocumentWindows | None, text_
         return AudioKind(config.audio_column, None, config.on_bad_audio == "skip", config.batch_size, config.batch_seconds)
     if documents is not None:
         config.input_column = TOKENS_COLUMN
-        return DocumentsKind(documents, TOKENS_COLUMN, config.batch_size, _tokenizer_flag(config), text_settings)
-    return ColumnsKind(config.input_column, config.batch_size)
+        return DocumentsKind(documents, TOKENS_COLUMN, config.batch_size, _tokenizer_flag(config), text_settings, config.batch_positions)
+    return ColumnsKind(config.input_column, config.batch_size, config.batch_positions)
 
 
 def _prepare(config: GenerateConfig, directory: RunDirectory | None = None) -> GenerationRun:

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from .batching import BATCH_COLUMN, ROW_COLUMN, batch_spans, in_batch_order, length_batches
 from .corpus import Corpus, Unit
 from .errors import UserError
 
@@ -284,26 +285,42 @@ class ColumnsKind:
     counts_documents = False
     default_rows_per_shard: int | None = None  # sized from the rows' positions
 
-    def __init__(self, column: str, batch_size: int) -> None:
-        self.column, self.batch_size = column, batch_size
+    def __init__(self, column: str, batch_size: int, batch_positions: int | None = None) -> None:
+        self.column, self.batch_size, self.batch_positions = column, batch_size, batch_positions
 
     def check_column(self, schema: pa.Schema) -> None:
-        """Raise a UserError naming the column when its type has no calling convention."""
-        check_input_type(schema.field(self.column).type, self.column)
+        """Raise a UserError naming the column when its type has no calling convention, or when
+        ``--batch-positions`` asks batches by length of rows that all have one length."""
+        data_type = schema.field(self.column).type
+        check_input_type(data_type, self.column)
+        if self.batch_positions is not None and not (pa.types.is_list(data_type) or pa.types.is_large_list(data_type)):
+            raise UserError(f"--batch-positions batches ragged rows by length; --input-column {self.column!r} has type {data_type}, "
+                            "one size per row (use --batch-size)")
+
+    def by_length(self, table: pa.Table) -> pa.Table:
+        """With ``--batch-positions``: the rows in batches by length (``batching.length_batches``: at most
+        ``batch_size`` rows and that many padded positions), one batch after another; else as they are."""
+        if self.batch_positions is None:
+            return table
+        lengths = pc.list_value_length(table.column(self.column)).fill_null(0).to_numpy(zero_copy_only=False)
+        return in_batch_order(table, length_batches(lengths.tolist(), self.batch_positions, self.batch_size))
 
     def check_teachers(self, teachers: "list[Any]") -> None:
         """Nothing to check before the probe."""
 
     def read_unit(self, corpus: Corpus, unit: Unit, table: pa.Table) -> pa.Table:
-        """The unit's rows as the teacher sees them: the corpus rows."""
-        return table
+        """The unit's rows as the teacher sees them: the corpus rows (by length with ``--batch-positions``)."""
+        return self.by_length(table)
 
     def probe_table(self, corpus: Corpus) -> pa.Table:
         """The first ``PROBE_ROWS`` rows the teacher would see."""
         return corpus.read_unit(Unit(0, 0, 0, min(PROBE_ROWS, corpus.files[0].rows)))
 
     def spans(self, table: pa.Table) -> tuple[list[tuple[int, int]], np.ndarray]:
-        """Batches of ``batch_size`` rows in corpus order: (first row, rows) spans, and the identity order."""
+        """The batches as (first row, rows) spans and each row's place in corpus order: by length
+        (``by_length``), else ``batch_size`` rows at a time in corpus order."""
+        if BATCH_COLUMN in table.column_names:
+            return batch_spans(table)
         return [(begin, self.batch_size) for begin in range(0, table.num_rows, self.batch_size)], np.arange(table.num_rows)
 
     def teacher_inputs(self, batch: pa.Table, sample_ids: pa.Array) -> TeacherInputs:
@@ -321,7 +338,8 @@ class ColumnsKind:
         return {}
 
     def stored(self, table: pa.Table) -> pa.Table:
-        return table
+        """The rows as the shard stores them: without the batch columns of ``by_length``."""
+        return table.drop_columns([BATCH_COLUMN, ROW_COLUMN]) if BATCH_COLUMN in table.column_names else table
 
     def skipped(self, table: pa.Table) -> list[dict[str, str]]:
         return []

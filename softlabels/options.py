@@ -166,6 +166,9 @@ class GenerateConfig:
     batch_seconds: float | None = option(None, "--batch-seconds", "With --audio-column (whose utterances are batched by length): at most "
                                          "this many padded seconds of audio per batch, besides --batch-size rows.", above=0.0,
                                          shown_default="no cap")
+    batch_positions: int | None = option(None, "--batch-positions", "Ragged tokens or frames (list columns, text windows): batch a unit's "
+                                         "rows by length, at most this many padded positions per batch besides --batch-size rows; "
+                                         "shards keep corpus order.", minimum=1, shown_default="corpus order")
     on_bad_audio: str = option("error", "--on-bad-audio", "With --audio-column: error names an undecodable, empty or truncated row; "
                                "skip drops it and records its id in the manifest.", choices=("error", "skip"))
     targets: str = option("topk", "--targets", "topk: the k most probable classes per position; sample: N draws from the teacher, "
@@ -201,6 +204,8 @@ class GenerateConfig:
             raise UserError("--text-column and --chat-column exclude each other: a corpus is raw text or chat")
         if self.audio_column is not None and (self.text_column is not None or self.chat_column is not None):
             raise UserError("--audio-column excludes --text-column and --chat-column: a corpus is audio, raw text or chat")
+        if self.audio_column is not None and self.batch_positions is not None:
+            raise UserError("--batch-positions does not apply to --audio-column: audio is batched by length with --batch-seconds")
         if self.audio_column is None:
             for name in ("batch_seconds", "on_bad_audio"):
                 if getattr(self, name) not in (None, "error"):

@@ -223,8 +223,9 @@ class DocumentsKind(ColumnsKind):
 
     counts_documents = True
 
-    def __init__(self, documents: DocumentWindows, column: str, batch_size: int, tokenizer_flag: str, settings: dict[str, Any]) -> None:
-        super().__init__(column, batch_size)
+    def __init__(self, documents: DocumentWindows, column: str, batch_size: int, tokenizer_flag: str, settings: dict[str, Any],
+                 batch_positions: int | None = None) -> None:
+        super().__init__(column, batch_size, batch_positions)
         self.documents, self.tokenizer_flag, self.recorded = documents, tokenizer_flag, settings
 
     def settings(self) -> dict[str, Any]:
@@ -235,7 +236,8 @@ class DocumentsKind(ColumnsKind):
         self.documents.check_column_type(schema.field(self.documents.column).type)
 
     def read_unit(self, corpus: Corpus, unit: Unit, table: pa.Table) -> pa.Table:
-        return self.documents(table)
+        """The unit's token windows (by length with ``--batch-positions``)."""
+        return self.by_length(self.documents(table))
 
     def probe_table(self, corpus: Corpus) -> pa.Table:
         """The first windows of the first documents (at most ``PROBE_DOCUMENTS`` read).

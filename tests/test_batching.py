@@ -44,3 +44,44 @@ def test_utterances_of_half_a_second_to_twenty_waste_little_padding_by_length():
     by_length = padding_waste(lengths, length_batches(lengths, cap))
     in_order = padding_waste(lengths, corpus_order_batches(len(lengths), 8))
     assert by_length <= 0.10 < in_order
+
+
+def test_columns_kind_batches_ragged_rows_by_length_and_gives_back_corpus_order():
+    """``--batch-positions``: the unit's rows come out longest first in batches within the cap, and the
+    order the shard is written in puts every row back in its corpus place."""
+    import pyarrow as pa
+
+    from conftest import token_table
+    from softlabels.inputs import ColumnsKind
+
+    table = token_table(61, seed=3)
+    kind = ColumnsKind("inputs", batch_size=6, batch_positions=50)
+    read = kind.read_unit(None, None, table)
+    spans, order = kind.spans(read)
+    lengths = [len(row) for row in read.column("inputs").to_pylist()]
+    assert lengths == sorted(lengths, reverse=True)  # longest first
+    assert sum(size for _, size in spans) == table.num_rows
+    for begin, size in spans:
+        assert size <= 6 and (size * lengths[begin] <= 50 or size == 1)
+    stored = kind.stored(read)
+    assert stored.column_names == table.column_names  # the batch columns are never stored
+    restored = stored.take(pa.array(np.argsort(order, kind="stable")))
+    assert restored.equals(table)
+    corpus_order = ColumnsKind("inputs", batch_size=6)
+    assert corpus_order.spans(corpus_order.read_unit(None, None, table))[0][:2] == [(0, 6), (6, 6)]
+
+
+def test_batch_positions_on_rows_of_one_size_or_audio_is_one_line(tmp_path):
+    import pyarrow as pa
+
+    from conftest import run_cli, write_parquet
+
+    corpus = write_parquet(pa.table({"id": ["a", "b"], "inputs": pa.array([[1.0, 2.0], [3.0, 4.0]], type=pa.list_(pa.float32(), 2))}),
+                           tmp_path / "c.parquet")
+    result = run_cli("generate", corpus, "--teacher", "softlabels.models:digits_mlp", "--id-column", "id", "--batch-positions", 9,
+                     "--out", tmp_path / "out", "--no-progress")
+    assert result.code == 1 and "--batch-positions" in result.err and "'inputs'" in result.err and len(result.err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    result = run_cli("generate", corpus, "--teacher", "softlabels.models:digits_mlp", "--id-column", "id", "--audio-column", "inputs",
+                     "--batch-positions", 9, "--out", tmp_path / "out2", "--no-progress")
+    assert result.code == 1 and "--batch-positions does not apply to --audio-column" in result.err

@@ -248,21 +248,25 @@ def _sequence_rows(source: pa.Table) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize(
-    "factory, make_table, seeds, top_k, mode",
+    "factory, make_table, seeds, top_k, mode, by_length",
     [
-        ("token_gru", token_table, (1,), 20, "probs"),
-        ("token_gru", token_table, (1, 2), 97, "logprobs"),
-        ("frame_tagger", frame_table, (3,), 37, "probs"),
-        ("frame_tagger", frame_table, (3, 4, 5), 6, "probs"),
+        ("token_gru", token_table, (1,), 20, "probs", ()),
+        ("token_gru", token_table, (1, 2), 97, "logprobs", ()),
+        ("frame_tagger", frame_table, (3,), 37, "probs", ()),
+        ("frame_tagger", frame_table, (3, 4, 5), 6, "probs", ()),
+        ("token_gru", token_table, (1, 2), 20, "probs", ("--batch-positions", 53)),
+        ("frame_tagger", frame_table, (3,), 37, "probs", ("--batch-positions", 41)),
     ],
-    ids=["tokens-1-k20", "tokens-2-kV-logprobs", "frames-1-kV", "frames-3-k6"],
+    ids=["tokens-1-k20", "tokens-2-kV-logprobs", "frames-1-kV", "frames-3-k6", "tokens-2-by-length", "frames-1-by-length"],
 )
-def test_sequence_positions_equal_unpadded_forward(tmp_path, factory, make_table, seeds, top_k, mode):
+def test_sequence_positions_equal_unpadded_forward(tmp_path, factory, make_table, seeds, top_k, mode, by_length):
+    """Batches of rows in corpus order, or by length (``--batch-positions``): every stored position is
+    what a batch of one gives, and the shards keep corpus order."""
     teachers = [save_teacher(f"softlabels.models:{factory}", s, tmp_path / f"{factory}_{s}.safetensors") for s in seeds]
     source = make_table(ROWS, seed=7)
     corpus = write_parquet(source, tmp_path / "corpus.parquet")
     out = generate(tmp_path / "out", corpus, teachers, "--top-k", top_k, "--ensemble", mode,
-                   "--rows-per-shard", ROWS_PER_SHARD, "--batch-size", BATCH)
+                   "--rows-per-shard", ROWS_PER_SHARD, "--batch-size", BATCH, *by_length)
     table = read_output(out)
     assert table.column("sample_id").to_pylist() == source.column("id").to_pylist()
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -229,15 +228,3 @@ def test_tiny_corpus_and_targets_build_read_back(tmp_path, mdef):
     with pytest.raises(SystemExit, match="params.json: this corpus was started with other sizes"):
         build_corpus.main(["--out", str(corpus), *sizes[:-1], "3"])
     assert not (corpus / "corpus.json").exists()
-
-
-def test_run_sh_skips_finished_stages(tmp_path):
-    """run.sh on a finished run directory does nothing but say so (the stages' summaries exist)."""
-    for stage, summary in (("corpus", "corpus.json"), ("targets", "targets.json"), ("teacher", "teacher.json")):
-        (tmp_path / stage).mkdir()
-        (tmp_path / stage / summary).write_text("{}")
-    result = subprocess.run(["bash", str(REPO / "pipelines" / "speech" / "run.sh"), str(tmp_path)],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "corpus complete, skipped" in result.stdout and "targets complete, skipped" in result.stdout
-    assert "trained already" in result.stderr
