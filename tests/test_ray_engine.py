@@ -185,3 +185,20 @@ def test_engine_is_not_part_of_the_fingerprint(tmp_path, corpus):
     local = _prepare(GenerateConfig(**common))
     on_ray = _prepare(GenerateConfig(**common, engine="ray", ray_actors=3))
     assert on_ray.settings == local.settings and on_ray.fingerprint == local.fingerprint
+
+
+def test_ray_actors_decode_their_own_audio_and_equal_the_local_engine(tmp_path):
+    """Audio path cells relative to the corpus file: each actor reads and decodes its units' audio
+    (8 kHz and 22.05 kHz rows resampled, a stereo row mixed down), batched by length."""
+    from test_audio_generate import audio_corpus
+
+    corpus, _ = audio_corpus(tmp_path, "path")
+    teacher = save_teacher("test_audio_generate:tiny", 2, tmp_path / "tiny.safetensors")
+    common = ["generate", corpus, "--teacher", teacher, "--audio-column", "audio", "--id-column", "utt", "--rows-per-shard", 2,
+              "--batch-seconds", 0.6, "--no-progress"]
+    local = run_cli(*common, "--out", tmp_path / "local")
+    assert local.code == 0, local.err
+    on_ray = run_cli(*common, "--out", tmp_path / "ray", "--engine", "ray", "--ray-actors", 2)
+    assert on_ray.code == 0, on_ray.err
+    assert read_output(tmp_path / "ray").equals(read_output(tmp_path / "local"))
+    assert _manifest_shards(tmp_path / "ray") == _manifest_shards(tmp_path / "local")
