@@ -9,7 +9,8 @@ here with the code under test:
   every shard file and the manifest are byte-identical;
 * anywhere (the only check on another machine): equal to storage precision (conftest's ``assert_equal_to_storage_precision`` for top-k;
   for sampled targets the same bound on the stored log-probabilities of the draws both runs made),
-  and the settings, fingerprint and totals are equal.
+  and the settings, fingerprint and counts are equal, the shards' byte counts within 1% (compressed
+  sizes move with the values' last bits).
 """
 
 from __future__ import annotations
@@ -95,8 +96,14 @@ def test_a_fresh_run_equals_the_committed_reference(tmp_path, case):
         assert files(fresh) == files(reference)
     # the comparison another CPU gets (it also holds here)
     mine, theirs = json.loads((fresh / "manifest.json").read_text()), json.loads((reference / "manifest.json").read_text())
-    for key in ("fingerprint", "settings", "totals", "teachers", "targets"):
+    for key in ("fingerprint", "settings", "teachers", "targets"):
         assert mine.get(key) == theirs.get(key), key
+    # byte counts are of compressed shards, whose size moves with the last bits of the values (another
+    # CPU's kernels): equal on the reference machine (above), within 1% elsewhere; the counts are exact
+    sizes = {k for k in theirs["totals"] if k.endswith("bytes")}
+    assert {k: v for k, v in mine["totals"].items() if k not in sizes} == {k: v for k, v in theirs["totals"].items() if k not in sizes}
+    for key in sizes:
+        assert mine["totals"][key] == pytest.approx(theirs["totals"][key], rel=0.01), key
     if "topk_ids" in table(reference).column_names:
         assert_equal_to_storage_precision(table(fresh), table(reference))
     else:
