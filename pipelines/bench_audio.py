@@ -97,9 +97,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_audio")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--pairs", type=int, default=3, help="alternated (bare, generate) pairs; the median ratio is reported")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    count, pairs = (48, 2) if args.quick else (768, 2)
+    count, pairs = (48, 2) if args.quick else (768, args.pairs)
     rows_per_shard, batch_size, batch_seconds = 256, 64, 60.0
     seconds = utterance_seconds(count, seed=0)
     corpus = args.out / "corpus" / "speech.parquet"
