@@ -146,8 +146,16 @@ class ColumnBlock:
         dtype = dtype or _number_dtype(self.values)
         if not self.ragged:
             return self.values[rows].astype(dtype, copy=False), None
-        plan = plan or self.plan(rows)
         inner = self.values.shape[1:]
+        if plan is None:
+            starts = self.offsets[rows]
+            lengths = self.offsets[rows + 1] - starts
+            if len(rows) and int(lengths.sum()) >= SLICE_COPY_POSITIONS * len(rows):  # long rows (audio samples): a copy per row
+                padded = np.full((len(rows), int(lengths.max()), *inner), fill, dtype=dtype)
+                for out, start, length in zip(padded, starts.tolist(), lengths.tolist()):
+                    out[:length] = self.values[start : start + length]
+                return padded, lengths
+        plan = plan or self.plan(rows)
         if plan.uniform:  # every row as long: one gather, no padding to fill
             block = self.values[plan.source].reshape(len(rows), plan.longest, *inner)
             return block.astype(dtype, copy=False), plan.lengths
@@ -167,6 +175,12 @@ class ColumnBlock:
         row_of = np.repeat(np.arange(len(rows)), lengths)
         step_of = np.arange(int(lengths.sum())) - np.repeat(first_position, lengths)
         return GatherPlan(lengths, longest, np.repeat(starts, lengths) + step_of, row_of, step_of)
+
+
+SLICE_COPY_POSITIONS = 256
+"""Mean positions per row from which ``ColumnBlock.gather`` copies row by row (one slice each) instead
+of building per-position indices: a batch of audio holds about a million samples, a batch of tokens
+a few thousand positions."""
 
 
 @dataclass(frozen=True)

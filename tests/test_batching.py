@@ -85,3 +85,27 @@ def test_batch_positions_on_rows_of_one_size_or_audio_is_one_line(tmp_path):
     result = run_cli("generate", corpus, "--teacher", "softlabels.models:digits_mlp", "--id-column", "id", "--audio-column", "inputs",
                      "--batch-positions", 9, "--out", tmp_path / "out2", "--no-progress")
     assert result.code == 1 and "--batch-positions does not apply to --audio-column" in result.err
+
+
+@pytest.mark.parametrize("inner", [(), (3,)])
+def test_gather_of_long_rows_copies_what_the_index_path_gives(inner):
+    """ColumnBlock.gather copies long rows (audio samples) a slice per row; the per-position index path
+    (forced by passing its plan) gives the same block, padding and lengths."""
+    import pyarrow as pa
+
+    from softlabels.inputs import ColumnBlock
+
+    rng = np.random.default_rng(5)
+    lengths = rng.integers(300, 1_301, size=9)
+    lengths[4] = 0  # an empty row among long ones
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    flat = pa.array(rng.normal(size=int(lengths.sum()) * int(np.prod(inner))).astype(np.float32))
+    values = pa.FixedSizeListArray.from_arrays(flat, inner[0]) if inner else flat
+    block = ColumnBlock.from_arrow(pa.ListArray.from_arrays(pa.array(offsets), values), "x")
+    rows = np.array([7, 0, 4, 3, 8, 1])
+    fast, fast_lengths = block.gather(rows, fill=-1.5)
+    slow, slow_lengths = block.gather(rows, fill=-1.5, plan=block.plan(rows))
+    np.testing.assert_array_equal(fast_lengths, lengths[rows])
+    np.testing.assert_array_equal(slow_lengths, lengths[rows])
+    assert fast.shape == slow.shape == (len(rows), int(lengths[rows].max()), *inner)
+    np.testing.assert_array_equal(fast, slow)
