@@ -33,7 +33,7 @@ from .audio_input import audio_bytes, decode_audio, read_clip, resample
 from .batching import BATCH_COLUMN, ROW_COLUMN, batch_order, batch_spans, length_batches, with_batch_columns
 from .corpus import Corpus, Unit
 from .errors import UserError
-from .inputs import PROBE_ROWS, TeacherInputs, to_teacher_inputs
+from .inputs import PROBE_ROWS, TeacherInputs, pad_rows, to_teacher_inputs
 
 __all__ = ["AudioBlock", "WAVEFORM_COLUMN", "DURATION_COLUMN", "AUDIO_ROWS_PER_SHARD", "SKIPPED_KEY", "AudioKind", "check_audio_type", "is_audio_struct", "teacher_sample_rate"]
 
@@ -95,11 +95,7 @@ class AudioBlock:
         """waveforms float32 [B, S_max] (padded with ``fill``) and lengths int64 [B] of ``rows``."""
         clips = [read_clip(self.cells[int(row)].as_py(), None, f"column {self.name!r}, sample id {self.sample_ids[int(row)]}",
                            self.sample_rate).samples for row in rows]
-        lengths = np.array([len(c) for c in clips], dtype=np.int64)
-        waveforms = np.full((len(clips), int(lengths.max()) if len(clips) else 0), fill, dtype=np.float32)
-        for out, clip in zip(waveforms, clips):
-            out[: len(clip)] = clip
-        return waveforms, lengths
+        return pad_rows(clips, fill, np.float32), np.array([len(c) for c in clips], dtype=np.int64)
 
 
 def teacher_sample_rate(teachers: Sequence[Any]) -> int:

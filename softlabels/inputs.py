@@ -26,7 +26,7 @@ from .batching import BATCH_COLUMN, ROW_COLUMN, batch_spans, in_batch_order, len
 from .corpus import Corpus, Unit
 from .errors import UserError
 
-__all__ = ["TeacherInputs", "ColumnBlock", "ColumnsKind", "GatherPlan", "NestedBlock", "PROBE_ROWS", "placement", "check_input_type",
+__all__ = ["TeacherInputs", "ColumnBlock", "ColumnsKind", "GatherPlan", "pad_rows", "NestedBlock", "PROBE_ROWS", "placement", "check_input_type",
            "to_teacher_inputs"]
 
 PROBE_ROWS = 2
@@ -151,10 +151,8 @@ class ColumnBlock:
             starts = self.offsets[rows]
             lengths = self.offsets[rows + 1] - starts
             if len(rows) and int(lengths.sum()) >= SLICE_COPY_POSITIONS * len(rows):  # long rows (audio samples): a copy per row
-                padded = np.full((len(rows), int(lengths.max()), *inner), fill, dtype=dtype)
-                for out, start, length in zip(padded, starts.tolist(), lengths.tolist()):
-                    out[:length] = self.values[start : start + length]
-                return padded, lengths
+                views = [self.values[start : start + length] for start, length in zip(starts.tolist(), lengths.tolist())]
+                return pad_rows(views, fill, dtype), lengths
         plan = plan or self.plan(rows)
         if plan.uniform:  # every row as long: one gather, no padding to fill
             block = self.values[plan.source].reshape(len(rows), plan.longest, *inner)
@@ -175,6 +173,15 @@ class ColumnBlock:
         row_of = np.repeat(np.arange(len(rows)), lengths)
         step_of = np.arange(int(lengths.sum())) - np.repeat(first_position, lengths)
         return GatherPlan(lengths, longest, np.repeat(starts, lengths) + step_of, row_of, step_of)
+
+
+def pad_rows(rows: list[np.ndarray], fill: float | int, dtype: type) -> np.ndarray:
+    """Rows [n_i, *inner] as one block [B, max n_i, *inner] of ``dtype``, padded with ``fill``: a copy per row."""
+    inner = rows[0].shape[1:] if rows else ()
+    padded = np.full((len(rows), max((len(r) for r in rows), default=0), *inner), fill, dtype=dtype)
+    for out, row in zip(padded, rows):
+        out[: len(row)] = row
+    return padded
 
 
 SLICE_COPY_POSITIONS = 256
